@@ -1,0 +1,95 @@
+"""Command line: argument parsing only; builds settings and hands over to the server or a tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from csi_luks import __version__
+from csi_luks.settings import DEFAULT_DRIVER_NAME, Mode, Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csi-luks", description=__doc__)
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("CSI_LUKS_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (env CSI_LUKS_LOG_LEVEL; debug logs requests with secrets stripped)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the CSI plugin on a unix socket")
+    serve.add_argument(
+        "--endpoint",
+        default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+        help="unix:///path/csi.sock or a bare path (env CSI_ENDPOINT)",
+    )
+    serve.add_argument(
+        "--driver-name",
+        default=os.environ.get("CSI_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+        help="the CSI driver name, as StorageClasses name it (env CSI_DRIVER_NAME)",
+    )
+    serve.add_argument(
+        "--node-id",
+        default=os.environ.get("NODE_ID", ""),
+        help="this node's id (env NODE_ID; default: the host name)",
+    )
+    serve.add_argument(
+        "--mode",
+        type=Mode,
+        choices=list(Mode),
+        default=Mode(os.environ.get("CSI_LUKS_MODE", "all")),
+        help="which services to run: controller, node or all (env CSI_LUKS_MODE)",
+    )
+    serve.add_argument(
+        "--socket-group",
+        default=os.environ.get("CSI_LUKS_SOCKET_GROUP") or None,
+        help="group (name or gid) allowed on the socket, which becomes 0660; default 0600, owner only",
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default 30)",
+    )
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "version":
+        print(__version__)
+        return 0
+    if args.command == "serve":
+        from csi_luks.server import PluginServer, ServerError
+
+        try:
+            settings = Settings(
+                endpoint=args.endpoint,
+                driver_name=args.driver_name,
+                node_id=args.node_id,
+                mode=args.mode,
+                socket_group=args.socket_group,
+                grace_period=args.grace_period,
+            )
+            PluginServer(settings).serve_until_signalled()
+        except (ValueError, ServerError) as exc:
+            print(f"csi-luks: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

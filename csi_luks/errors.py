@@ -1,0 +1,52 @@
+"""Domain errors and the one table that maps every failure to a gRPC status code."""
+
+from __future__ import annotations
+
+import grpc
+
+from csi_luks import luks
+
+
+class CsiError(Exception):
+    """A failure a service reports with an explicit gRPC code and an operator-facing message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid_argument(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def failed_precondition(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+# Most specific first: the first isinstance match wins.
+_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (luks.CryptsetupTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (luks.DeviceNotFound, grpc.StatusCode.NOT_FOUND),
+    # The KMS's key does not open this volume, the device holds no LUKS header, the node lacks
+    # cryptsetup or device-mapper, or the device is held by someone else: an operator must act.
+    (luks.WrongPassphrase, grpc.StatusCode.FAILED_PRECONDITION),
+    (luks.NotLuksDevice, grpc.StatusCode.FAILED_PRECONDITION),
+    (luks.CryptsetupMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (luks.DeviceMapperUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (luks.DeviceBusy, grpc.StatusCode.FAILED_PRECONDITION),
+    (luks.KeySlotError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and message for an exception; INTERNAL only for what we did not foresee."""
+    if isinstance(exc, CsiError):
+        return exc.code, str(exc)
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}; see the plugin log"

@@ -1,0 +1,239 @@
+"""The LUKS engine: cryptsetup, driven through the project's one command runner.
+
+Every passphrase reaches cryptsetup on stdin (`--key-file=-`, read to EOF, no newline stripped) or,
+for the second key of luksAddKey, through an anonymous pipe. Never argv, environment, or a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from csi_luks.luks.errors import (
+    CryptsetupMissing,
+    CryptsetupTimeout,
+    DeviceBusy,
+    DeviceMapperUnavailable,
+    DeviceNotFound,
+    KeySlotError,
+    LuksError,
+    NotLuksDevice,
+    WrongPassphrase,
+)
+from csi_luks.luks.naming import mapper_path
+from csi_luks.luks.options import FormatOptions, OpenOptions
+from csi_luks.luks.status import LuksHeader, MappingStatus, parse_dump, parse_status
+from csi_luks.system.runner import (
+    CommandError,
+    CommandNotFound,
+    CommandResult,
+    CommandTimeout,
+    Runner,
+    SecretPipe,
+)
+
+log = logging.getLogger(__name__)
+
+Passphrase = bytes | str
+
+# cryptsetup's documented exit codes.
+_EXIT_WRONG_PASSPHRASE = 2
+_EXIT_WRONG_DEVICE = 4
+_EXIT_BUSY = 5
+
+_UNLOCKED_SLOT = re.compile(r"Key slot (\d+) unlocked")
+_SLOT_PROBLEM = re.compile(r"Key ?slot \d+ is (not active|full|invalid)|please select another", re.IGNORECASE)
+
+
+def _bytes(passphrase: Passphrase) -> bytes:
+    data = passphrase.encode() if isinstance(passphrase, str) else passphrase
+    if not data:
+        raise ValueError("passphrase must not be empty")
+    return data
+
+
+def classify(error: CommandError, operation: str) -> LuksError:
+    """Turn a failed cryptsetup call into a typed error; stderr is already redacted by the runner."""
+    if isinstance(error, CommandNotFound):
+        return CryptsetupMissing(f"{operation}: cryptsetup is not installed", stderr=error.stderr)
+    if isinstance(error, CommandTimeout):
+        return CryptsetupTimeout(
+            f"{operation}: cryptsetup did not finish within {error.timeout:g}s", stderr=error.stderr
+        )
+    stderr, rc = error.stderr, error.returncode
+    kwargs = {"stderr": stderr, "returncode": rc}
+    if "Cannot initialize device-mapper" in stderr:
+        return DeviceMapperUnavailable(f"{operation}: the kernel has no device-mapper", **kwargs)
+    if rc == _EXIT_WRONG_PASSPHRASE or "No key available with this passphrase" in stderr:
+        return WrongPassphrase(f"{operation}: no key slot opens with this passphrase", **kwargs)
+    if _SLOT_PROBLEM.search(stderr):
+        return KeySlotError(f"{operation}: key slot refused", **kwargs)
+    if "is not a valid LUKS device" in stderr:
+        return NotLuksDevice(f"{operation}: not a LUKS device", **kwargs)
+    if "does not exist or access denied" in stderr or "is not active" in stderr:
+        return DeviceNotFound(f"{operation}: device not found", **kwargs)
+    if rc == _EXIT_BUSY or "still in use" in stderr or "already exists" in stderr:
+        return DeviceBusy(f"{operation}: device busy", **kwargs)
+    if rc == _EXIT_WRONG_DEVICE:
+        return DeviceNotFound(f"{operation}: device not found", **kwargs)
+    return LuksError(f"{operation} failed (exit {rc})", **kwargs)
+
+
+class Cryptsetup:
+    """LUKS2 operations on block devices (and, for header work, plain image files)."""
+
+    def __init__(self, runner: Runner | None = None, binary: str = "cryptsetup", timeout: float = 120.0):
+        self.runner = runner or Runner()
+        self.binary = binary
+        self.timeout = timeout
+
+    def _run(
+        self,
+        operation: str,
+        args: list[str | SecretPipe],
+        *,
+        passphrase: Passphrase | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        stdin = _bytes(passphrase) if passphrase is not None else None
+        try:
+            return self.runner.run([self.binary, *args], stdin=stdin, timeout=self.timeout, check=check)
+        except CommandError as exc:
+            raise classify(exc, operation) from None
+
+    def version(self) -> str:
+        return self._run("version", ["--version"]).stdout.strip()
+
+    def format(self, device: str, passphrase: Passphrase, options: FormatOptions | None = None) -> None:
+        """Write a new LUKS2 header (destroys whatever the device held: callers check first)."""
+        opts = options or FormatOptions()
+        args: list[str | SecretPipe] = [
+            "luksFormat",
+            "--type", "luks2",
+            "--batch-mode",
+            "--cipher", opts.cipher,
+            "--key-size", str(opts.key_size),
+            "--hash", opts.hash,
+            *opts.pbkdf_args(),
+            "--key-slot", str(opts.key_slot),
+            "--key-file=-",
+        ]  # fmt: skip
+        if opts.sector_size is not None:
+            args += ["--sector-size", str(opts.sector_size)]
+        if opts.label is not None:
+            args += ["--label", opts.label]
+        args.append(device)
+        self._run("luksFormat", args, passphrase=passphrase)
+        log.info("formatted %s as LUKS2 (%s, %d-bit key, %s)", device, opts.cipher, opts.key_size, opts.pbkdf)
+
+    def is_luks(self, device: str) -> bool:
+        """True when device holds a LUKS header; DeviceNotFound when it does not exist."""
+        result = self._run("isLuks", ["isLuks", device], check=False)
+        if result.returncode == 0:
+            return True
+        if result.returncode == _EXIT_WRONG_DEVICE:
+            raise DeviceNotFound("isLuks: device not found", stderr=result.stderr, returncode=4)
+        return False
+
+    def verify_passphrase(self, device: str, passphrase: Passphrase) -> int:
+        """The key slot the passphrase opens; WrongPassphrase if none does. Maps nothing."""
+        result = self._run(
+            "verify passphrase",
+            ["open", "--test-passphrase", "--verbose", "--key-file=-", device],
+            passphrase=passphrase,
+        )
+        match = _UNLOCKED_SLOT.search(result.stdout + result.stderr)
+        if match is None:
+            raise LuksError("verify passphrase: cryptsetup did not name the unlocked key slot")
+        return int(match.group(1))
+
+    def open(
+        self, device: str, name: str, passphrase: Passphrase, options: OpenOptions | None = None
+    ) -> str:
+        """Map device as /dev/mapper/NAME and return that path. Idempotent for the same device.
+
+        The key goes to dm-crypt directly (--disable-keyring), so a later resize needs no passphrase.
+        """
+        current = self.status(name)
+        if current.active:
+            if _same_device(current, device):
+                return mapper_path(name)
+            raise DeviceBusy(
+                f"open: mapping {name} already exists for {current.device}, not for {device}"
+            )
+        args: list[str | SecretPipe] = [
+            "open", "--type", "luks2", "--disable-keyring", "--key-file=-",
+            *(options or OpenOptions()).args(), device, name,
+        ]  # fmt: skip
+        self._run("luksOpen", args, passphrase=passphrase)
+        log.info("opened %s as %s", device, mapper_path(name))
+        return mapper_path(name)
+
+    def close(self, name: str) -> None:
+        """Remove the mapping; a mapping that does not exist is already closed."""
+        if not self.status(name).active:
+            return
+        self._run("luksClose", ["close", name])
+        log.info("closed %s", mapper_path(name))
+
+    def status(self, name: str) -> MappingStatus:
+        result = self._run("status", ["status", name], check=False)
+        if result.returncode not in (0, _EXIT_WRONG_DEVICE):
+            raise classify(CommandError(result.argv, result.returncode, result.stdout, result.stderr), "status")
+        return parse_status(name, result.stdout)
+
+    def resize(self, name: str, size_sectors: int | None = None, passphrase: Passphrase | None = None) -> None:
+        """Grow (or set) the mapping's size; by default it follows the underlying device.
+
+        A passphrase is needed only when the key was put in the kernel keyring at open; ours is not.
+        """
+        args: list[str | SecretPipe] = ["resize"]
+        if size_sectors is not None:
+            args += ["--size", str(size_sectors)]
+        if passphrase is not None:
+            args.append("--key-file=-")
+        args.append(name)
+        self._run("resize", args, passphrase=passphrase)
+        log.info("resized %s", mapper_path(name))
+
+    def add_key(self, device: str, passphrase: Passphrase, new_passphrase: Passphrase, slot: int) -> None:
+        """Add new_passphrase in the given (free) slot, authorised by an existing passphrase."""
+        if not 0 <= slot <= 31:
+            raise KeySlotError(f"luksAddKey: slot {slot} out of range 0-31")
+        # Our KDF settings for the new slot too, or cryptsetup would benchmark argon2 with its RAM-sized
+        # default (see options.py).
+        args: list[str | SecretPipe] = [
+            "luksAddKey", "--batch-mode", "--key-file=-", "--key-slot", str(slot),
+            *FormatOptions().pbkdf_args(), device, SecretPipe(_bytes(new_passphrase)),
+        ]  # fmt: skip
+        self._run("luksAddKey", args, passphrase=passphrase)
+        log.info("added a key in slot %d of %s", slot, device)
+
+    def kill_slot(self, device: str, slot: int, remaining_passphrase: Passphrase) -> None:
+        """Wipe a key slot. remaining_passphrase must open another slot, so access is never lost."""
+        opened = self.verify_passphrase(device, remaining_passphrase)
+        if opened == slot:
+            raise KeySlotError(
+                f"luksKillSlot: refusing to wipe slot {slot}: the remaining passphrase opens only that "
+                "slot, and the volume would be locked out"
+            )
+        self._run(
+            "luksKillSlot",
+            ["luksKillSlot", "--batch-mode", "--key-file=-", device, str(slot)],
+            passphrase=remaining_passphrase,
+        )
+        log.info("wiped key slot %d of %s", slot, device)
+
+    def dump(self, device: str) -> LuksHeader:
+        """The device's LUKS2 header (no secrets: volume key and slot material are not dumped)."""
+        meta = self._run("luksDump", ["luksDump", "--dump-json-metadata", device]).stdout
+        text = self._run("luksDump", ["luksDump", device]).stdout
+        return parse_dump(meta, text)
+
+
+def _same_device(status: MappingStatus, device: str) -> bool:
+    if status.device is None:
+        return False
+    wanted = os.path.realpath(device)
+    return wanted in (os.path.realpath(status.device), os.path.realpath(status.loop_file or ""))

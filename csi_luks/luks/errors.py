@@ -1,0 +1,45 @@
+"""Typed failures of the LUKS engine. Messages carry cryptsetup's stderr, already redacted."""
+
+from __future__ import annotations
+
+
+class LuksError(Exception):
+    """A cryptsetup operation failed."""
+
+    def __init__(self, message: str, *, stderr: str = "", returncode: int | None = None) -> None:
+        self.stderr = stderr
+        self.returncode = returncode
+        detail = stderr.strip()
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class WrongPassphrase(LuksError):
+    """No key slot opens with the given passphrase."""
+
+
+class NotLuksDevice(LuksError):
+    """The device holds no LUKS header."""
+
+
+class DeviceNotFound(LuksError):
+    """The device (or the mapping) does not exist or cannot be accessed."""
+
+
+class DeviceBusy(LuksError):
+    """The device or mapping is in use (mounted, held open, or the name is taken)."""
+
+
+class CryptsetupMissing(LuksError):
+    """The cryptsetup binary is not installed on this machine."""
+
+
+class CryptsetupTimeout(LuksError):
+    """cryptsetup ran past its deadline and was killed."""
+
+
+class KeySlotError(LuksError):
+    """A key-slot change was refused (slot in use, out of range, or it would lock the volume out)."""
+
+
+class DeviceMapperUnavailable(LuksError):
+    """The kernel has no device-mapper (dm_mod/dm_crypt not loaded, or /dev/mapper/control missing)."""

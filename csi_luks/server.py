@@ -1,0 +1,190 @@
+"""The gRPC server on a unix socket: service wiring, logging and error mapping, clean shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import itertools
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from csi_luks import __version__
+from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from csi_luks.errors import status_for
+from csi_luks.luks import Cryptsetup
+from csi_luks.readiness import ReadinessCheck
+from csi_luks.services.identity import IdentityService
+from csi_luks.services.sanitize import sanitized
+from csi_luks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_request_ids = itertools.count(1)
+
+
+class ServerError(Exception):
+    """The server cannot start (socket in use, bad permissions, ...)."""
+
+
+class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Logs each unary call (secrets stripped) and maps exceptions to gRPC codes, in one place."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method: str = details.method
+        inner = handler.unary_unary
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            request_id = next(_request_ids)
+            started = time.monotonic()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("[%d] %s request: %s", request_id, method, sanitized(request))
+            try:
+                response = inner(request, context)
+            except Exception as exc:
+                code, message = status_for(exc)
+                elapsed = time.monotonic() - started
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("[%d] %s failed after %.3fs: %s", request_id, method, elapsed, message)
+                else:
+                    log.warning("[%d] %s -> %s after %.3fs: %s", request_id, method, code.name, elapsed, message)
+                context.abort(code, message)  # raises: the call ends here with that status
+                raise
+            log.info("[%d] %s -> OK in %.3fs", request_id, method, time.monotonic() - started)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead plugin; refuse if one is alive or the path is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise ServerError(f"another process is serving on {path}")
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+class PluginServer:
+    """The plugin's gRPC server; start(), then wait_for_termination() or stop()."""
+
+    def __init__(self, settings: Settings, cryptsetup: Cryptsetup | None = None) -> None:
+        self.settings = settings
+        self.cryptsetup = cryptsetup or Cryptsetup()
+        self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
+        self.health = health.HealthServicer()
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def _plugin_capabilities(self) -> list[csi_pb2.PluginCapability.Service.Type.ValueType]:
+        # Advertise only services this process actually registers (none beyond Identity yet).
+        return []
+
+    def start(self) -> None:
+        path = self.settings.socket_path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _remove_stale_socket(path)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="csi"),
+            interceptors=[_CallInterceptor()],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(
+            IdentityService(
+                self.settings.driver_name, __version__, self._plugin_capabilities(), self.readiness
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Created 0600 from the first instant: a umask, not a chmod after the fact, closes the window.
+        with _umask(0o177):
+            if server.add_insecure_port(f"unix://{os.path.abspath(path)}") == 0:
+                raise ServerError(f"cannot bind {path}")
+            server.start()
+        self._secure_socket(path)
+        self._server = server
+        for service in ("", "csi.v1.Identity"):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "csi-luks %s serving %s as %s (node %s, mode %s)",
+            __version__, path, self.settings.driver_name, self.settings.node_id, self.settings.mode.value,
+        )  # fmt: skip
+        self.readiness.check()
+
+    def _secure_socket(self, path: str) -> None:
+        group = self.settings.socket_group
+        if group is None:
+            os.chmod(path, 0o600)
+            return
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ServerError(f"socket group {group!r} does not exist") from None
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight calls finish within the grace period, remove the socket."""
+        if self._server is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_period if grace is None else grace
+        log.info("shutting down; in-flight calls get up to %.0fs to finish", grace)
+        self._server.stop(grace).wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.settings.socket_path)
+        log.info("stopped")
+
+    def serve_until_signalled(self) -> None:
+        """Start, then block until SIGTERM or SIGINT, then stop cleanly."""
+        signalled = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            signalled.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            signalled.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

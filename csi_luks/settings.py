@@ -1,0 +1,71 @@
+"""The plugin's own settings (flags and environment), validated once at start-up."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from enum import Enum
+
+DEFAULT_DRIVER_NAME = "luks.csi-luks.io"
+
+# CSI spec: at most 63 characters, alphanumeric at both ends, dashes, dots and alphanumerics between.
+_DRIVER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
+
+
+class Mode(Enum):
+    CONTROLLER = "controller"
+    NODE = "node"
+    ALL = "all"  # controller and node in one process (standalone machine, demo)
+
+    @property
+    def runs_controller(self) -> bool:
+        return self in (Mode.CONTROLLER, Mode.ALL)
+
+    @property
+    def runs_node(self) -> bool:
+        return self in (Mode.NODE, Mode.ALL)
+
+
+def socket_path(endpoint: str) -> str:
+    """The filesystem path of a CSI endpoint: unix:///abs/path, unix:/abs/path or a bare path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:") :]
+    elif "://" in endpoint:
+        raise ValueError(f"endpoint {endpoint!r}: only unix sockets are supported (unix:///path/csi.sock)")
+    else:
+        path = endpoint
+    if not path:
+        raise ValueError(f"endpoint {endpoint!r} names no socket path")
+    return path
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str
+    driver_name: str = DEFAULT_DRIVER_NAME
+    node_id: str = ""
+    mode: Mode = Mode.ALL
+    socket_group: str | None = None  # group allowed on the socket (mode 0660); None: 0600, owner only
+    grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM
+    workers: int = 16
+
+    def __post_init__(self) -> None:
+        if not _DRIVER_NAME.match(self.driver_name):
+            raise ValueError(
+                f"driver name {self.driver_name!r} is not valid: at most 63 characters, alphanumeric at "
+                "both ends, with dashes, dots and alphanumerics between (e.g. luks.csi.example.com)"
+            )
+        socket_path(self.endpoint)
+        if not self.node_id:
+            object.__setattr__(self, "node_id", socket.gethostname())
+        if self.grace_period < 0:
+            raise ValueError("grace period must not be negative")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+
+    @property
+    def socket_path(self) -> str:
+        return socket_path(self.endpoint)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything csi-luks needs on a Debian/Ubuntu machine, idempotently:
+#   - system tools (cryptsetup, filesystems, and the VM used for kernel tests),
+#   - a virtualenv (.venv) with the project and its test extras.
+# Usage: scripts/bootstrap.sh [--no-vm]   (--no-vm skips qemu and the guest kernel)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+
+want_vm=1
+[ "${1:-}" = "--no-vm" ] && want_vm=0
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+
+pkgs=(cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev python3-venv)
+if [ "$want_vm" = 1 ]; then
+    # qemu runs the guest under TCG; linux-image-amd64 is the guest kernel with dm-crypt, loop and rbd.
+    pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "bootstrap: installing ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The virtualenv is rebuilt only when pyproject.toml changes (a stamp records its hash).
+venv="$here/.venv"
+stamp="$venv/.bootstrap-stamp"
+hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
+    echo "bootstrap: installing the project into $venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q -e ".[test]"
+    echo "$hash" >"$stamp"
+fi
