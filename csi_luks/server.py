@@ -60,7 +60,9 @@ class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("[%d] %s failed after %.3fs: %s", request_id, method, elapsed, message)
                 else:
-                    log.warning("[%d] %s -> %s after %.3fs: %s", request_id, method, code.name, elapsed, message)
+                    log.warning(
+                        "[%d] %s -> %s after %.3fs: %s", request_id, method, code.name, elapsed, message
+                    )
                 context.abort(code, message)  # raises: the call ends here with that status
                 raise
             log.info("[%d] %s -> OK in %.3fs", request_id, method, time.monotonic() - started)
@@ -113,7 +115,7 @@ class PluginServer:
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
-    def _plugin_capabilities(self) -> list[csi_pb2.PluginCapability.Service.Type.ValueType]:
+    def _plugin_capabilities(self) -> list[csi_pb2.PluginCapability.Service.Type]:
         # Advertise only services this process actually registers (none beyond Identity yet).
         return []
 

@@ -39,7 +39,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
     echo "bootstrap: installing the project into $venv"
-    "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e ".[test]"
+    log="$venv/bootstrap-pip.log"
+    if ! { "$venv/bin/pip" install --upgrade pip && "$venv/bin/pip" install -e ".[test]"; } >"$log" 2>&1; then
+        tail -n 40 "$log"
+        echo "bootstrap: pip failed; full log in $log" >&2
+        exit 1
+    fi
     echo "$hash" >"$stamp"
 fi

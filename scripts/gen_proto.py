@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate csi_luks/csi/csi_pb2{.py,.pyi,_grpc.py} from proto/csi.proto (run by `make proto`).
+"""Generate csi_luks/csi/csi_pb2{.py,.pyi,_grpc.py} from proto/csi.proto (run by `./dev proto`).
 
 The proto directory is mapped to the package path (-Icsi_luks/csi=proto), so the generated gRPC module
 imports `csi_luks.csi.csi_pb2` rather than a top-level `csi_pb2`.

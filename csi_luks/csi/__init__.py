@@ -1,1 +1,1 @@
-"""Generated CSI v1.10 protobuf and gRPC code (from proto/csi.proto by `make proto`)."""
+"""Generated CSI v1.10 protobuf and gRPC code (from proto/csi.proto by `./dev proto`)."""

@@ -62,22 +62,25 @@ def classify(error: CommandError, operation: str) -> LuksError:
             f"{operation}: cryptsetup did not finish within {error.timeout:g}s", stderr=error.stderr
         )
     stderr, rc = error.stderr, error.returncode
-    kwargs = {"stderr": stderr, "returncode": rc}
     if "Cannot initialize device-mapper" in stderr:
-        return DeviceMapperUnavailable(f"{operation}: the kernel has no device-mapper", **kwargs)
+        return DeviceMapperUnavailable(
+            f"{operation}: the kernel has no device-mapper", stderr=stderr, returncode=rc
+        )
     if rc == _EXIT_WRONG_PASSPHRASE or "No key available with this passphrase" in stderr:
-        return WrongPassphrase(f"{operation}: no key slot opens with this passphrase", **kwargs)
+        return WrongPassphrase(
+            f"{operation}: no key slot opens with this passphrase", stderr=stderr, returncode=rc
+        )
     if _SLOT_PROBLEM.search(stderr):
-        return KeySlotError(f"{operation}: key slot refused", **kwargs)
+        return KeySlotError(f"{operation}: key slot refused", stderr=stderr, returncode=rc)
     if "is not a valid LUKS device" in stderr:
-        return NotLuksDevice(f"{operation}: not a LUKS device", **kwargs)
+        return NotLuksDevice(f"{operation}: not a LUKS device", stderr=stderr, returncode=rc)
     if "does not exist or access denied" in stderr or "is not active" in stderr:
-        return DeviceNotFound(f"{operation}: device not found", **kwargs)
+        return DeviceNotFound(f"{operation}: device not found", stderr=stderr, returncode=rc)
     if rc == _EXIT_BUSY or "still in use" in stderr or "already exists" in stderr:
-        return DeviceBusy(f"{operation}: device busy", **kwargs)
+        return DeviceBusy(f"{operation}: device busy", stderr=stderr, returncode=rc)
     if rc == _EXIT_WRONG_DEVICE:
-        return DeviceNotFound(f"{operation}: device not found", **kwargs)
-    return LuksError(f"{operation} failed (exit {rc})", **kwargs)
+        return DeviceNotFound(f"{operation}: device not found", stderr=stderr, returncode=rc)
+    return LuksError(f"{operation} failed (exit {rc})", stderr=stderr, returncode=rc)
 
 
 class Cryptsetup:
@@ -148,9 +151,7 @@ class Cryptsetup:
             raise LuksError("verify passphrase: cryptsetup did not name the unlocked key slot")
         return int(match.group(1))
 
-    def open(
-        self, device: str, name: str, passphrase: Passphrase, options: OpenOptions | None = None
-    ) -> str:
+    def open(self, device: str, name: str, passphrase: Passphrase, options: OpenOptions | None = None) -> str:
         """Map device as /dev/mapper/NAME and return that path. Idempotent for the same device.
 
         The key goes to dm-crypt directly (--disable-keyring), so a later resize needs no passphrase.
@@ -159,9 +160,7 @@ class Cryptsetup:
         if current.active:
             if _same_device(current, device):
                 return mapper_path(name)
-            raise DeviceBusy(
-                f"open: mapping {name} already exists for {current.device}, not for {device}"
-            )
+            raise DeviceBusy(f"open: mapping {name} already exists for {current.device}, not for {device}")
         args: list[str | SecretPipe] = [
             "open", "--type", "luks2", "--disable-keyring", "--key-file=-",
             *(options or OpenOptions()).args(), device, name,
@@ -180,10 +179,14 @@ class Cryptsetup:
     def status(self, name: str) -> MappingStatus:
         result = self._run("status", ["status", name], check=False)
         if result.returncode not in (0, _EXIT_WRONG_DEVICE):
-            raise classify(CommandError(result.argv, result.returncode, result.stdout, result.stderr), "status")
+            raise classify(
+                CommandError(result.argv, result.returncode, result.stdout, result.stderr), "status"
+            )
         return parse_status(name, result.stdout)
 
-    def resize(self, name: str, size_sectors: int | None = None, passphrase: Passphrase | None = None) -> None:
+    def resize(
+        self, name: str, size_sectors: int | None = None, passphrase: Passphrase | None = None
+    ) -> None:
         """Grow (or set) the mapping's size; by default it follows the underlying device.
 
         A passphrase is needed only when the key was put in the kernel keyring at open; ours is not.

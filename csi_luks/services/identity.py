@@ -10,7 +10,7 @@ from google.protobuf.wrappers_pb2 import BoolValue
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.readiness import ReadinessCheck
 
-PluginCapabilityType = csi_pb2.PluginCapability.Service.Type.ValueType
+PluginCapabilityType = csi_pb2.PluginCapability.Service.Type
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]

@@ -12,7 +12,7 @@ STRIPPED = "***stripped***"
 
 
 def _is_secret(field: FieldDescriptor) -> bool:
-    return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])
+    return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])  # type: ignore[index]
 
 
 def _strip(message: Message) -> None:
@@ -26,12 +26,12 @@ def _strip(message: Message) -> None:
                 # A scalar secret is replaced rather than dropped so the log shows it was sent.
                 if field.type == FieldDescriptor.TYPE_STRING:
                     setattr(message, field.name, STRIPPED)
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        elif field.message_type is not None:
             if field.message_type.GetOptions().map_entry:
-                if field.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
+                if field.message_type.fields_by_name["value"].message_type is not None:
                     for item in value.values():
                         _strip(item)
-            elif field.label == FieldDescriptor.LABEL_REPEATED:
+            elif field.is_repeated:
                 for item in value:
                     _strip(item)
             else:

@@ -1,0 +1,1 @@
+"""Test support: the argv audit and the bridge that runs kernel tests inside a VM."""

@@ -1,0 +1,185 @@
+"""Kernel-tier tests: collected on the host, run inside one virtme-ng guest per session.
+
+On the host each test under tests/vm/ is replaced by a GuestItem with the same node id. The first
+GuestItem to run boots one guest that runs pytest on all of them at once (CSI_LUKS_IN_GUEST=1); the
+guest writes a JSON report (outcome and failure text per node id, plus its argv audit) into a shared
+directory, and each GuestItem reports its own outcome from it. With CI=true a guest that cannot boot,
+or a test skipped inside it, is a failure: a skipped kernel tier is not a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from csi_luks.system import vm
+from tests.support.audit import AUDIT
+
+IN_GUEST = os.environ.get("CSI_LUKS_IN_GUEST") == "1"
+REPORT_ENV = "CSI_LUKS_GUEST_REPORT"
+STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "1800"))
+_TAIL = 6000
+
+
+class GuestFailure(Exception):
+    """A test failed inside the guest (or the guest itself failed); the text says what happened."""
+
+
+class GuestSession:
+    """Boots the guest once, on first use, for every proxied node id."""
+
+    def __init__(self, nodeids: list[str], rootdir: Path) -> None:
+        self.nodeids = nodeids
+        self.rootdir = rootdir
+        self._report: dict[str, Any] | None = None
+        self._error: str | None = None
+        self.result: vm.GuestResult | None = None
+
+    def report(self) -> dict[str, Any]:
+        if self._report is None and self._error is None:
+            self._run()
+        if self._error is not None:
+            raise GuestFailure(self._error)
+        assert self._report is not None
+        return self._report
+
+    def _run(self) -> None:
+        reason = vm.unavailable_reason()
+        if reason is not None:
+            self._error = f"cannot boot the test VM: {reason}"
+            return
+        workdir = Path(tempfile.mkdtemp(prefix="csi-luks-guest-"))
+        report_file = workdir / "report.json"
+        command = " ".join(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-p",
+                "no:cacheprovider",
+                "-q",
+                "-rA",
+                *map(_quote, self.nodeids),
+            ]
+        )
+        try:
+            self.result = vm.run_in_guest(
+                command,
+                workdir,
+                cwd=str(self.rootdir),
+                env={"CSI_LUKS_IN_GUEST": "1", REPORT_ENV: str(report_file), "CI": os.environ.get("CI", "")},
+                timeout=GUEST_TIMEOUT,
+            )
+        except vm.GuestUnavailable as exc:
+            self._error = str(exc)
+            return
+        sys.stderr.write(
+            f"\n[guest] pytest inside the VM exited {self.result.returncode} after "
+            f"{self.result.duration:.0f}s; logs in {workdir}\n"
+        )
+        if not report_file.exists():
+            self._error = (
+                f"the guest wrote no report (exit {self.result.returncode}); guest log tail:\n"
+                f"{self.result.log[-_TAIL:]}\nconsole tail:\n{self.result.console[-_TAIL:]}"
+            )
+            return
+        self._report = json.loads(report_file.read_text())
+
+    def outcome(self, nodeid: str) -> dict[str, str]:
+        outcomes: dict[str, dict[str, str]] = self.report()["outcomes"]
+        if nodeid not in outcomes:
+            log = self.result.log[-_TAIL:] if self.result else ""
+            raise GuestFailure(f"{nodeid} did not run in the guest; guest log tail:\n{log}")
+        return outcomes[nodeid]
+
+
+def _quote(word: str) -> str:
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+class GuestItem(pytest.Item):
+    """Stands in on the host for a test that runs in the guest."""
+
+    def runtest(self) -> None:
+        session: GuestSession = self.config.stash[_SESSION]
+        try:
+            result = session.outcome(self.nodeid)
+        except GuestFailure as exc:
+            if not STRICT and str(exc).startswith("cannot boot the test VM"):
+                pytest.skip(str(exc))
+            raise
+        if result["outcome"] == "failed":
+            raise GuestFailure(result["text"])
+        if result["outcome"] == "skipped":
+            if STRICT:
+                raise GuestFailure(f"skipped inside the VM, which CI does not accept: {result['text']}")
+            pytest.skip(f"inside the VM: {result['text']}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, GuestFailure):
+            return f"[inside the VM]\n{excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.name} (in VM)"
+
+
+_SESSION = pytest.StashKey[GuestSession]()
+
+
+def proxy_guest_items(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On the host, swap every vm-marked test for a GuestItem that reports the guest's outcome."""
+    nodeids = [item.nodeid for item in items if item.get_closest_marker("vm")]
+    if not nodeids:
+        return
+    config.stash[_SESSION] = GuestSession(nodeids, config.rootpath)
+    for index, item in enumerate(items):
+        if item.get_closest_marker("vm"):
+            assert item.parent is not None
+            proxy = GuestItem.from_parent(item.parent, name=item.name)
+            proxy.add_marker("vm")
+            items[index] = proxy
+
+
+def guest_audit(config: pytest.Config) -> dict[str, Any] | None:
+    """The guest's argv audit, if a guest ran in this session."""
+    session = config.stash.get(_SESSION, None)
+    if session is None or session._report is None:
+        return None
+    audit: dict[str, Any] = session._report["audit"]
+    return audit
+
+
+class GuestReporter:
+    """Inside the guest: collects outcomes and writes the report the host reads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.outcomes: dict[str, dict[str, str]] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        current = self.outcomes.get(report.nodeid)
+        if report.failed:
+            text = f"{report.when} failed:\n{report.longreprtext}"
+            self.outcomes[report.nodeid] = {"outcome": "failed", "text": text}
+        elif report.skipped and current is None:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.outcomes[report.nodeid] = {"outcome": "skipped", "text": reason}
+        elif report.when == "call" and report.passed and current is None:
+            self.outcomes[report.nodeid] = {"outcome": "passed", "text": ""}
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        report = {
+            "outcomes": self.outcomes,
+            "audit": {"cryptsetup_calls": len(AUDIT.spawns), "leaks": AUDIT.leaks()},
+        }
+        Path(self.path).write_text(json.dumps(report, indent=1))

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from csi_luks import luks
+from csi_luks.errors import CsiError, invalid_argument, status_for
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (luks.WrongPassphrase("open"), grpc.StatusCode.FAILED_PRECONDITION),
+        (luks.NotLuksDevice("open"), grpc.StatusCode.FAILED_PRECONDITION),
+        (luks.DeviceNotFound("open"), grpc.StatusCode.NOT_FOUND),
+        (luks.DeviceBusy("close"), grpc.StatusCode.FAILED_PRECONDITION),
+        (luks.CryptsetupMissing("open"), grpc.StatusCode.FAILED_PRECONDITION),
+        (luks.DeviceMapperUnavailable("open"), grpc.StatusCode.FAILED_PRECONDITION),
+        (luks.CryptsetupTimeout("open"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (invalid_argument("volume_id missing"), grpc.StatusCode.INVALID_ARGUMENT),
+        (CsiError(grpc.StatusCode.ABORTED, "in flight"), grpc.StatusCode.ABORTED),
+        (KeyError("bug"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_every_failure_has_its_code(error: Exception, code: grpc.StatusCode) -> None:
+    assert status_for(error)[0] == code
+
+
+def test_internal_errors_say_where_to_look() -> None:
+    assert "plugin log" in status_for(RuntimeError("boom"))[1]

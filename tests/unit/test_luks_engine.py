@@ -1,0 +1,211 @@
+"""Argument building and error mapping of the cryptsetup engine, against a recording fake runner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from csi_luks.luks import (
+    Cryptsetup,
+    CryptsetupMissing,
+    CryptsetupTimeout,
+    DeviceBusy,
+    DeviceMapperUnavailable,
+    DeviceNotFound,
+    FormatOptions,
+    KeySlotError,
+    LuksError,
+    NotLuksDevice,
+    OpenOptions,
+    WrongPassphrase,
+    mapper_name,
+)
+from csi_luks.luks.cryptsetup import classify
+from csi_luks.system.runner import CommandError, CommandNotFound, CommandResult, CommandTimeout, SecretPipe
+
+INACTIVE = "/dev/mapper/n is inactive.\n"
+
+
+@dataclass
+class Call:
+    argv: list[str | SecretPipe]
+    stdin: bytes | None
+
+
+@dataclass
+class FakeRunner:
+    """Answers each call with the next scripted (rc, stdout, stderr)."""
+
+    answers: list[tuple[int, str, str]]
+    calls: list[Call] = field(default_factory=list)
+
+    def run(
+        self,
+        argv: Sequence[str | SecretPipe],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        **_: object,
+    ) -> CommandResult:
+        self.calls.append(Call(list(argv), stdin))
+        rc, out, err = self.answers.pop(0)
+        words = [a for a in argv if isinstance(a, str)]
+        if check and rc:
+            raise CommandError(words, rc, out, err)
+        return CommandResult(words, rc, out, err, 0.0)
+
+
+def engine(*answers: tuple[int, str, str]) -> tuple[Cryptsetup, FakeRunner]:
+    runner = FakeRunner(list(answers))
+    return Cryptsetup(runner=runner), runner  # type: ignore[arg-type]
+
+
+def test_format_builds_luks2_arguments_and_sends_the_passphrase_on_stdin() -> None:
+    cs, runner = engine((0, "", ""))
+    cs.format("/dev/loop3", b"pass-1", FormatOptions(sector_size=4096, label="pvc-9"))
+    (call,) = runner.calls
+    assert call.stdin == b"pass-1"
+    assert "pass-1" not in " ".join(map(str, call.argv))
+    argv = call.argv
+    assert argv[:4] == ["cryptsetup", "luksFormat", "--type", "luks2"]
+    assert "--key-file=-" in argv and "--batch-mode" in argv
+    assert argv[argv.index("--cipher") + 1] == "aes-xts-plain64"
+    assert argv[argv.index("--key-size") + 1] == "512"
+    assert argv[argv.index("--pbkdf") + 1] == "pbkdf2"
+    assert argv[argv.index("--pbkdf-force-iterations") + 1] == "1000"
+    assert argv[argv.index("--sector-size") + 1] == "4096"
+    assert argv[argv.index("--label") + 1] == "pvc-9"
+    assert argv[-1] == "/dev/loop3"
+
+
+def test_argon2_is_bounded_in_memory() -> None:
+    args = FormatOptions(pbkdf="argon2id", pbkdf_memory_kib=65536).pbkdf_args()
+    assert args == ["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "65536",
+                    "--pbkdf-parallel", "1"]  # fmt: skip
+    assert "--pbkdf-memory" in FormatOptions(pbkdf="argon2i").pbkdf_args()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pbkdf": "scrypt"},
+        {"key_size": 500},
+        {"pbkdf_memory_kib": 4096},  # memory is argon2-only
+        {"pbkdf": "argon2id", "pbkdf_memory_kib": 4 * 1024 * 1024},  # above the 1 GiB cap
+        {"sector_size": 3000},
+        {"label": "x" * 48},
+        {"key_slot": 32},
+    ],
+)
+def test_format_options_reject_bad_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        FormatOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_open_disables_the_keyring_and_passes_performance_flags() -> None:
+    cs, runner = engine((4, INACTIVE, ""), (0, "", ""))
+    path = cs.open("/dev/rbd0", "luks-v", "pw-open", OpenOptions(allow_discards=True, no_read_workqueue=True))
+    assert path == "/dev/mapper/luks-v"
+    status_call, open_call = runner.calls
+    assert status_call.argv == ["cryptsetup", "status", "luks-v"]
+    assert open_call.stdin == b"pw-open"
+    assert open_call.argv == [
+        "cryptsetup", "open", "--type", "luks2", "--disable-keyring", "--key-file=-",
+        "--allow-discards", "--perf-no_read_workqueue", "/dev/rbd0", "luks-v",
+    ]  # fmt: skip
+
+
+def test_open_is_idempotent_for_the_same_device() -> None:
+    cs, runner = engine((0, "/dev/mapper/v is active.\n  device:  /dev/loop0\n", ""))
+    assert cs.open("/dev/loop0", "v", "pw") == "/dev/mapper/v"
+    assert len(runner.calls) == 1  # no second open
+
+
+def test_open_refuses_a_name_held_by_another_device() -> None:
+    cs, _ = engine((0, "/dev/mapper/v is active.\n  device:  /dev/loop7\n", ""))
+    with pytest.raises(DeviceBusy, match="/dev/loop7"):
+        cs.open("/dev/loop0", "v", "pw")
+
+
+def test_close_of_an_inactive_mapping_does_nothing() -> None:
+    cs, runner = engine((4, INACTIVE, ""))
+    cs.close("n")
+    assert len(runner.calls) == 1
+
+
+def test_resize_without_passphrase_has_no_stdin() -> None:
+    cs, runner = engine((0, "", ""), (0, "", ""))
+    cs.resize("luks-v")
+    cs.resize("luks-v", size_sectors=2048, passphrase="pw-r")
+    assert runner.calls[0].argv == ["cryptsetup", "resize", "luks-v"] and runner.calls[0].stdin is None
+    assert runner.calls[1].argv == ["cryptsetup", "resize", "--size", "2048", "--key-file=-", "luks-v"]
+    assert runner.calls[1].stdin == b"pw-r"
+
+
+def test_add_key_sends_the_new_key_through_a_pipe() -> None:
+    cs, runner = engine((0, "", ""))
+    cs.add_key("/dev/x", b"old-pw", b"new-pw", slot=1)
+    (call,) = runner.calls
+    assert call.stdin == b"old-pw"
+    assert isinstance(call.argv[-1], SecretPipe) and call.argv[-1].data == b"new-pw"
+    assert call.argv[call.argv.index("--key-slot") + 1] == "1"
+
+
+def test_kill_slot_refuses_to_lock_the_volume_out() -> None:
+    cs, runner = engine((0, "Key slot 1 unlocked.\n", ""))
+    with pytest.raises(KeySlotError, match="locked out"):
+        cs.kill_slot("/dev/x", 1, "pw")
+    assert len(runner.calls) == 1
+
+
+def test_empty_passphrase_is_refused() -> None:
+    cs, _ = engine()
+    with pytest.raises(ValueError):
+        cs.format("/dev/x", b"")
+
+
+@pytest.mark.parametrize(
+    ("rc", "stderr", "kind"),
+    [
+        (2, "No key available with this passphrase.", WrongPassphrase),
+        (1, "Device /x is not a valid LUKS device.", NotLuksDevice),
+        (4, "Device /x does not exist or access denied.", DeviceNotFound),
+        (5, "Cannot use device x, name is invalid or still in use.", DeviceBusy),
+        (1, "Cannot initialize device-mapper. Is dm_mod kernel module loaded?", DeviceMapperUnavailable),
+        (1, "Key slot 3 is full, please select another one.", KeySlotError),
+        (1, "Keyslot 5 is not active.", KeySlotError),
+        (1, "something new", LuksError),
+    ],
+)
+def test_classify_maps_exit_codes_and_messages(rc: int, stderr: str, kind: type[LuksError]) -> None:
+    error = classify(CommandError(["cryptsetup"], rc, "", stderr), "op")
+    assert type(error) is kind
+    assert stderr in str(error) and error.returncode == rc
+
+
+def test_classify_missing_binary_and_timeout() -> None:
+    assert isinstance(classify(CommandNotFound(["cryptsetup"]), "op"), CryptsetupMissing)
+    assert isinstance(classify(CommandTimeout(["cryptsetup"], 5, "", ""), "op"), CryptsetupTimeout)
+
+
+@pytest.mark.parametrize(
+    ("volume_id", "expected"),
+    [
+        ("pvc-1234", "luks-pvc-1234"),
+        ("0001-0009-rook-ceph-0000000000000002-b0a1", "luks-0001-0009-rook-ceph-0000000000000002-b0a1"),
+    ],
+)
+def test_mapper_name_keeps_safe_ids(volume_id: str, expected: str) -> None:
+    assert mapper_name(volume_id) == expected
+
+
+def test_mapper_name_sanitizes_and_disambiguates() -> None:
+    a, b = mapper_name("pool/image"), mapper_name("pool_image")
+    assert "/" not in a and a != b and a.startswith("luks-pool_image-")
+    long_name = mapper_name("v" * 300)
+    assert len(long_name) <= 100 and long_name != mapper_name("v" * 299)
+    with pytest.raises(ValueError):
+        mapper_name("")

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from csi_luks.settings import Mode, Settings, socket_path
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "path"),
+    [
+        ("unix:///csi/csi.sock", "/csi/csi.sock"),
+        ("unix:/csi/csi.sock", "/csi/csi.sock"),
+        ("/var/lib/kubelet/plugins/x/csi.sock", "/var/lib/kubelet/plugins/x/csi.sock"),
+    ],
+)
+def test_socket_path_accepts_unix_urls_and_bare_paths(endpoint: str, path: str) -> None:
+    assert socket_path(endpoint) == path
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:10000", "unix://", ""])
+def test_socket_path_rejects_other_endpoints(endpoint: str) -> None:
+    with pytest.raises(ValueError):
+        socket_path(endpoint)
+
+
+@pytest.mark.parametrize("name", ["luks.csi.example.com", "a1", "x" * 63, "Csi-Luks.io"])
+def test_valid_driver_names(name: str) -> None:
+    assert Settings(endpoint="/tmp/s", driver_name=name).driver_name == name
+
+
+@pytest.mark.parametrize("name", ["", "-luks.io", "luks.io-", "x" * 64, "luks_csi.io", "luks.io."])
+def test_invalid_driver_names(name: str) -> None:
+    with pytest.raises(ValueError, match="driver name"):
+        Settings(endpoint="/tmp/s", driver_name=name)
+
+
+def test_node_id_defaults_to_host_name() -> None:
+    assert Settings(endpoint="/tmp/s").node_id
+
+
+def test_modes() -> None:
+    assert Mode.ALL.runs_controller and Mode.ALL.runs_node
+    assert not Mode.NODE.runs_controller and not Mode.CONTROLLER.runs_node
