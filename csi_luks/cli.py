@@ -16,9 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csi-luks", description=__doc__)
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("CSI_LUKS_LOG_LEVEL", "info"),
+        default=os.environ.get("CSI_LUKS_LOG_LEVEL"),
         choices=["debug", "info", "warning", "error"],
-        help="log verbosity (env CSI_LUKS_LOG_LEVEL; debug logs requests with secrets stripped)",
+        help="log verbosity (env CSI_LUKS_LOG_LEVEL; default info, warning for the demo; "
+        "debug logs requests with secrets stripped)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -58,11 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("version", help="print the version")
+    sub.add_parser(
+        "demo",
+        help="run a full encrypted-volume lifecycle on this machine (in a VM if the kernel lacks dm-crypt)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "warning" if args.command == "demo" else "info"
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -71,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command == "demo":
+        from csi_luks import demo
+
+        return demo.run(log_level=args.log_level)
     if args.command == "serve":
         from csi_luks.server import PluginServer, ServerError
 

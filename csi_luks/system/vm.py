@@ -14,8 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,12 @@ def run_in_guest(
     modules: Sequence[str] = DEFAULT_MODULES,
     memory: str = "2G",
     timeout: float = 1200.0,
+    on_output: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Boot a guest, run `command` (a shell command line) as root in it, return its exit code and log.
 
     workdir is a host directory the guest can write; the guest's log and exit code land there.
+    on_output, if given, receives the guest command's output as it is written (for progress).
     """
     vng = find_vng()
     kernel = find_kernel()
@@ -130,6 +133,7 @@ def run_in_guest(
         env=child_env,
         start_new_session=True,
     )
+    follower = _LogFollower(log_file, on_output) if on_output else None
     try:
         console, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -137,6 +141,9 @@ def run_in_guest(
         console, _ = proc.communicate()
         (workdir / "console.log").write_bytes(console)
         raise GuestUnavailable(f"the guest did not finish within {timeout:g}s; see {workdir}") from None
+    finally:
+        if follower:
+            follower.stop()
     (workdir / "console.log").write_bytes(console)
     log = log_file.read_text(errors="replace") if log_file.exists() else ""
     if rc_file.exists():
@@ -151,3 +158,36 @@ def run_in_guest(
         duration=time.monotonic() - started,
         workdir=workdir,
     )
+
+
+class _LogFollower:
+    """Hands what the guest appends to its log file to a callback, from a background thread."""
+
+    def __init__(self, path: Path, callback: Callable[[str], None], interval: float = 0.3) -> None:
+        self._path = path
+        self._callback = callback
+        self._interval = interval
+        self._offset = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            with self._path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self._offset += len(data)
+            self._callback(data.decode(errors="replace"))
+
+    def _follow(self) -> None:
+        while not self._done.wait(self._interval):
+            self._drain()
+        self._drain()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()

@@ -1,0 +1,82 @@
+"""Filesystems on block devices: probe (blkid), mkfs, mount, unmount, grow."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_luks.system.runner import Runner
+
+SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
+_BLKID_NOTHING_FOUND = 2
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What blkid finds on a device: a filesystem, a LUKS header, a partition table, or nothing."""
+
+    type: str | None  # e.g. "ext4", "xfs", "crypto_LUKS"
+    partition_table: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.type is None and self.partition_table is None
+
+    @property
+    def is_luks(self) -> bool:
+        return self.type == "crypto_LUKS"
+
+
+class Filesystems:
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner or Runner()
+
+    def probe(self, device: str) -> Probe:
+        # -p: low-level probing of the device itself, bypassing blkid's cache (which may be stale).
+        result = self.runner.run(
+            ["blkid", "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE", device], check=False
+        )
+        if result.returncode == _BLKID_NOTHING_FOUND:
+            return Probe(type=None)
+        if result.returncode != 0:
+            self.runner.run(["blkid", "-p", device])  # raises with blkid's own message
+        values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        return Probe(type=values.get("TYPE"), partition_table=values.get("PTTYPE"))
+
+    def mkfs(self, device: str, fstype: str) -> None:
+        if fstype not in SUPPORTED_FILESYSTEMS:
+            raise ValueError(f"filesystem {fstype!r} is not supported; use one of {SUPPORTED_FILESYSTEMS}")
+        # ext4: no lazy init, so the volume's first minutes are not spent zeroing inode tables in the
+        # background; the device is fresh ciphertext either way.
+        args = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
+        if fstype == "xfs":
+            args = ["mkfs.xfs", "-q"]
+        self.runner.run([*args, device], timeout=600)
+
+    def mount(
+        self, source: str, target: str, fstype: str | None = None, options: list[str] | None = None
+    ) -> None:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        args = ["mount"]
+        if fstype:
+            args += ["-t", fstype]
+        if options:
+            args += ["-o", ",".join(options)]
+        self.runner.run([*args, source, target])
+
+    def unmount(self, target: str) -> None:
+        if self.is_mounted(target):
+            self.runner.run(["umount", target])
+
+    def is_mounted(self, target: str) -> bool:
+        wanted = os.path.realpath(target)
+        with open("/proc/self/mountinfo") as mountinfo:
+            return any(line.split()[4] == wanted for line in mountinfo)
+
+    def grow(self, device: str, mountpoint: str, fstype: str) -> None:
+        """Grow a mounted filesystem to fill its (already grown) device."""
+        if fstype == "xfs":
+            self.runner.run(["xfs_growfs", mountpoint], timeout=600)
+        else:
+            self.runner.run(["resize2fs", device], timeout=600)
