@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from csi_luks import __version__
-from csi_luks.settings import DEFAULT_DRIVER_NAME, Mode, Settings
+from csi_luks.settings import DEFAULT_DRIVER_NAME, DEFAULT_KMS_CONFIG, DEFAULT_STATE_DIR, Mode, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
         "--socket-group",
         default=os.environ.get("CSI_LUKS_SOCKET_GROUP") or None,
         help="group (name or gid) allowed on the socket, which becomes 0660; default 0600, owner only",
+    )
+    serve.add_argument(
+        "--state-dir",
+        default=os.environ.get("CSI_LUKS_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"the standalone backend's directory of volumes (env CSI_LUKS_STATE_DIR; {DEFAULT_STATE_DIR})",
+    )
+    serve.add_argument(
+        "--kms-config",
+        default=os.environ.get("CSI_LUKS_KMS_CONFIG", DEFAULT_KMS_CONFIG),
+        help=f"KMS configuration file, a JSON object keyed by KMS id (env CSI_LUKS_KMS_CONFIG; "
+        f"{DEFAULT_KMS_CONFIG})",
     )
     serve.add_argument(
         "--grace-period",
@@ -93,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode=args.mode,
                 socket_group=args.socket_group,
                 grace_period=args.grace_period,
+                state_dir=args.state_dir,
+                kms_config=args.kms_config,
             )
             PluginServer(settings).serve_until_signalled()
         except (ValueError, ServerError) as exc:

@@ -1,13 +1,14 @@
 """`csi-luks demo`: a full encrypted-volume lifecycle on this machine, each step timed.
 
-It serves the plugin on a scratch socket, then formats, opens, fills, closes, inspects, reopens, grows
-and tears down one encrypted volume on a sparse file attached as a loop device, proving on the way that
-the backing file holds a LUKS2 header and no plaintext. Where this kernel has no device-mapper, the demo
-runs itself inside a virtme-ng guest (Debian's kernel) and says so.
+It serves the plugin (controller and node, standalone backend, local KMS) on a scratch socket and drives
+it over gRPC like a CO would: CreateVolume, NodeStage, NodePublish, write, unpublish, unstage, inspect
+the backing file (LUKS2, no plaintext), stage again and read back, expand, stats, delete. Where this
+kernel has no device-mapper, the demo runs itself inside a virtme-ng guest (Debian's kernel) and says so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -15,24 +16,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TextIO
 
 import grpc
 
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
-from csi_luks.luks import Cryptsetup, mapper_name
+from csi_luks.luks import Cryptsetup
 from csi_luks.server import PluginServer
 from csi_luks.settings import Mode, Settings
 from csi_luks.system import vm
-from csi_luks.system.filesystem import Filesystems
 from csi_luks.system.kernel import device_mapper_missing_reason
-from csi_luks.system.loop import LoopDevices
+from csi_luks.volumes.standalone import StandaloneBackend
 
 MiB = 1024 * 1024
 IN_GUEST_ENV = "CSI_LUKS_DEMO_IN_GUEST"
-T = TypeVar("T")
 
 
 class DemoFailed(Exception):
@@ -111,55 +110,90 @@ def _run_in_guest(reason: str, out: TextIO, log_level: str) -> int:
 
 
 def _lifecycle(steps: Steps, size_mib: int) -> None:
-    cryptsetup, loops, filesystems = Cryptsetup(), LoopDevices(), Filesystems()
+    cryptsetup = Cryptsetup()
     with ExitStack() as cleanup:
         scratch = Path(tempfile.mkdtemp(prefix="csi-luks-demo-"))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-        image, mountpoint = scratch / "volume.img", scratch / "mnt"
+        state_dir, staging, target = scratch / "state", scratch / "staging", scratch / "target"
+        kms_config = scratch / "kms-config.json"
+        kms_config.write_text(
+            json.dumps({"local-demo": {"encryptionKMSType": "local", "keyFile": str(scratch / "kek")}})
+        )
         marker = f"csi-luks demo marker {secrets.token_hex(8)}".encode()
+        capability = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
 
-        with steps.step("start the plugin and ask it over gRPC who it is") as note:
-            server = PluginServer(Settings(endpoint=str(scratch / "csi.sock"), mode=Mode.ALL))
+        with steps.step("start the plugin (controller + node, standalone backend, local KMS)") as note:
+            settings = Settings(
+                endpoint=str(scratch / "csi.sock"),
+                mode=Mode.ALL,
+                state_dir=str(state_dir),
+                kms_config=str(kms_config),
+            )
+            server = PluginServer(settings)
             server.start()
             cleanup.callback(server.stop, 5)
-            with grpc.insecure_channel(f"unix://{scratch / 'csi.sock'}") as channel:
-                identity = csi_pb2_grpc.IdentityStub(channel)
-                info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
-                ready = identity.Probe(csi_pb2.ProbeRequest()).ready.value
-            check(ready, "the plugin is not ready (see its log above)")
-            note(f"{info.name} {info.vendor_version}, ready={ready}")
+            channel = grpc.insecure_channel(f"unix://{settings.socket_path}")
+            cleanup.callback(channel.close)
+            identity = csi_pb2_grpc.IdentityStub(channel)
+            controller = csi_pb2_grpc.ControllerStub(channel)
+            node = csi_pb2_grpc.NodeStub(channel)
+            info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+            ready = identity.Probe(csi_pb2.ProbeRequest()).ready.value
+            check(ready, "the plugin is not ready (see its log)")
+            note(f"{info.name} {info.vendor_version} on {settings.socket_path}, ready={ready}")
 
-        with steps.step(f"create a {size_mib} MiB sparse volume and attach it") as note:
-            with image.open("wb") as f:
-                f.truncate(size_mib * MiB)
-            device = loops.attach(str(image))
-            cleanup.callback(loops.detach, device)
-            note(f"{image} on {device}")
+        with steps.step(f"CreateVolume: {size_mib} MiB, encrypted, KMS local-demo") as note:
+            volume = controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-demo",
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=size_mib * MiB),
+                    volume_capabilities=[capability],
+                    parameters={"encrypted": "true", "encryptionKMSID": "local-demo"},
+                )
+            ).volume
+            volume_id = volume.volume_id
+            image = StandaloneBackend(state_dir).image_path(volume_id)
+            note(f"{volume_id}: {volume.capacity_bytes // MiB} MiB; DEK wrapped by the local KEK")
 
-        passphrase = secrets.token_urlsafe(32).encode()  # 256 random bits, like every volume's DEK
-        name = mapper_name(f"demo-{secrets.token_hex(4)}")
-        mapped = f"/dev/mapper/{name}"
+        def stage_and_publish() -> None:
+            node.NodeStageVolume(
+                csi_pb2.NodeStageVolumeRequest(
+                    volume_id=volume_id, staging_target_path=str(staging), volume_capability=capability
+                )
+            )
+            node.NodePublishVolume(
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=volume_id,
+                    staging_target_path=str(staging),
+                    target_path=str(target),
+                    volume_capability=capability,
+                )
+            )
 
-        with steps.step("format it as LUKS2 (only because it is empty)") as note:
-            found = filesystems.probe(device)
-            check(found.empty, f"the device is not empty ({found}); refusing to format")
-            cryptsetup.format(device, passphrase)
-            note(f"blkid now says {filesystems.probe(device).type}")
+        def unpublish_and_unstage() -> None:
+            node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+            )
+            node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging))
+            )
 
-        with steps.step("open it, make an ext4 filesystem, mount it"):
-            cryptsetup.open(device, name, passphrase)
-            cleanup.callback(cryptsetup.close, name)
-            filesystems.mkfs(mapped, "ext4")
-            filesystems.mount(mapped, str(mountpoint), "ext4")
-            cleanup.callback(filesystems.unmount, str(mountpoint))
+        with steps.step("NodeStage (attach, LUKS format once, open, mkfs.ext4, mount) + NodePublish") as note:
+            stage_and_publish()
+            cleanup.callback(_quietly, unpublish_and_unstage)
+            note(f"the empty device was formatted: {cryptsetup.dump(str(image)).cipher} under ext4")
 
-        with steps.step("write a marker file"):
-            (mountpoint / "marker.txt").write_bytes(marker)
+        with steps.step("write a marker file through the published path"):
+            (target / "marker.txt").write_bytes(marker)
             os.sync()
 
-        with steps.step("unmount and close the volume"):
-            filesystems.unmount(str(mountpoint))
-            cryptsetup.close(name)
+        with steps.step("NodeUnpublish + NodeUnstage (unmount, luksClose, detach)"):
+            unpublish_and_unstage()
 
         with steps.step("prove the backing file is LUKS2 and holds no plaintext") as note:
             header = cryptsetup.dump(str(image))
@@ -170,32 +204,53 @@ def _lifecycle(steps: Steps, size_mib: int) -> None:
             note(f"LUKS{header.version} {header.cipher} {header.key_size_bits}-bit key; "
                  f"{len(data) // MiB} MiB scanned, marker not found")  # fmt: skip
 
-        with steps.step("reopen, mount and read the marker back") as note:
-            cryptsetup.open(device, name, passphrase)
-            filesystems.mount(mapped, str(mountpoint), "ext4")
-            read = (mountpoint / "marker.txt").read_bytes()
+        with steps.step("stage and publish again (no format: the header is there), read the marker") as note:
+            stage_and_publish()
+            read = (target / "marker.txt").read_bytes()
             check(read == marker, "the marker read back differs from what was written")
             note(f"read back: {read.decode()}")
 
-        with steps.step(f"grow the volume to {2 * size_mib} MiB online (loop, dm-crypt, ext4)") as note:
-            before = os.statvfs(mountpoint)
-            with image.open("r+b") as f:
-                f.truncate(2 * size_mib * MiB)
-            loops.refresh_size(device)
-            cryptsetup.resize(name)  # no passphrase: the key lives in dm-crypt, not the keyring
-            filesystems.grow(mapped, str(mountpoint), "ext4")
-            after = os.statvfs(mountpoint)
+        with steps.step(f"ControllerExpand + NodeExpand online to {2 * size_mib} MiB") as note:
+            before = os.statvfs(target)
+            expanded = controller.ControllerExpandVolume(
+                csi_pb2.ControllerExpandVolumeRequest(
+                    volume_id=volume_id,
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=2 * size_mib * MiB),
+                )
+            )
+            check(expanded.node_expansion_required, "the controller did not ask for node expansion")
+            node.NodeExpandVolume(
+                csi_pb2.NodeExpandVolumeRequest(
+                    volume_id=volume_id, volume_path=str(target), staging_target_path=str(staging)
+                )
+            )
+            after = os.statvfs(target)
             check(after.f_blocks > before.f_blocks, "the filesystem did not grow")
             note(f"{_mib(before.f_blocks * before.f_frsize)} -> {_mib(after.f_blocks * after.f_frsize)}")
 
-        with steps.step("report usage") as note:
-            stats = os.statvfs(mountpoint)
-            note(f"bytes: {(stats.f_blocks - stats.f_bfree) * stats.f_frsize} used of "
-                 f"{_mib(stats.f_blocks * stats.f_frsize)}; inodes: {stats.f_files - stats.f_ffree} used "
-                 f"of {stats.f_files}")  # fmt: skip
+        with steps.step("NodeGetVolumeStats") as note:
+            stats = node.NodeGetVolumeStats(
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(target))
+            )
+            check(not stats.volume_condition.abnormal, f"volume abnormal: {stats.volume_condition.message}")
+            for usage in stats.usage:
+                unit = csi_pb2.VolumeUsage.Unit.Name(usage.unit).lower()
+                note(f"{unit}: {usage.used} used of {usage.total}")
 
-        with steps.step("unmount, close, detach, stop the plugin"):
+        with steps.step("unpublish, unstage, DeleteVolume (the DEK goes with it)") as note:
+            unpublish_and_unstage()
+            controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+            check(not image.exists(), "the backing file is still there")
+            note("nothing left behind")
+
+        with steps.step("stop the plugin"):
             cleanup.close()
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    """Best-effort cleanup after a failed step: the failure is what the user needs to see."""
+    with suppress(grpc.RpcError):
+        action()
 
 
 def _mib(n: int) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 
 from csi_luks import luks
+from csi_luks.kms import base as kms
+from csi_luks.volumes import base as volumes
 
 
 class CsiError(Exception):
@@ -39,6 +41,15 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.DeviceMapperUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.DeviceBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.KeySlotError, grpc.StatusCode.FAILED_PRECONDITION),
+    (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
+    (volumes.VolumeInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (kms.KMSUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (kms.KMSPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (kms.KMSConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (kms.MissingSecret, grpc.StatusCode.INVALID_ARGUMENT),
+    (kms.DEKNotFound, grpc.StatusCode.FAILED_PRECONDITION),
+    (kms.DEKDecryptError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

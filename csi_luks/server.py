@@ -22,11 +22,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from csi_luks import __version__
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.errors import status_for
+from csi_luks.kms.config import KMSConfig
+from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup
 from csi_luks.readiness import ReadinessCheck
+from csi_luks.services.controller import ControllerService
 from csi_luks.services.identity import IdentityService
+from csi_luks.services.node import NodeService
 from csi_luks.services.sanitize import sanitized
 from csi_luks.settings import Settings
+from csi_luks.system.filesystem import Filesystems
+from csi_luks.volumes.base import VolumeBackend
+from csi_luks.volumes.standalone import StandaloneBackend
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +114,40 @@ def _umask(mask: int) -> Iterator[None]:
 class PluginServer:
     """The plugin's gRPC server; start(), then wait_for_termination() or stop()."""
 
-    def __init__(self, settings: Settings, cryptsetup: Cryptsetup | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        cryptsetup: Cryptsetup | None = None,
+        backend: VolumeBackend | None = None,
+    ) -> None:
         self.settings = settings
         self.cryptsetup = cryptsetup or Cryptsetup()
+        self.backend = backend or StandaloneBackend(settings.state_dir)
+        self.kms_config = KMSConfig.from_file(settings.kms_config)
+        self.locks = OperationLocks()
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
-    def _plugin_capabilities(self) -> list[csi_pb2.PluginCapability.Service.Type]:
-        # Advertise only services this process actually registers (none beyond Identity yet).
-        return []
+    def _plugin_capabilities(self) -> list[csi_pb2.PluginCapability]:
+        # Advertise only what this process actually serves.
+        capabilities = [
+            csi_pb2.PluginCapability(
+                volume_expansion=csi_pb2.PluginCapability.VolumeExpansion(
+                    type=csi_pb2.PluginCapability.VolumeExpansion.ONLINE
+                )
+            )
+        ]
+        if self.settings.mode.runs_controller:
+            capabilities.append(
+                csi_pb2.PluginCapability(
+                    service=csi_pb2.PluginCapability.Service(
+                        type=csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE
+                    )
+                )
+            )
+        return capabilities
 
     def start(self) -> None:
         path = self.settings.socket_path
@@ -133,6 +163,25 @@ class PluginServer:
             ),
             server,
         )
+        services = ["", "csi.v1.Identity"]
+        if self.settings.mode.runs_controller:
+            csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerService(self.backend, self.kms_config, self.locks), server
+            )
+            services.append("csi.v1.Controller")
+        if self.settings.mode.runs_node:
+            csi_pb2_grpc.add_NodeServicer_to_server(
+                NodeService(
+                    self.settings.node_id,
+                    self.backend,
+                    self.kms_config,
+                    self.locks,
+                    self.cryptsetup,
+                    Filesystems(self.cryptsetup.runner),
+                ),
+                server,
+            )
+            services.append("csi.v1.Node")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         # Created 0600 from the first instant: a umask, not a chmod after the fact, closes the window.
         with _umask(0o177):
@@ -141,7 +190,7 @@ class PluginServer:
             server.start()
         self._secure_socket(path)
         self._server = server
-        for service in ("", "csi.v1.Identity"):
+        for service in services:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "csi-luks %s serving %s as %s (node %s, mode %s)",

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 DEFAULT_DRIVER_NAME = "luks.csi-luks.io"
+DEFAULT_STATE_DIR = "/var/lib/csi-luks"
+DEFAULT_KMS_CONFIG = "/etc/csi-luks/kms-config.json"
 
 # CSI spec: at most 63 characters, alphanumeric at both ends, dashes, dots and alphanumerics between.
 _DRIVER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
@@ -51,6 +53,8 @@ class Settings:
     socket_group: str | None = None  # group allowed on the socket (mode 0660); None: 0600, owner only
     grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM
     workers: int = 16
+    state_dir: str = DEFAULT_STATE_DIR  # the standalone backend's volumes and metadata
+    kms_config: str = DEFAULT_KMS_CONFIG  # JSON object keyed by KMS id
 
     def __post_init__(self) -> None:
         if not _DRIVER_NAME.match(self.driver_name):

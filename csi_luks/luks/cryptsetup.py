@@ -156,11 +156,9 @@ class Cryptsetup:
 
         The key goes to dm-crypt directly (--disable-keyring), so a later resize needs no passphrase.
         """
-        current = self.status(name)
-        if current.active:
-            if _same_device(current, device):
-                return mapper_path(name)
-            raise DeviceBusy(f"open: mapping {name} already exists for {current.device}, not for {device}")
+        existing = self.open_mapping_of(device, name)
+        if existing:
+            return existing
         args: list[str | SecretPipe] = [
             "open", "--type", "luks2", "--disable-keyring", "--key-file=-",
             *(options or OpenOptions()).args(), device, name,
@@ -168,6 +166,18 @@ class Cryptsetup:
         self._run("luksOpen", args, passphrase=passphrase)
         log.info("opened %s as %s", device, mapper_path(name))
         return mapper_path(name)
+
+    def open_mapping_of(self, device: str, name: str) -> str | None:
+        """The mapping's path if NAME is already open on device; None if it is not open at all.
+
+        DeviceBusy if the name is taken by another device (two volumes must never share a mapping).
+        """
+        current = self.status(name)
+        if not current.active:
+            return None
+        if _same_device(current, device):
+            return mapper_path(name)
+        raise DeviceBusy(f"open: mapping {name} already exists for {current.device}, not for {device}")
 
     def close(self, name: str) -> None:
         """Remove the mapping; a mapping that does not exist is already closed."""

@@ -10,15 +10,13 @@ from google.protobuf.wrappers_pb2 import BoolValue
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.readiness import ReadinessCheck
 
-PluginCapabilityType = csi_pb2.PluginCapability.Service.Type
-
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
     def __init__(
         self,
         driver_name: str,
         version: str,
-        capabilities: Iterable[PluginCapabilityType],
+        capabilities: Iterable[csi_pb2.PluginCapability],
         readiness: ReadinessCheck,
     ) -> None:
         self._driver_name = driver_name
@@ -34,12 +32,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
     def GetPluginCapabilities(
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
-        return csi_pb2.GetPluginCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.PluginCapability(service=csi_pb2.PluginCapability.Service(type=kind))
-                for kind in self._capabilities
-            ]
-        )
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=self._capabilities)
 
     def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
         # Not ready is an answer, not an error: the liveness sidecar keeps the pod and logs the reason.

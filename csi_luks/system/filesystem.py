@@ -65,6 +65,26 @@ class Filesystems:
             args += ["-o", ",".join(options)]
         self.runner.run([*args, source, target])
 
+    def bind_mount(self, source: str, target: str, readonly: bool, target_is_file: bool = False) -> None:
+        """Bind source (a directory, or a block device onto a file) at target; idempotent."""
+        path = Path(target)
+        if target_is_file:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(exist_ok=True)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+        if self.is_mounted(target):
+            return
+        # util-linux turns "bind,ro" into a bind plus a read-only remount.
+        self.runner.run(["mount", "-o", "bind,ro" if readonly else "bind", source, target])
+
+    def device_size(self, device: str) -> int:
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+
     def unmount(self, target: str) -> None:
         if self.is_mounted(target):
             self.runner.run(["umount", target])

@@ -41,8 +41,9 @@ class Plugin:
 def serve(sock: Path | str, *args: str, env: dict[str, str] | None = None) -> Iterator[Plugin]:
     endpoint = str(sock)
     path = Path(endpoint.removeprefix("unix://"))
+    private = ["--state-dir", str(path.parent / "state"), "--kms-config", str(path.parent / "kms.json")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", endpoint, *args],
+        [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", endpoint, *private, *args],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
@@ -75,11 +76,16 @@ def test_serve_answers_identity_calls_and_stops_cleanly(tmp_path: Path) -> None:
         info = plugin.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
         assert info.name == "luks.csi.example.com" and info.vendor_version == __version__
         caps = plugin.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
-        assert list(caps.capabilities) == []  # only what is registered is advertised; none beyond Identity
+        services = [c.service.type for c in caps.capabilities if c.HasField("service")]
+        assert services == [csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE]
+        expansion = [c.volume_expansion.type for c in caps.capabilities if c.HasField("volume_expansion")]
+        assert expansion == [csi_pb2.PluginCapability.VolumeExpansion.ONLINE]
         probe = plugin.identity.Probe(csi_pb2.ProbeRequest())
         assert probe.HasField("ready") and probe.ready.value is True
-        health = health_pb2_grpc.HealthStub(plugin.channel).Check(health_pb2.HealthCheckRequest(service=""))
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        health_stub = health_pb2_grpc.HealthStub(plugin.channel)
+        for service in ("", "csi.v1.Identity", "csi.v1.Controller"):
+            health = health_stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         code, stderr = plugin.terminate()
     assert code == 0, stderr
@@ -143,7 +149,8 @@ def test_a_live_socket_is_not_stolen(tmp_path: Path) -> None:
     sock = tmp_path / "csi.sock"
     with serve(sock, "--mode", "controller") as first:
         second = subprocess.run(
-            [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", str(sock)],
+            [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", str(sock),
+             "--state-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert second.returncode == 2 and "another process is serving" in second.stderr
@@ -155,7 +162,8 @@ def test_a_regular_file_at_the_socket_path_is_not_removed(tmp_path: Path) -> Non
     path = tmp_path / "csi.sock"
     path.write_text("precious")
     result = subprocess.run(
-        [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", str(path)],
+        [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", str(path),
+         "--state-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2 and "not a socket" in result.stderr

@@ -11,5 +11,9 @@ def test_demo_lifecycle_passes() -> None:
     out = io.StringIO()
     assert demo.run(out=out) == 0, out.getvalue()
     text = out.getvalue()
-    assert "marker not found" in text and "read back: csi-luks demo marker" in text
-    assert text.count(" ok (") == 11 and "FAILED" not in text
+    assert (
+        "marker not found" in text
+        and "read back: csi-luks demo marker" in text
+        and "nothing left behind" in text
+    )
+    assert text.count(" ok (") == 12 and "FAILED" not in text

@@ -1,0 +1,1 @@
+"""Key management: KMS backends, DEK stores, and one volume's encryption (VolumeEncryption)."""

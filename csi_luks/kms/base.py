@@ -1,0 +1,116 @@
+"""EncryptionKMS, DEKStore, the provider registry, and the errors every backend raises.
+
+A DEK (data encryption key) is the volume's LUKS passphrase: random, per volume. An EncryptionKMS
+either wraps DEKs (the wrapped DEK then lives in a DEKStore such as the volume's own metadata) or keeps
+them itself (then it is its own DEKStore). Each backend module registers itself under its
+`encryptionKMSType`, so adding a backend touches one new file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+
+class KMSError(Exception):
+    """A KMS operation failed."""
+
+
+class KMSConfigError(KMSError):
+    """The KMS configuration is wrong (unknown id or type, missing or bad key). Names key and id."""
+
+
+class KMSUnavailable(KMSError):
+    """The KMS cannot be reached now; retrying later may work."""
+
+
+class KMSPermissionDenied(KMSError):
+    """The KMS refused us."""
+
+
+class DEKNotFound(KMSError):
+    """No DEK is stored for the volume."""
+
+
+class DEKDecryptError(KMSError):
+    """A stored DEK does not decrypt with this KMS's key (wrong or rotated key, tampered metadata)."""
+
+
+class MissingSecret(KMSError):
+    """A secret the KMS needs is not in the request (e.g. encryptionPassphrase)."""
+
+
+class DEKStore(ABC):
+    """Stores a (usually wrapped) DEK for a volume id."""
+
+    @abstractmethod
+    def store_dek(self, volume_id: str, dek: str) -> None: ...
+
+    @abstractmethod
+    def fetch_dek(self, volume_id: str) -> str:
+        """The stored DEK, or DEKNotFound."""
+
+    @abstractmethod
+    def remove_dek(self, volume_id: str) -> None:
+        """Remove the DEK; a missing one is already removed."""
+
+
+class EncryptionKMS(ABC):
+    """One configured KMS (one entry of the KMS configuration)."""
+
+    def __init__(self, kms_id: str) -> None:
+        self.kms_id = kms_id
+
+    @property
+    def integrated_dek_store(self) -> DEKStore | None:
+        """The KMS itself when it stores DEKs; None when DEKs go to an external store (metadata)."""
+        return None
+
+    @abstractmethod
+    def encrypt_dek(self, volume_id: str, plain_dek: str) -> str:
+        """Wrap a DEK for storage (identity for KMSs that store DEKs themselves)."""
+
+    @abstractmethod
+    def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
+        """Unwrap a stored DEK."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release clients and connections."""
+
+
+@dataclass(frozen=True)
+class KMSContext:
+    """What a call brings that a backend may need: the request's secrets, the PVC's namespace."""
+
+    secrets: Mapping[str, str]
+    pvc_namespace: str | None = None
+
+
+KMSFactory = Callable[[str, Mapping[str, str], KMSContext], EncryptionKMS]
+_REGISTRY: dict[str, KMSFactory] = {}
+
+
+def register(kms_type: str, *aliases: str) -> Callable[[KMSFactory], KMSFactory]:
+    """Class/function decorator: `@register("local")` makes type "local" build with that factory."""
+
+    def decorate(factory: KMSFactory) -> KMSFactory:
+        for name in (kms_type, *aliases):
+            if name in _REGISTRY:
+                raise ValueError(f"KMS type {name!r} registered twice")
+            _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def factory_for(kms_type: str) -> KMSFactory:
+    try:
+        return _REGISTRY[kms_type]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KMSConfigError(f"unknown encryptionKMSType {kms_type!r}; known types: {known}") from None
+
+
+def known_types() -> list[str]:
+    return sorted(_REGISTRY)

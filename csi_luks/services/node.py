@@ -1,0 +1,296 @@
+"""CSI Node service: attach, format once, open, mkfs, mount, publish, expand, report, and undo it all.
+
+Nothing is kept in memory between calls: the mapping name follows from the volume id, the attachment
+is found from the system, and the encryption state lives in the volume's metadata. A restarted plugin
+unstages what its predecessor staged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import grpc
+
+from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from csi_luks.encryption import VolumeEncryption, volume_encryption
+from csi_luks.errors import failed_precondition, not_found
+from csi_luks.kms.base import KMSContext
+from csi_luks.kms.config import KMSConfig
+from csi_luks.locks import OperationLocks
+from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.services.validation import require, validate_capability
+from csi_luks.system.filesystem import Filesystems
+from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
+from csi_luks.volumes.base import VolumeBackend, VolumeInfo, VolumeNotFound
+
+log = logging.getLogger(__name__)
+
+NodeRPC = csi_pb2.NodeServiceCapability.RPC.Type
+CAPABILITIES = (
+    NodeRPC.STAGE_UNSTAGE_VOLUME,
+    NodeRPC.EXPAND_VOLUME,
+    NodeRPC.GET_VOLUME_STATS,
+    NodeRPC.VOLUME_CONDITION,
+    NodeRPC.SINGLE_NODE_MULTI_WRITER,
+)
+_LUKS_LABEL_MAX = 47
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a volume's layers are on this node."""
+
+    record: VolumeRecord
+    mapper: str  # the dm-crypt mapping name (encrypted volumes)
+
+    @property
+    def mapped_device(self) -> str:
+        return mapper_path(self.mapper)
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        node_id: str,
+        backend: VolumeBackend,
+        kms_config: KMSConfig,
+        locks: OperationLocks,
+        cryptsetup: Cryptsetup,
+        filesystems: Filesystems,
+    ) -> None:
+        self.node_id = node_id
+        self.backend = backend
+        self.kms_config = kms_config
+        self.locks = locks
+        self.cryptsetup = cryptsetup
+        self.filesystems = filesystems
+
+    def _volume(self, volume_id: str) -> tuple[VolumeInfo, _Layout]:
+        try:
+            info = self.backend.get(volume_id)
+        except VolumeNotFound:
+            raise not_found(f"volume {volume_id} does not exist") from None
+        return info, _Layout(VolumeRecord.parse(info.metadata), mapper_name(volume_id))
+
+    def _encryption(self, volume_id: str, record: VolumeRecord, secrets: dict[str, str]) -> VolumeEncryption:
+        return volume_encryption(self.kms_config, record.kms_id, KMSContext(secrets=secrets), self.backend)
+
+    def _device(self, volume_id: str, layout: _Layout) -> str | None:
+        """The block device the workload sees (the mapping for encrypted volumes), if it exists."""
+        if layout.record.encrypted:
+            return layout.mapped_device if self.cryptsetup.status(layout.mapper).active else None
+        return self.backend.find_attachment(volume_id)
+
+    # --- stage ---------------------------------------------------------------------------------------
+
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        volume_id = require(request.volume_id, "volume_id")
+        staging = require(request.staging_target_path, "staging_target_path")
+        validate_capability(request.volume_capability, request.HasField("volume_capability"))
+        capability = request.volume_capability
+        with self.locks.hold(volume_id, "NodeStageVolume"):
+            _, layout = self._volume(volume_id)
+            was_attached = self.backend.find_attachment(volume_id) is not None
+            device = self.backend.attach(volume_id)
+            try:
+                if layout.record.encrypted:
+                    device = self._open_encrypted(volume_id, device, layout, dict(request.secrets))
+            except Exception:
+                if not was_attached:
+                    self.backend.detach(volume_id)  # leave the node as we found it
+                raise
+            if capability.WhichOneof("access_type") == "mount":
+                self._mount_filesystem(volume_id, device, staging, capability.mount)
+            log.info("volume %s staged at %s (%s)", volume_id, staging, device)
+            return csi_pb2.NodeStageVolumeResponse()
+
+    def _open_encrypted(self, volume_id: str, device: str, layout: _Layout, secrets: dict[str, str]) -> str:
+        already_open = self.cryptsetup.open_mapping_of(device, layout.mapper)
+        if already_open:
+            return already_open
+        record = layout.record
+        encryption = self._encryption(volume_id, record, secrets)
+        found = self.filesystems.probe(device)
+        if record.state is EncryptionState.PREPARED:
+            if found.is_luks:
+                # A crash between luksFormat and the metadata write: the header is ours, finish the step.
+                log.warning("volume %s: LUKS header present but state was prepared; repairing", volume_id)
+                self.backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+            elif found.empty:
+                label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
+                self.cryptsetup.format(
+                    device, encryption.get_passphrase(volume_id), FormatOptions(label=label)
+                )
+                self.backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+                log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
+            else:
+                raise failed_precondition(
+                    f"volume {volume_id} should be empty before its first use, but {device} holds "
+                    f"{found.type or found.partition_table}; refusing to format it (no data was touched)"
+                )
+        elif record.state is EncryptionState.ENCRYPTED:
+            if not found.is_luks:
+                raise failed_precondition(
+                    f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
+                    f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
+                    "it: restore the header from a backup"
+                )
+        else:
+            raise failed_precondition(
+                f"volume {volume_id} is marked encrypted but its key was never prepared (CreateVolume did "
+                "not finish); delete and recreate it"
+            )
+        try:
+            return self.cryptsetup.open(device, layout.mapper, encryption.get_passphrase(volume_id))
+        except WrongPassphrase:
+            raise failed_precondition(
+                f"the key of KMS {record.kms_id or 'secrets'!r} does not open volume {volume_id}; "
+                "the device was left untouched (check the KMS configuration and the volume's DEK)"
+            ) from None
+
+    def _mount_filesystem(
+        self, volume_id: str, device: str, staging: str, mount: csi_pb2.VolumeCapability.MountVolume
+    ) -> None:
+        fs_type = mount.fs_type or "ext4"
+        if self.filesystems.is_mounted(staging):
+            return
+        found = self.filesystems.probe(device)
+        if found.empty:
+            self.filesystems.mkfs(device, fs_type)
+            log.info("volume %s: made %s on %s", volume_id, fs_type, device)
+        elif found.type != fs_type:
+            raise failed_precondition(
+                f"volume {volume_id} holds {found.type or found.partition_table}, not {fs_type}; "
+                "refusing to reformat it"
+            )
+        self.filesystems.mount(device, staging, fs_type, list(mount.mount_flags))
+
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
+        volume_id = require(request.volume_id, "volume_id")
+        staging = require(request.staging_target_path, "staging_target_path")
+        with self.locks.hold(volume_id, "NodeUnstageVolume"):
+            self.filesystems.unmount(staging)
+            # Closing by the deterministic name works after a plugin restart, and for a volume whose
+            # metadata is already gone.
+            self.cryptsetup.close(mapper_name(volume_id))
+            with contextlib.suppress(VolumeNotFound):
+                self.backend.detach(volume_id)
+            log.info("volume %s unstaged from %s", volume_id, staging)
+            return csi_pb2.NodeUnstageVolumeResponse()
+
+    # --- publish -------------------------------------------------------------------------------------
+
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        volume_id = require(request.volume_id, "volume_id")
+        target = require(request.target_path, "target_path")
+        staging = require(request.staging_target_path, "staging_target_path")
+        validate_capability(request.volume_capability, request.HasField("volume_capability"))
+        with self.locks.hold(volume_id, "NodePublishVolume"):
+            _, layout = self._volume(volume_id)
+            if request.volume_capability.WhichOneof("access_type") == "block":
+                device = self._device(volume_id, layout)
+                if device is None:
+                    raise failed_precondition(f"volume {volume_id} is not staged on this node")
+                self.filesystems.bind_mount(device, target, request.readonly, target_is_file=True)
+            else:
+                if not self.filesystems.is_mounted(staging):
+                    raise failed_precondition(f"volume {volume_id} is not staged at {staging}")
+                self.filesystems.bind_mount(staging, target, request.readonly)
+            return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        volume_id = require(request.volume_id, "volume_id")
+        target = require(request.target_path, "target_path")
+        with self.locks.hold(volume_id, "NodeUnpublishVolume"):
+            self.filesystems.unmount(target)
+            if os.path.isdir(target):
+                os.rmdir(target)
+            elif os.path.lexists(target):
+                os.unlink(target)
+            return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # --- expand and stats ----------------------------------------------------------------------------
+
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
+        volume_id = require(request.volume_id, "volume_id")
+        path = require(request.volume_path, "volume_path")
+        with self.locks.hold(volume_id, "NodeExpandVolume"):
+            _, layout = self._volume(volume_id)
+            if not os.path.exists(path):
+                raise not_found(f"volume path {path} does not exist")
+            self.backend.refresh_attachment_size(volume_id)
+            device = self._device(volume_id, layout)
+            if device is None:
+                raise failed_precondition(f"volume {volume_id} is not staged on this node")
+            if layout.record.encrypted:
+                self.cryptsetup.resize(layout.mapper)  # no passphrase: the key is in dm-crypt
+            if self.filesystems.is_mounted(path) and os.path.isdir(path):
+                fs_type = self.filesystems.probe(device).type or "ext4"
+                self.filesystems.grow(device, path, fs_type)
+            size = self.filesystems.device_size(device)
+            log.info("volume %s expanded to %d bytes", volume_id, size)
+            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        volume_id = require(request.volume_id, "volume_id")
+        path = require(request.volume_path, "volume_path")
+        _, layout = self._volume(volume_id)
+        if not os.path.exists(path):
+            raise not_found(f"volume path {path} does not exist")
+        device = self._device(volume_id, layout)
+        problems = []
+        if device is None:
+            problems.append("the encrypted mapping is gone" if layout.record.encrypted else "not attached")
+        if not self.filesystems.is_mounted(path):
+            problems.append(f"{path} is not mounted")
+        condition = csi_pb2.VolumeCondition(
+            abnormal=bool(problems), message="; ".join(problems) or "volume is healthy"
+        )
+        Unit = csi_pb2.VolumeUsage.Unit
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            usage = [csi_pb2.VolumeUsage(unit=Unit.BYTES, total=self.filesystems.device_size(path))]
+        else:
+            fs = os.statvfs(path)
+            usage = [
+                csi_pb2.VolumeUsage(
+                    unit=Unit.BYTES,
+                    total=fs.f_blocks * fs.f_frsize,
+                    available=fs.f_bavail * fs.f_frsize,
+                    used=(fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+                ),
+                csi_pb2.VolumeUsage(
+                    unit=Unit.INODES, total=fs.f_files, available=fs.f_favail, used=fs.f_files - fs.f_ffree
+                ),
+            ]
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=kind))
+                for kind in CAPABILITIES
+            ]
+        )
+
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)

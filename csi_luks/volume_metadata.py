@@ -1,0 +1,55 @@
+"""What csi-luks keeps in each volume's metadata, and the encryption state machine.
+
+none -> prepared (DEK generated and stored, by CreateVolume) -> encrypted (LUKS header written, by the
+first NodeStage). The node formats only a `prepared` volume whose device is empty; it never formats
+anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+PREFIX = "csi-luks/"
+NAME = PREFIX + "name"
+CAPACITY = PREFIX + "capacity"  # bytes promised to the user (the backing store adds the LUKS header)
+ENCRYPTED = PREFIX + "encrypted"
+KMS_ID = PREFIX + "kms-id"
+STATE = PREFIX + "encryption-state"
+
+# LUKS2 header and key-slot area as luksFormat lays them out by default; added to the backing store so
+# the user gets the capacity they asked for.
+LUKS_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class EncryptionState(Enum):
+    PREPARED = "prepared"
+    ENCRYPTED = "encrypted"
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """The parsed metadata of one volume."""
+
+    capacity: int
+    encrypted: bool
+    kms_id: str
+    state: EncryptionState | None
+
+    @classmethod
+    def parse(cls, metadata: dict[str, str]) -> VolumeRecord:
+        state = metadata.get(STATE)
+        return cls(
+            capacity=int(metadata.get(CAPACITY, "0")),
+            encrypted=metadata.get(ENCRYPTED) == "true",
+            kms_id=metadata.get(KMS_ID, ""),
+            state=EncryptionState(state) if state else None,
+        )
+
+    @property
+    def backing_bytes(self) -> int:
+        return backing_bytes(self.capacity, self.encrypted)
+
+
+def backing_bytes(capacity: int, encrypted: bool) -> int:
+    return capacity + (LUKS_HEADER_BYTES if encrypted else 0)

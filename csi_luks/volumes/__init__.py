@@ -1,0 +1,1 @@
+"""Volume backends: where a volume's bytes and its small key/value metadata live."""

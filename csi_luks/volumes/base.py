@@ -1,0 +1,91 @@
+"""The volume backend interface, shared by the standalone (loop file) and RBD backends.
+
+A backend keeps no in-memory state that a restarted plugin would need: volumes, their metadata and
+their attachments are all found again from the backend itself (files, image metadata, the kernel).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class VolumeBackendError(Exception):
+    """A backend operation failed."""
+
+
+class VolumeNotFound(VolumeBackendError):
+    """No volume with that id exists."""
+
+
+class VolumeInUse(VolumeBackendError):
+    """The volume is attached or mapped and cannot be deleted or detached now."""
+
+
+class BackendUnavailable(VolumeBackendError):
+    """The storage behind the backend cannot be reached (cluster down, state directory missing)."""
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    volume_id: str
+    name: str
+    size_bytes: int  # the backing store's size (for encrypted volumes this includes the LUKS header)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class VolumeBackend(ABC):
+    """Create, find, resize and delete volumes; keep per-volume metadata; attach them as block devices."""
+
+    @abstractmethod
+    def volume_id_for(self, name: str) -> str:
+        """The deterministic volume id a CreateVolume of this name gets (idempotency by name)."""
+
+    @abstractmethod
+    def create(self, volume_id: str, name: str, size_bytes: int, metadata: Mapping[str, str]) -> VolumeInfo:
+        """Create the volume with initial metadata. If it exists already, return it unchanged."""
+
+    @abstractmethod
+    def get(self, volume_id: str) -> VolumeInfo:
+        """The volume, or VolumeNotFound."""
+
+    @abstractmethod
+    def list(self) -> list[VolumeInfo]:
+        """Every volume, sorted by volume id."""
+
+    @abstractmethod
+    def delete(self, volume_id: str) -> None:
+        """Remove the volume and its metadata (a missing one is already deleted); VolumeInUse if attached."""
+
+    @abstractmethod
+    def resize(self, volume_id: str, size_bytes: int) -> int:
+        """Grow the backing store to at least size_bytes; never shrinks. Returns the new size."""
+
+    @abstractmethod
+    def set_metadata(self, volume_id: str, key: str, value: str) -> None:
+        """Set one metadata key, atomically (a crash leaves the old or the new value, never a torn file)."""
+
+    @abstractmethod
+    def remove_metadata(self, volume_id: str, key: str) -> None:
+        """Remove one metadata key; a missing key is not an error."""
+
+    @abstractmethod
+    def attach(self, volume_id: str) -> str:
+        """Attach the volume as a block device on this machine and return its path. Idempotent."""
+
+    @abstractmethod
+    def find_attachment(self, volume_id: str) -> str | None:
+        """The device path of an existing attachment (found from the system, not from memory)."""
+
+    @abstractmethod
+    def detach(self, volume_id: str) -> None:
+        """Detach the volume; a volume that is not attached is already detached."""
+
+    @abstractmethod
+    def refresh_attachment_size(self, volume_id: str) -> None:
+        """Make an attached device pick up a grown backing store (loop: set-capacity; krbd: nothing)."""
+
+    @abstractmethod
+    def free_bytes(self) -> int | None:
+        """Capacity left for new volumes, if the backend knows it (GetCapacity)."""
