@@ -16,4 +16,4 @@ def test_demo_lifecycle_passes() -> None:
         and "read back: csi-luks demo marker" in text
         and "nothing left behind" in text
     )
-    assert text.count(" ok (") == 12 and "FAILED" not in text
+    assert text.count(" ok (") == 11 and "FAILED" not in text
