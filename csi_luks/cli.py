@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo.run(log_level=args.log_level)
     if args.command == "serve":
+        from csi_luks.kms.base import KMSError
         from csi_luks.server import PluginServer, ServerError
 
         try:
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kms_config=args.kms_config,
             )
             PluginServer(settings).serve_until_signalled()
-        except (ValueError, ServerError) as exc:
+        except (ValueError, ServerError, KMSError) as exc:
             print(f"csi-luks: {exc}", file=sys.stderr)
             return 2
         return 0

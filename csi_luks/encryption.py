@@ -1,4 +1,4 @@
-"""VolumeEncryption: one volume's KMS and DEK store; makes, fetches and removes its passphrase."""
+"""One volume's encryption: its KMS and DEK store, and the passphrase they produce."""
 
 from __future__ import annotations
 
@@ -9,23 +9,36 @@ from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.dek_store import MetadataDEKStore
 from csi_luks.volumes.base import VolumeBackend
 
-DEK_BYTES = 32  # 256 random bits, encoded base64url (43 characters)
+DEK_BYTES = 32  # 256 random bits: a KDF work factor adds nothing on top (see the README's LUKS defaults)
+
+
+def new_dek() -> str:
+    """A fresh DEK, base64url without padding (43 characters), so it is also a printable passphrase."""
+    return secrets.token_urlsafe(DEK_BYTES)
 
 
 class VolumeEncryption:
+    """Generates, fetches and removes a volume's LUKS passphrase. The passphrase is never kept here."""
+
     def __init__(self, kms: EncryptionKMS, store: DEKStore) -> None:
         self.kms = kms
         self.store = store
 
+    def __repr__(self) -> str:
+        return f"VolumeEncryption(kms={self.kms.kms_id!r} {type(self.kms).__name__}, store={self.store!r})"
+
     def new_passphrase(self, volume_id: str) -> None:
-        dek = secrets.token_urlsafe(DEK_BYTES)
-        self.store.store_dek(volume_id, self.kms.encrypt_dek(volume_id, dek))
+        """Generate a DEK and store it wrapped; replaces a DEK that no LUKS header uses yet."""
+        self.store.store_dek(volume_id, self.kms.encrypt_dek(volume_id, new_dek()))
 
     def get_passphrase(self, volume_id: str) -> str:
         return self.kms.decrypt_dek(volume_id, self.store.fetch_dek(volume_id))
 
     def remove(self, volume_id: str) -> None:
         self.store.remove_dek(volume_id)
+
+    def close(self) -> None:
+        self.kms.close()
 
 
 def volume_encryption(

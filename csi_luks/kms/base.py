@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class KMSError(Exception):
@@ -83,7 +83,7 @@ class EncryptionKMS(ABC):
 class KMSContext:
     """What a call brings that a backend may need: the request's secrets, the PVC's namespace."""
 
-    secrets: Mapping[str, str]
+    secrets: Mapping[str, str] = field(repr=False)  # never in a log line or a traceback
     pvc_namespace: str | None = None
 
 

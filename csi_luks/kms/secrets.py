@@ -1,7 +1,7 @@
-"""KMS type `secrets` (alias `default`): the passphrase is the request's `encryptionPassphrase` secret.
+"""KMS type "secrets" (alias "default"): the LUKS passphrase is the request's `encryptionPassphrase`.
 
-Like ceph-csi's SecretsKMS: every volume of the StorageClass shares that passphrase, and the KMS is
-its own (empty) DEK store.
+As ceph-csi's SecretsKMS: nothing is generated or stored per volume; every volume of a StorageClass
+opens with the passphrase of the Secret the class references. The KMS is its own DEK store.
 """
 
 from __future__ import annotations
@@ -10,13 +10,21 @@ from collections.abc import Mapping
 
 from csi_luks.kms.base import DEKStore, EncryptionKMS, KMSContext, MissingSecret, register
 
-PASSPHRASE_KEY = "encryptionPassphrase"  # noqa: S105 - the name of the secret, not a secret
+PASSPHRASE_KEY = "encryptionPassphrase"  # noqa: S105 - the secret's name, not a secret
+
+
+@register("secrets", "default")
+def _build(kms_id: str, config: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
+    return SecretsKMS(kms_id, context)
 
 
 class SecretsKMS(EncryptionKMS, DEKStore):
     def __init__(self, kms_id: str, context: KMSContext) -> None:
         super().__init__(kms_id)
-        self._secrets = context.secrets
+        self._secrets = context.secrets  # kept out of repr: the passphrase is one of them
+
+    def __repr__(self) -> str:
+        return f"SecretsKMS({self.kms_id!r})"
 
     @property
     def integrated_dek_store(self) -> DEKStore:
@@ -29,22 +37,21 @@ class SecretsKMS(EncryptionKMS, DEKStore):
         return encrypted_dek
 
     def store_dek(self, volume_id: str, dek: str) -> None:
-        """Nothing to store: the passphrase comes with every request."""
+        """Nothing to store: the passphrase lives in the Kubernetes Secret."""
 
     def fetch_dek(self, volume_id: str) -> str:
-        value = self._secrets.get(PASSPHRASE_KEY)
-        if not value:
-            raise MissingSecret(
-                f"volume {volume_id}: KMS {self.kms_id or 'secrets'!r} needs the secret key "
-                f"{PASSPHRASE_KEY!r}; reference a Secret holding it in the StorageClass "
-                "(csi.storage.k8s.io/node-stage-secret-name and -namespace)"
-            )
-        return value
+        passphrase = self._secrets.get(PASSPHRASE_KEY)
+        if passphrase:
+            return passphrase
+        # Key names are not secret, and a misspelt one is the usual cause.
+        present = ", ".join(repr(k) for k in sorted(self._secrets)) or "none"
+        problem = "is empty" if passphrase == "" else "is missing"
+        raise MissingSecret(
+            f"volume {volume_id}: secret key {PASSPHRASE_KEY!r} {problem} from the request (KMS id "
+            f"{self.kms_id!r}, type secrets; the request's secret keys: {present}); the StorageClass must "
+            "reference a Secret holding it through csi.storage.k8s.io/node-stage-secret-name and "
+            "-namespace (and csi.storage.k8s.io/provisioner-secret-name and -namespace for controller calls)"
+        )
 
     def remove_dek(self, volume_id: str) -> None:
-        """Nothing stored, nothing to remove."""
-
-
-@register("secrets", "default")
-def _build(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
-    return SecretsKMS(kms_id, context)
+        """Nothing to remove: the Secret is shared by the class's volumes."""

@@ -39,6 +39,7 @@ PARAM_ENCRYPTED = "encrypted"
 PARAM_KMS_ID = "encryptionKMSID"
 PARAM_PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 KNOWN_PARAMETERS = (PARAM_ENCRYPTED, PARAM_KMS_ID)
+_PAGE_AFTER = "after:"  # ListVolumes tokens: "after:<last volume id returned>"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (
@@ -204,19 +205,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     ) -> csi_pb2.ListVolumesResponse:
         if request.max_entries < 0:
             raise invalid_argument("max_entries must not be negative")
-        volumes = self.backend.list()
-        start = 0
+        # The token names the last volume returned (ids are listed in order), so volumes created or
+        # deleted between pages neither repeat nor hide the ones after it.
+        after = ""
         if request.starting_token:
-            if not request.starting_token.isdigit() or int(request.starting_token) > len(volumes):
+            if not request.starting_token.startswith(_PAGE_AFTER):
                 raise CsiError(
                     grpc.StatusCode.ABORTED, f"starting_token {request.starting_token!r} is not valid"
                 )
-            start = int(request.starting_token)
-        end = start + request.max_entries if request.max_entries else len(volumes)
-        entries = [
-            csi_pb2.ListVolumesResponse.Entry(volume=self._volume_of(info)) for info in volumes[start:end]
-        ]
-        return csi_pb2.ListVolumesResponse(entries=entries, next_token=str(end) if end < len(volumes) else "")
+            after = request.starting_token[len(_PAGE_AFTER) :]
+        remaining = [info for info in self.backend.list() if info.volume_id > after]
+        page = remaining[: request.max_entries] if request.max_entries else remaining
+        more = len(page) < len(remaining)
+        return csi_pb2.ListVolumesResponse(
+            entries=[csi_pb2.ListVolumesResponse.Entry(volume=self._volume_of(info)) for info in page],
+            next_token=_PAGE_AFTER + page[-1].volume_id if more and page else "",
+        )
 
     def _volume_of(self, info: VolumeInfo) -> csi_pb2.Volume:
         record = VolumeRecord.parse(info.metadata)

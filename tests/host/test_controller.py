@@ -195,6 +195,12 @@ def test_list_volumes_pages(plugin: RunningPlugin) -> None:
     )
     assert len(rest.entries) == 1 and not rest.next_token
     assert {e.volume.volume_id for e in [*first.entries, *rest.entries]} == ids
+    # Deleting the last volume of a page does not disturb the next page.
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=first.entries[-1].volume.volume_id))
+    again = plugin.controller.ListVolumes(
+        csi_pb2.ListVolumesRequest(max_entries=2, starting_token=first.next_token)
+    )
+    assert [e.volume.volume_id for e in again.entries] == [e.volume.volume_id for e in rest.entries]
     bad = csi_pb2.ListVolumesRequest(starting_token="nonsense")
     assert code_of(plugin.controller.ListVolumes, bad) == grpc.StatusCode.ABORTED
 

@@ -197,3 +197,16 @@ def test_bad_settings_exit_with_a_message(args: list[str], message: str) -> None
 def test_version_command() -> None:
     result = subprocess.run([sys.executable, "-m", "csi_luks.cli", "version"], capture_output=True, text=True)
     assert result.stdout.strip() == __version__
+
+
+def test_a_broken_kms_configuration_stops_start_up_with_a_message(tmp_path: Path) -> None:
+    config = tmp_path / "kms.json"
+    config.write_text('{"vault-1": {"vaultAddress": "https://vault:8200"}}')
+    result = subprocess.run(
+        [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", str(tmp_path / "csi.sock"),
+         "--state-dir", str(tmp_path), "--kms-config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "'vault-1'" in result.stderr and "encryptionKMSType" in result.stderr
+    assert "Traceback" not in result.stderr

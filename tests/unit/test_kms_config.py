@@ -1,0 +1,229 @@
+"""The KMS configuration file: loading, reloading, defaults, and messages that never show secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from csi_luks.kms.base import KMSConfigError, KMSContext, known_types
+from csi_luks.kms.config import KMSConfig
+from csi_luks.kms.local import LocalKMS
+from csi_luks.kms.secrets import SecretsKMS
+
+SECRET = "hvs.super-secret-token-value"
+NO_SECRETS = KMSContext(secrets={})
+
+
+def write(path: Path, document: Any, mtime_ns: int | None = None) -> None:
+    """Write the file and give it a distinct mtime: a same-second, same-size edit would not show."""
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "kms-config.json"
+
+
+def test_loads_entries_and_ids(path: Path) -> None:
+    write(path, {"b": {"encryptionKMSType": "secrets"}, "a": {"encryptionKMSType": "local", "keyFile": "/k"}})
+    config = KMSConfig.from_file(path)
+    assert config.ids() == ["a", "b"]
+    assert config.entry("a") == {"encryptionKMSType": "local", "keyFile": "/k"}
+
+
+def test_entry_is_a_copy(path: Path) -> None:
+    write(path, {"a": {"encryptionKMSType": "local"}})
+    config = KMSConfig.from_file(path)
+    config.entry("a")["encryptionKMSType"] = "changed"
+    assert config.entry("a") == {"encryptionKMSType": "local"}
+
+
+def test_a_missing_file_is_an_empty_configuration(path: Path) -> None:
+    config = KMSConfig.from_file(path)
+    assert config.ids() == []
+    assert config.entry("") == {"encryptionKMSType": "secrets"}
+
+
+def test_the_empty_id_is_the_secrets_type_unless_the_file_defines_it(path: Path) -> None:
+    write(path, {"x": {"encryptionKMSType": "local"}})
+    config = KMSConfig.from_file(path)
+    assert isinstance(config.build("", NO_SECRETS), SecretsKMS)
+    assert "" not in config.ids()
+    write(path, {"": {"encryptionKMSType": "local", "keyFile": "/k"}}, mtime_ns=10**18)
+    assert isinstance(config.build("", NO_SECRETS), LocalKMS)
+
+
+def test_an_edit_is_picked_up_without_a_restart(path: Path) -> None:
+    write(path, {"one": {"encryptionKMSType": "local"}}, mtime_ns=10**18)
+    config = KMSConfig.from_file(path)
+    assert config.ids() == ["one"]
+    # Same size, same mtime as before: only the explicit mtime change makes the edit visible.
+    write(path, {"two": {"encryptionKMSType": "local"}}, mtime_ns=10**18 + 1)
+    assert config.ids() == ["two"]
+
+
+def test_a_file_created_or_removed_later_is_picked_up(path: Path) -> None:
+    config = KMSConfig.from_file(path)
+    write(path, {"late": {"encryptionKMSType": "secrets"}})
+    assert config.ids() == ["late"]
+    path.unlink()
+    assert config.ids() == []
+
+
+def test_an_atomically_replaced_file_is_picked_up(path: Path, tmp_path: Path) -> None:
+    write(path, {"old": {"encryptionKMSType": "local"}}, mtime_ns=10**18)
+    config = KMSConfig.from_file(path)
+    assert config.ids() == ["old"]
+    replacement = tmp_path / "new.json"
+    write(replacement, {"new": {"encryptionKMSType": "local"}}, mtime_ns=10**18)  # same size and mtime
+    os.replace(replacement, path)
+    assert config.ids() == ["new"]
+
+
+def test_a_broken_edit_fails_until_fixed(path: Path) -> None:
+    write(path, {"a": {"encryptionKMSType": "local"}}, mtime_ns=10**18)
+    config = KMSConfig.from_file(path)
+    write(path, "{not json", mtime_ns=10**18 + 1)
+    for _ in range(2):
+        with pytest.raises(KMSConfigError, match="not valid JSON"):
+            config.entry("a")
+    write(path, {"a": {"encryptionKMSType": "secrets"}}, mtime_ns=10**18 + 2)
+    assert config.entry("a") == {"encryptionKMSType": "secrets"}
+
+
+def test_a_broken_file_fails_at_start_up(path: Path) -> None:
+    write(path, "[]")
+    with pytest.raises(KMSConfigError, match=str(path)):
+        KMSConfig.from_file(path)
+
+
+def test_an_unknown_id_lists_the_known_ids(path: Path) -> None:
+    write(path, {"local-1": {"encryptionKMSType": "local"}, "vault-2": {"encryptionKMSType": "secrets"}})
+    with pytest.raises(KMSConfigError) as info:
+        KMSConfig.from_file(path).entry("vault-x")
+    message = str(info.value)
+    assert "'vault-x'" in message and "local-1, vault-2" in message and str(path) in message
+
+
+def test_an_unknown_id_with_no_configuration_says_so(path: Path) -> None:
+    with pytest.raises(KMSConfigError, match="known ids: none"):
+        KMSConfig.from_file(path).entry("x")
+
+
+def test_an_unknown_type_names_the_id_and_the_known_types(path: Path) -> None:
+    write(path, {"v": {"encryptionKMSType": "nope"}})
+    with pytest.raises(KMSConfigError) as info:
+        KMSConfig.from_file(path).build("v", NO_SECRETS)
+    message = str(info.value)
+    assert "'v'" in message and "'nope'" in message and "encryptionKMSType" in message
+    assert all(t in message for t in known_types())
+
+
+def test_building_the_default_alias_gives_the_secrets_type(path: Path) -> None:
+    write(path, {"d": {"encryptionKMSType": "default"}})
+    assert isinstance(KMSConfig.from_file(path).build("d", NO_SECRETS), SecretsKMS)
+    assert {"local", "secrets", "default"} <= set(known_types())
+
+
+@pytest.mark.parametrize(
+    ("document", "needles"),
+    [
+        ({"kms-a": "local"}, ["'kms-a'", "object"]),
+        ({"kms-a": ["local"]}, ["'kms-a'", "object"]),
+        ({"kms-a": {"keyFile": "/k"}}, ["'kms-a'", "'encryptionKMSType'", "missing"]),
+        ({"kms-a": {"encryptionKMSType": 3}}, ["'kms-a'", "'encryptionKMSType'", "string"]),
+        ({"kms-a": {"encryptionKMSType": ""}}, ["'kms-a'", "'encryptionKMSType'", "empty"]),
+        ({"kms-a": {"encryptionKMSType": "local", "keyFile": None}}, ["'kms-a'", "'keyFile'", "null"]),
+        ({"kms-a": {"encryptionKMSType": "local", "retries": 3}}, ["'kms-a'", "'retries'", "number"]),
+        ("42", ["object keyed by KMS id"]),
+        ('{"kms-a": {"encryptionKMSType": "local", "encryptionKMSType": "secrets"}}', ["twice"]),
+    ],
+)
+def test_a_malformed_entry_names_the_file_the_id_and_the_key(
+    path: Path, document: Any, needles: list[str]
+) -> None:
+    write(path, document)
+    with pytest.raises(KMSConfigError) as info:
+        KMSConfig.from_file(path)
+    message = str(info.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"vault": {"encryptionKMSType": "vault", "token": [SECRET]}},
+        {"vault": {"encryptionKMSType": "vault", "passphrase": {"v": SECRET}}},
+        {"vault": {"token": SECRET}},  # missing type next to a secret
+        {"vault": {"encryptionKMSType": "vault", "token": SECRET}, "other": {"secret": [SECRET]}},
+        '{"vault": {"encryptionKMSType": "vault", "token": "' + SECRET + '",}}',  # a trailing comma
+        '{"vault": {"encryptionKMSType": "vault", "token": "' + SECRET + '"',  # truncated
+        '{"vault": {"encryptionKMSType": "vault", "password": "' + SECRET + '", "password": "x"}}',
+    ],
+)
+def test_secret_values_never_appear_in_error_messages(path: Path, document: Any) -> None:
+    write(path, document)
+    with pytest.raises(KMSConfigError) as info:
+        KMSConfig.from_file(path).build("vault", NO_SECRETS)
+    assert SECRET not in str(info.value)
+    assert "super-secret" not in str(info.value)
+
+
+def test_an_unknown_type_with_a_secret_does_not_show_the_secret(path: Path) -> None:
+    write(path, {"vault": {"encryptionKMSType": "vault", "token": SECRET}})
+    config = KMSConfig.from_file(path)
+    with pytest.raises(KMSConfigError) as info:
+        config.build("vault", NO_SECRETS)
+    assert SECRET not in str(info.value) and SECRET not in repr(config)
+
+
+def test_an_unreadable_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(KMSConfigError, match="cannot read"):
+        KMSConfig.from_file(tmp_path)  # a directory
+
+
+def test_an_in_memory_configuration_is_validated_too() -> None:
+    with pytest.raises(KMSConfigError, match=r"'x'.*'encryptionKMSType'"):
+        KMSConfig(None, {"x": {"keyFile": "/k"}})
+    assert KMSConfig(None, {"x": {"encryptionKMSType": "local"}}).ids() == ["x"]
+
+
+def test_concurrent_readers_during_edits_see_a_whole_configuration(path: Path) -> None:
+    versions = [{f"id-{n}": {"encryptionKMSType": "local"}} for n in range(20)]
+    write(path, versions[0], mtime_ns=10**18)
+    config = KMSConfig.from_file(path)
+    seen: list[list[str]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.append(config.ids())
+            except KMSConfigError:
+                pass  # a reader may catch the file half-written; the next stat re-reads it
+            except BaseException as exc:
+                errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for n, version in enumerate(versions[1:], start=1):
+        replacement = path.with_suffix(".new")
+        write(replacement, version, mtime_ns=10**18 + n)
+        os.replace(replacement, path)  # how a ConfigMap update lands: atomically
+    done.set()
+    for reader in readers:
+        reader.join()
+    assert errors == []
+    assert all(len(ids) == 1 for ids in seen)
+    assert config.ids() == ["id-19"]
