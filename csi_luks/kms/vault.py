@@ -1,0 +1,424 @@
+"""KMS types `vault` (DEKs kept in a KV engine) and `vault-transit` (DEKs wrapped by a Transit key).
+
+Both speak to Vault or OpenBao through hvac. One client per KMS id is kept and reused; a call that
+fails for a transient reason (server down, sealed, 5xx, timeout) is retried with backoff until a
+deadline, then reported as KMSUnavailable. A token that expired is renewed by logging in again.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from csi_luks.kms.base import (
+    DEKDecryptError,
+    DEKNotFound,
+    DEKStore,
+    EncryptionKMS,
+    KMSConfigError,
+    KMSContext,
+    KMSError,
+    KMSPermissionDenied,
+    KMSUnavailable,
+    register,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_SA_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
+_PASSPHRASE_FIELD = "passphrase"  # noqa: S105 - the field name in the KV secret
+
+
+def _flag(kms_id: str, entry: Mapping[str, str], key: str, default: bool) -> bool:
+    value = entry.get(key)
+    if value is None or value == "":
+        return default
+    if value not in ("true", "false"):
+        raise KMSConfigError(f'KMS {kms_id!r}, key {key!r}: must be "true" or "false"')
+    return value == "true"
+
+
+def _seconds(kms_id: str, entry: Mapping[str, str], key: str, default: float) -> float:
+    value = entry.get(key)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise KMSConfigError(f"KMS {kms_id!r}, key {key!r}: must be a number of seconds") from None
+    if seconds <= 0:
+        raise KMSConfigError(f"KMS {kms_id!r}, key {key!r}: must be positive")
+    return seconds
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    """One KMS entry's connection settings, validated; the cache key of its client."""
+
+    kms_id: str
+    address: str
+    namespace: str | None
+    verify: bool | str  # False, True (system CAs), or a CA bundle file
+    token_file: str | None
+    role: str | None  # Kubernetes auth role; when set, log in with the service-account token
+    auth_path: str
+    sa_token_file: str
+    timeout: float
+    retry_deadline: float
+
+    @classmethod
+    def parse(cls, kms_id: str, entry: Mapping[str, str]) -> VaultSettings:
+        address = entry.get("vaultAddress", "")
+        if not address.startswith(("http://", "https://")):
+            raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultAddress': must be an http(s):// URL")
+        verify: bool | str = _flag(kms_id, entry, "vaultCAVerify", True)
+        ca_file = entry.get("vaultCAFile")
+        if ca_file:
+            if not Path(ca_file).is_file():
+                raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultCAFile': {ca_file} does not exist")
+            verify = ca_file if verify else False
+        role = entry.get("vaultRole") or None
+        token_file = entry.get("vaultTokenFile") or None
+        if role is None and token_file is None:
+            raise KMSConfigError(
+                f"KMS {kms_id!r}: set 'vaultRole' (Kubernetes auth) or 'vaultTokenFile' (a token mounted "
+                "from a Secret)"
+            )
+        return cls(
+            kms_id=kms_id,
+            address=address.rstrip("/"),
+            namespace=entry.get("vaultNamespace") or None,
+            verify=verify,
+            token_file=token_file,
+            role=role,
+            auth_path=entry.get("vaultAuthPath", "kubernetes").strip("/"),
+            sa_token_file=entry.get("vaultServiceAccountTokenFile", DEFAULT_SA_TOKEN_FILE),
+            timeout=_seconds(kms_id, entry, "vaultTimeout", 10.0),
+            retry_deadline=_seconds(kms_id, entry, "vaultRetryDeadline", 20.0),
+        )
+
+
+class _Transient(Exception):
+    """A failure worth retrying; carries the original for the final message."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class VaultConnection:
+    """An authenticated hvac client for one KMS id, shared by every call of that id."""
+
+    def __init__(self, settings: VaultSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._client: hvac.Client | None = None
+
+    def _login(self) -> hvac.Client:
+        s = self.settings
+        client = hvac.Client(url=s.address, namespace=s.namespace, verify=s.verify, timeout=s.timeout)
+        if s.role is not None:
+            try:
+                jwt = Path(s.sa_token_file).read_text().strip()
+            except OSError as exc:
+                raise KMSConfigError(
+                    f"KMS {s.kms_id!r}: cannot read the service-account token {s.sa_token_file}: "
+                    f"{exc.strerror}"
+                ) from None
+            client.auth.kubernetes.login(role=s.role, jwt=jwt, mount_point=s.auth_path)
+        else:
+            assert s.token_file is not None  # noqa: S101 - parse() requires one of the two
+            try:
+                client.token = Path(s.token_file).read_text().strip()
+            except OSError as exc:
+                raise KMSConfigError(
+                    f"KMS {s.kms_id!r}: cannot read the token file {s.token_file}: {exc.strerror}"
+                ) from None
+        return client
+
+    def call(self, operation: str, volume_id: str, fn: Callable[[hvac.Client], T]) -> T:
+        """Run fn with a logged-in client; retry transient failures; map errors to KMS errors."""
+
+        def attempt() -> T:
+            relogged = False
+            while True:
+                with self._lock:
+                    if self._client is None:
+                        self._client = _translate(self._login, operation, self.settings, volume_id)
+                    client = self._client
+                try:
+                    return _translate(functools.partial(fn, client), operation, self.settings, volume_id)
+                except KMSPermissionDenied:
+                    if relogged:
+                        raise
+                    # The token may have expired (or the Secret been rotated): log in afresh, once.
+                    with self._lock:
+                        self._client = None
+                    relogged = True
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_delay(self.settings.retry_deadline),
+            wait=wait_exponential(multiplier=0.25, max=4),
+            reraise=True,
+        )
+        started = time.monotonic()
+        try:
+            return retrying(attempt)
+        except _Transient as exc:
+            raise KMSUnavailable(
+                f"{operation} for volume {volume_id}: Vault at {self.settings.address} (KMS "
+                f"{self.settings.kms_id!r}) is unavailable after {time.monotonic() - started:.0f}s: "
+                f"{exc.cause}"
+            ) from None
+
+
+def _translate(fn: Callable[[], T], operation: str, settings: VaultSettings, volume_id: str) -> T:
+    where = f"{operation} for volume {volume_id} (KMS {settings.kms_id!r})"
+    try:
+        return fn()
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise _Transient(exc) from None
+    except (
+        hvac.exceptions.VaultDown,
+        hvac.exceptions.InternalServerError,
+        hvac.exceptions.BadGateway,
+        hvac.exceptions.RateLimitExceeded,
+    ) as exc:
+        raise _Transient(exc) from None
+    except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
+        raise KMSPermissionDenied(f"{where}: Vault refused: {_errors(exc)}") from None
+    except hvac.exceptions.InvalidPath:
+        raise DEKNotFound(f"{where}: no DEK stored in Vault") from None
+    except hvac.exceptions.VaultError as exc:
+        raise KMSError(f"{where}: Vault answered: {_errors(exc)}") from None
+
+
+def _errors(exc: hvac.exceptions.VaultError) -> str:
+    errors = getattr(exc, "errors", None)
+    return "; ".join(map(str, errors)) if errors else str(exc) or type(exc).__name__
+
+
+_CONNECTIONS: dict[VaultSettings, VaultConnection] = {}
+_CONNECTIONS_LOCK = threading.Lock()
+
+
+def connection_for(settings: VaultSettings) -> VaultConnection:
+    """The shared connection of these settings (a changed configuration gets a new one)."""
+    with _CONNECTIONS_LOCK:
+        if settings not in _CONNECTIONS:
+            _CONNECTIONS[settings] = VaultConnection(settings)
+        return _CONNECTIONS[settings]
+
+
+class VaultKVKMS(EncryptionKMS, DEKStore):
+    """Keeps each DEK in a KV secret `<backend>/<prefix><volume id>`; the KMS is its own DEK store."""
+
+    def __init__(
+        self,
+        kms_id: str,
+        connection: VaultConnection,
+        mount: str,
+        prefix: str,
+        kv_version: int | None,
+        destroy: bool,
+    ) -> None:
+        super().__init__(kms_id)
+        self.connection = connection
+        self.mount = mount
+        self.prefix = prefix
+        self._kv_version = kv_version
+        self.destroy = destroy
+
+    @property
+    def integrated_dek_store(self) -> DEKStore:
+        return self
+
+    def encrypt_dek(self, volume_id: str, plain_dek: str) -> str:
+        return plain_dek
+
+    def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
+        return encrypted_dek
+
+    def path(self, volume_id: str) -> str:
+        return f"{self.prefix}{volume_id}"
+
+    def kv_version(self, volume_id: str) -> int:
+        """The engine's version, as configured or asked of Vault once (any token may read it)."""
+        if self._kv_version is None:
+            answer = self.connection.call(
+                "detect KV version",
+                volume_id,
+                lambda c: c.adapter.get(f"/v1/sys/internal/ui/mounts/{self.mount}"),
+            )
+            options = (answer.get("data") or {}).get("options") or {}
+            self._kv_version = 2 if str(options.get("version", "1")) == "2" else 1
+        return self._kv_version
+
+    def store_dek(self, volume_id: str, dek: str) -> None:
+        secret = {_PASSPHRASE_FIELD: dek}
+        if self.kv_version(volume_id) == 2:
+            self.connection.call(
+                "store DEK",
+                volume_id,
+                lambda c: c.secrets.kv.v2.create_or_update_secret(
+                    path=self.path(volume_id), secret=secret, mount_point=self.mount
+                ),
+            )
+        else:
+            self.connection.call(
+                "store DEK",
+                volume_id,
+                lambda c: c.secrets.kv.v1.create_or_update_secret(
+                    path=self.path(volume_id), secret=secret, mount_point=self.mount
+                ),
+            )
+
+    def fetch_dek(self, volume_id: str) -> str:
+        if self.kv_version(volume_id) == 2:
+            answer = self.connection.call(
+                "fetch DEK",
+                volume_id,
+                lambda c: c.secrets.kv.v2.read_secret_version(
+                    path=self.path(volume_id), mount_point=self.mount, raise_on_deleted_version=True
+                ),
+            )
+            data = answer["data"]["data"]
+        else:
+            answer = self.connection.call(
+                "fetch DEK",
+                volume_id,
+                lambda c: c.secrets.kv.v1.read_secret(path=self.path(volume_id), mount_point=self.mount),
+            )
+            data = answer["data"]
+        value = (data or {}).get(_PASSPHRASE_FIELD)
+        if not isinstance(value, str) or not value:
+            raise DEKNotFound(
+                f"volume {volume_id}: the Vault secret {self.mount}/{self.path(volume_id)} has no DEK"
+            )
+        return value
+
+    def remove_dek(self, volume_id: str) -> None:
+        path = self.path(volume_id)
+        try:
+            if self.kv_version(volume_id) == 1:
+                self.connection.call(
+                    "remove DEK",
+                    volume_id,
+                    lambda c: c.secrets.kv.v1.delete_secret(path=path, mount_point=self.mount),
+                )
+            elif self.destroy:
+                # Every version and the metadata: nothing is left to undelete.
+                self.connection.call(
+                    "destroy DEK",
+                    volume_id,
+                    lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
+                        path=path, mount_point=self.mount
+                    ),
+                )
+            else:
+                self.connection.call(
+                    "remove DEK",
+                    volume_id,
+                    lambda c: c.secrets.kv.v2.delete_latest_version_of_secret(
+                        path=path, mount_point=self.mount
+                    ),
+                )
+        except DEKNotFound:
+            pass  # already gone
+
+
+class VaultTransitKMS(EncryptionKMS):
+    """Wraps each DEK with a Transit key that never leaves Vault; the wrapped DEK lives in volume metadata."""
+
+    def __init__(self, kms_id: str, connection: VaultConnection, mount: str, key: str) -> None:
+        super().__init__(kms_id)
+        self.connection = connection
+        self.mount = mount
+        self.key = key
+
+    def encrypt_dek(self, volume_id: str, plain_dek: str) -> str:
+        plaintext = base64.b64encode(plain_dek.encode()).decode()
+        answer = self.connection.call(
+            "wrap DEK",
+            volume_id,
+            lambda c: c.secrets.transit.encrypt_data(
+                name=self.key, plaintext=plaintext, mount_point=self.mount
+            ),
+        )
+        return str(answer["data"]["ciphertext"])
+
+    def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
+        try:
+            answer = self.connection.call(
+                "unwrap DEK",
+                volume_id,
+                lambda c: c.secrets.transit.decrypt_data(
+                    name=self.key, ciphertext=encrypted_dek, mount_point=self.mount
+                ),
+            )
+        except (KMSUnavailable, KMSPermissionDenied):
+            raise
+        except KMSError as exc:
+            raise DEKDecryptError(
+                f"volume {volume_id}: its DEK does not unwrap with Transit key {self.mount}/{self.key} "
+                f"(KMS {self.kms_id!r}): {exc}"
+            ) from None
+        return base64.b64decode(answer["data"]["plaintext"]).decode()
+
+    def rewrap_dek(self, volume_id: str, encrypted_dek: str) -> str:
+        """Re-wrap under the Transit key's newest version (after a key rotation), without exposing the DEK."""
+        answer = self.connection.call(
+            "rewrap DEK",
+            volume_id,
+            lambda c: c.secrets.transit.rewrap_data(
+                name=self.key, ciphertext=encrypted_dek, mount_point=self.mount
+            ),
+        )
+        return str(answer["data"]["ciphertext"])
+
+
+def _kv_version(kms_id: str, entry: Mapping[str, str]) -> int | None:
+    backend = entry.get("vaultBackend", "")
+    versions = {"": None, "kv": 1, "kv-v1": 1, "kv-v2": 2}
+    if backend not in versions:
+        raise KMSConfigError(f'KMS {kms_id!r}, key \'vaultBackend\': must be "kv-v1" or "kv-v2" (or unset)')
+    return versions[backend]
+
+
+@register("vault")
+def _build_kv(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
+    return VaultKVKMS(
+        kms_id,
+        connection_for(VaultSettings.parse(kms_id, entry)),
+        mount=entry.get("vaultBackendPath", "secret").strip("/"),
+        prefix=entry.get("vaultPassphrasePath", ""),
+        kv_version=_kv_version(kms_id, entry),
+        destroy=_flag(kms_id, entry, "vaultDestroyKeys", True),
+    )
+
+
+@register("vault-transit")
+def _build_transit(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
+    key = entry.get("vaultTransitKey")
+    if not key:
+        raise KMSConfigError(f"KMS {kms_id!r}: key 'vaultTransitKey' (the Transit key's name) is missing")
+    return VaultTransitKMS(
+        kms_id,
+        connection_for(VaultSettings.parse(kms_id, entry)),
+        mount=entry.get("vaultTransitPath", "transit").strip("/"),
+        key=key,
+    )

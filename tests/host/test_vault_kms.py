@@ -1,0 +1,249 @@
+"""The `vault` (KV v1 and v2) and `vault-transit` KMS types against a real OpenBao server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import hvac
+import hvac.exceptions
+import pytest
+
+from csi_luks.encryption import volume_encryption
+from csi_luks.kms.base import (
+    DEKDecryptError,
+    DEKNotFound,
+    KMSContext,
+    KMSPermissionDenied,
+    KMSUnavailable,
+)
+from csi_luks.kms.config import KMSConfig
+from csi_luks.kms.dek_store import MetadataDEKStore
+from csi_luks.kms.vault import VaultTransitKMS
+from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.openbao import OpenBao, free_port, openbao_server
+
+MiB = 1024 * 1024
+CONTEXT = KMSContext(secrets={})
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    with openbao_server(tmp_path_factory.mktemp("openbao")) as server:
+        root = server.client()
+        root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+        root.sys.enable_secrets_engine("transit", path="transit")
+        root.secrets.transit.create_key(name="csi-kek")
+        root.secrets.transit.create_key(name="other-kek")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tokens(bao: OpenBao, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Token files: the root token, and one whose policy grants nothing on our paths."""
+    root = bao.client()
+    root.sys.create_or_update_policy(
+        name="nothing", policy='path "sys/internal/ui/*" { capabilities = ["read"] }'
+    )
+    denied = root.auth.token.create(policies=["nothing"], ttl="1h")["auth"]["client_token"]
+    directory = tmp_path_factory.mktemp("tokens")
+    files = {"root": directory / "root", "denied": directory / "denied"}
+    files["root"].write_text("root\n")
+    files["denied"].write_text(denied)
+    return files
+
+
+def entries(bao: OpenBao, tokens: dict[str, Path], dead: str) -> dict[str, dict[str, str]]:
+    base = {"encryptionKMSType": "vault", "vaultAddress": bao.address, "vaultTokenFile": str(tokens["root"])}
+    return {
+        "kv2": {**base, "vaultBackend": "kv-v2", "vaultPassphrasePath": "csi/"},
+        "kv2-auto": {**base, "vaultPassphrasePath": "auto/"},
+        "kv2-keep": {**base, "vaultBackend": "kv-v2", "vaultPassphrasePath": "keep/",
+                     "vaultDestroyKeys": "false"},
+        "kv1": {**base, "vaultBackendPath": "kv1", "vaultPassphrasePath": "csi/"},
+        "transit": {
+            "encryptionKMSType": "vault-transit", "vaultAddress": bao.address,
+            "vaultTokenFile": str(tokens["root"]), "vaultTransitKey": "csi-kek",
+        },
+        "transit-other": {
+            "encryptionKMSType": "vault-transit", "vaultAddress": bao.address,
+            "vaultTokenFile": str(tokens["root"]), "vaultTransitKey": "other-kek",
+        },
+        "denied": {**base, "vaultBackend": "kv-v2", "vaultTokenFile": str(tokens["denied"])},
+        "down": {**base, "vaultAddress": dead, "vaultRetryDeadline": "1.5", "vaultTimeout": "0.5"},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def config(bao: OpenBao, tokens: dict[str, Path]) -> KMSConfig:
+    return KMSConfig(None, entries(bao, tokens, f"http://127.0.0.1:{free_port()}"))
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> StandaloneBackend:
+    return StandaloneBackend(tmp_path / "state")
+
+
+def make_volume(backend: StandaloneBackend, name: str) -> str:
+    volume_id = backend.volume_id_for(name)
+    backend.create(volume_id, name, MiB, {})
+    return volume_id
+
+
+ALL = ["kv2", "kv2-auto", "kv1", "transit"]
+
+
+@pytest.mark.parametrize("kms_id", ALL)
+def test_contract_store_fetch_remove(kms_id: str, config: KMSConfig, backend: StandaloneBackend) -> None:
+    volume_id = make_volume(backend, f"pvc-{kms_id}")
+    encryption = volume_encryption(config, kms_id, CONTEXT, backend)
+    encryption.new_passphrase(volume_id)
+    passphrase = encryption.get_passphrase(volume_id)
+    assert len(passphrase) >= 43
+    assert volume_encryption(config, kms_id, CONTEXT, backend).get_passphrase(volume_id) == passphrase
+    encryption.remove(volume_id)
+    encryption.remove(volume_id)  # idempotent
+    with pytest.raises(DEKNotFound, match=volume_id):
+        encryption.get_passphrase(volume_id)
+
+
+def test_kv2_puts_the_dek_at_the_configured_path_and_destroys_it(
+    bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    volume_id = make_volume(backend, "pvc-path")
+    encryption = volume_encryption(config, "kv2", CONTEXT, backend)
+    encryption.new_passphrase(volume_id)
+    stored = bao.client().secrets.kv.v2.read_secret_version(
+        path=f"csi/{volume_id}", mount_point="secret", raise_on_deleted_version=True
+    )
+    assert stored["data"]["data"]["passphrase"] == encryption.get_passphrase(volume_id)
+    assert backend.get(volume_id).metadata == {}  # nothing in the volume's own metadata
+    encryption.remove(volume_id)
+    with pytest.raises(hvac.exceptions.InvalidPath):  # no versions, no metadata: nothing recoverable
+        bao.client().secrets.kv.v2.read_secret_metadata(path=f"csi/{volume_id}", mount_point="secret")
+
+
+def test_kv2_without_destroy_keeps_the_metadata(
+    bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    volume_id = make_volume(backend, "pvc-keep")
+    encryption = volume_encryption(config, "kv2-keep", CONTEXT, backend)
+    encryption.new_passphrase(volume_id)
+    encryption.remove(volume_id)
+    meta = bao.client().secrets.kv.v2.read_secret_metadata(path=f"keep/{volume_id}", mount_point="secret")
+    assert meta["data"]["versions"]["1"]["deletion_time"]
+    with pytest.raises(DEKNotFound):
+        encryption.get_passphrase(volume_id)
+
+
+def test_kv1_puts_the_dek_in_the_v1_engine(
+    bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    volume_id = make_volume(backend, "pvc-v1")
+    encryption = volume_encryption(config, "kv1", CONTEXT, backend)
+    encryption.new_passphrase(volume_id)
+    stored = bao.client().secrets.kv.v1.read_secret(path=f"csi/{volume_id}", mount_point="kv1")
+    assert stored["data"]["passphrase"] == encryption.get_passphrase(volume_id)
+
+
+def test_transit_leaves_only_ciphertext_in_volume_metadata(
+    config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    volume_id = make_volume(backend, "pvc-transit")
+    encryption = volume_encryption(config, "transit", CONTEXT, backend)
+    assert isinstance(encryption.store, MetadataDEKStore)
+    encryption.new_passphrase(volume_id)
+    passphrase = encryption.get_passphrase(volume_id)
+    stored = backend.get(volume_id).metadata["csi-luks/dek"]
+    assert stored.startswith("vault:v1:") and passphrase not in stored
+
+
+def test_transit_rotation_rewraps_without_changing_the_dek(
+    bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    volume_id = make_volume(backend, "pvc-rotate")
+    encryption = volume_encryption(config, "transit", CONTEXT, backend)
+    encryption.new_passphrase(volume_id)
+    before = encryption.get_passphrase(volume_id)
+    bao.client().secrets.transit.rotate_key(name="csi-kek")
+    kms = encryption.kms
+    assert isinstance(kms, VaultTransitKMS)
+    rewrapped = kms.rewrap_dek(volume_id, backend.get(volume_id).metadata["csi-luks/dek"])
+    assert rewrapped.startswith("vault:v2:")
+    backend.set_metadata(volume_id, "csi-luks/dek", rewrapped)
+    assert encryption.get_passphrase(volume_id) == before
+
+
+def test_a_dek_wrapped_by_another_key_does_not_unwrap(config: KMSConfig, backend: StandaloneBackend) -> None:
+    volume_id = make_volume(backend, "pvc-wrong-key")
+    volume_encryption(config, "transit-other", CONTEXT, backend).new_passphrase(volume_id)
+    with pytest.raises(DEKDecryptError, match="csi-kek"):
+        volume_encryption(config, "transit", CONTEXT, backend).get_passphrase(volume_id)
+
+
+def test_permission_denied(config: KMSConfig, backend: StandaloneBackend) -> None:
+    volume_id = make_volume(backend, "pvc-denied")
+    with pytest.raises(KMSPermissionDenied, match="denied"):
+        volume_encryption(config, "denied", CONTEXT, backend).new_passphrase(volume_id)
+
+
+def test_a_server_that_is_down_is_unavailable_after_the_retry_deadline(
+    config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    volume_id = make_volume(backend, "pvc-down")
+    with pytest.raises(KMSUnavailable, match="unavailable after"):
+        volume_encryption(config, "down", CONTEXT, backend).new_passphrase(volume_id)
+
+
+def test_one_client_per_kms_id_is_reused(config: KMSConfig, backend: StandaloneBackend) -> None:
+    a = volume_encryption(config, "kv2", CONTEXT, backend)
+    b = volume_encryption(config, "kv2", CONTEXT, backend)
+    assert a.kms.connection is b.kms.connection  # type: ignore[attr-defined]
+
+
+def test_a_rotated_token_file_is_picked_up_after_a_refusal(
+    bao: OpenBao, tmp_path: Path, backend: StandaloneBackend
+) -> None:
+    token_file = tmp_path / "token"
+    first = bao.client().auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+    token_file.write_text(first)
+    config = KMSConfig(
+        None,
+        {"rotating": {"encryptionKMSType": "vault", "vaultAddress": bao.address,
+                      "vaultTokenFile": str(token_file), "vaultPassphrasePath": "rot/"}},
+    )  # fmt: skip
+    volume_id = make_volume(backend, "pvc-rot")
+    encryption = volume_encryption(config, "rotating", CONTEXT, backend)
+    encryption.new_passphrase(volume_id)
+    bao.client().auth.token.revoke(first)
+    token_file.write_text(bao.client().auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"])
+    assert len(encryption.get_passphrase(volume_id)) >= 43  # logged in again with the new token
+
+
+def test_concurrent_calls_share_one_connection(config: KMSConfig, backend: StandaloneBackend) -> None:
+    ids = [make_volume(backend, f"pvc-par{i}") for i in range(8)]
+    errors: list[BaseException] = []
+
+    def work(volume_id: str) -> None:
+        try:
+            encryption = volume_encryption(config, "kv2", CONTEXT, backend)
+            encryption.new_passphrase(volume_id)
+            assert encryption.get_passphrase(volume_id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_no_token_or_role_is_a_configuration_error(bao: OpenBao) -> None:
+    from csi_luks.kms.base import KMSConfigError
+
+    config = KMSConfig(None, {"x": {"encryptionKMSType": "vault", "vaultAddress": bao.address}})
+    with pytest.raises(KMSConfigError, match="vaultRole"):
+        config.build("x", CONTEXT)
