@@ -20,6 +20,7 @@ from typing import Any
 
 # Imported for their @register side effect: building a KMS must find every built-in type.
 from csi_luks.kms import local as _local  # noqa: F401
+from csi_luks.kms import metadata as _metadata  # noqa: F401
 from csi_luks.kms import secrets as _secrets  # noqa: F401
 from csi_luks.kms import vault as _vault  # noqa: F401
 from csi_luks.kms.base import EncryptionKMS, KMSConfigError, KMSContext, factory_for
