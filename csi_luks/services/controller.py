@@ -144,6 +144,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             try:
                 info = self.backend.get(volume_id)
             except VolumeNotFound:
+                # Unknown, or torn by a crash inside CreateVolume (before any DEK was stored): sweep
+                # whatever files are left, and succeed.
+                self.backend.delete(volume_id)
                 return csi_pb2.DeleteVolumeResponse()
             record = VolumeRecord.parse(info.metadata)
             if self.backend.find_attachment(volume_id):

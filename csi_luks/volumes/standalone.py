@@ -1,6 +1,15 @@
 """The standalone backend: each volume a sparse image file plus a metadata file, attached as a loop device.
 
-For a single machine (and the demo). Layout: <state_dir>/volumes/<id>/{volume.img, meta.json, .lock}.
+For a single machine (and the demo). Layout, under the state directory:
+
+    volumes/<id>/volume.img   the volume's bytes (sparse)
+    volumes/<id>/meta.json    {"name": ..., "size": ..., "metadata": {...}}; its presence makes the volume
+    volumes/<id>/.lock        flock'ed around every read-modify-write (controller and node may be two
+                              processes sharing the directory)
+
+Nothing is kept in memory: a new instance (a restarted plugin) finds volumes from the files and their
+attachments from the kernel's loop table. Every step is crash safe: meta.json is replaced atomically, the
+image appears at its full size in one rename, and a delete removes a volume in one rename.
 """
 
 from __future__ import annotations
@@ -8,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +33,39 @@ from csi_luks.system.loop import LoopDevices
 from csi_luks.volumes.base import (
     BackendUnavailable,
     VolumeBackend,
+    VolumeBackendError,
     VolumeInfo,
     VolumeInUse,
     VolumeNotFound,
 )
 
+log = logging.getLogger(__name__)
+
+# Fixed forever: every existing volume id was derived from it.
 _NAMESPACE = uuid.UUID("6f1c1e52-4b0e-4c8e-9f5e-3f1d2a7c9b10")
-_ID = re.compile(r"^sa-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Matched with fullmatch ("$" would accept a trailing newline).
+_ID = re.compile(r"sa-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 IMAGE, META, LOCK = "volume.img", "meta.json", ".lock"
+# A deleted volume's directory is renamed to this prefix, then removed; never a volume id (leading dot).
+_TRASH = ".deleted-"
+# create() retries when a concurrent delete removes the directory between its mkdir and its lock.
+_CREATE_ATTEMPTS = 5
+
+
+class _DirectoryGone(VolumeNotFound):
+    """The volume directory vanished (or was never made) before its lock could be taken."""
+
+
+class _CorruptMetadata(VolumeBackendError):
+    """meta.json exists but is not what this backend writes."""
+
+
+def _unavailable(exc: OSError, path: Path, doing: str) -> BackendUnavailable:
+    return BackendUnavailable(f"standalone backend: cannot {doing} {path}: {exc.strerror or exc}")
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -41,7 +74,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Temp file in the same directory, fsync, rename, fsync the directory: old or new, never torn."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600: DEKs live here
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -55,10 +88,54 @@ def write_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+@dataclass
+class _Meta:
+    name: str
+    size: int  # the size the image must have at least (create's size, raised by resize)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"name": self.name, "size": self.size, "metadata": self.metadata}, sort_keys=True, indent=1
+        ).encode()
+
+    @classmethod
+    def decode(cls, path: Path, text: str) -> _Meta:
+        try:
+            raw: Any = json.loads(text)
+        except ValueError as exc:
+            raise _CorruptMetadata(f"{path} is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise _CorruptMetadata(f"{path} does not hold a JSON object")
+        name, size, metadata = raw.get("name"), raw.get("size", 0), raw.get("metadata", {})
+        if (
+            not isinstance(name, str)
+            or not isinstance(size, int)
+            or not isinstance(metadata, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        ):
+            raise _CorruptMetadata(f"{path} is not standalone volume metadata")
+        return cls(name=name, size=size, metadata=dict(metadata))
+
+
+def _remove_tree(path: str) -> None:
+    """rmtree that tolerates another delete sweeping the same trash concurrently."""
+
+    def ignore_missing(func: Callable[..., Any], name: str, exc: BaseException) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=ignore_missing)
+    else:
+        shutil.rmtree(path, onerror=lambda func, name, info: ignore_missing(func, name, info[1]))
+
+
 class StandaloneBackend(VolumeBackend):
     def __init__(self, state_dir: Path | str, loops: LoopDevices | None = None) -> None:
-        self.state_dir = Path(state_dir)
-        self.loops = loops or LoopDevices()
+        # Absolute: the loop table records the backing file's path, and find() must match it from any cwd.
+        self.state_dir = Path(os.path.abspath(state_dir))
+        self.loops = loops if loops is not None else LoopDevices()
 
     # --- paths ---------------------------------------------------------------------------------------
 
@@ -68,36 +145,129 @@ class StandaloneBackend(VolumeBackend):
 
     def _dir(self, volume_id: str) -> Path:
         # Never build a path from an id we did not make: "../../etc" is simply not a volume.
-        if not _ID.match(volume_id):
+        if not _ID.fullmatch(volume_id):
             raise VolumeNotFound(f"{volume_id!r} is not a standalone volume id")
         return self._volumes / volume_id
 
     def image_path(self, volume_id: str) -> Path:
         return self._dir(volume_id) / IMAGE
 
+    # --- locking and files ---------------------------------------------------------------------------
+
     @contextlib.contextmanager
-    def _locked(self, volume_id: str) -> Iterator[Path]:
-        """Serialise metadata read-modify-write across processes (controller and node may be two)."""
-        directory = self._dir(volume_id)
+    def _locked(self, directory: Path) -> Iterator[None]:
+        """Hold the volume's flock; _DirectoryGone if the directory does not exist (any more)."""
+        lock = directory / LOCK
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except FileNotFoundError:
+                raise _DirectoryGone(f"volume {directory.name} does not exist") from None
+            except OSError as exc:
+                raise _unavailable(exc, lock, "open") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A delete renames the directory away while holding this lock: whoever waited on the
+                # old file must not go on in a directory that is no longer the volume's.
+                held = os.fstat(fd)
+                try:
+                    now = os.stat(lock, follow_symlinks=False)
+                except FileNotFoundError:
+                    now = None
+                if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    yield
+                    return
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _read_meta(directory: Path) -> _Meta | None:
+        """The volume's metadata, or None when there is none (no volume, or a torn create)."""
+        path = directory / META
         try:
-            fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise VolumeNotFound(f"volume {volume_id} does not exist") from None
+            return None
+        except OSError as exc:
+            raise _unavailable(exc, path, "read") from exc
+        return _Meta.decode(path, text)
+
+    @staticmethod
+    def _write_meta(directory: Path, meta: _Meta) -> None:
+        path = directory / META
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield directory
+            write_atomically(path, meta.encode())
+        except OSError as exc:
+            raise _unavailable(exc, path, "write") from exc
+
+    def _info(self, volume_id: str, directory: Path) -> VolumeInfo:
+        meta = self._read_meta(directory)
+        if meta is None:
+            raise VolumeNotFound(f"volume {volume_id} does not exist")
+        image = directory / IMAGE
+        try:
+            size = image.stat().st_size
+        except FileNotFoundError:
+            # meta.json without an image: a CreateVolume that did not finish (its retry completes it).
+            raise VolumeNotFound(f"volume {volume_id} does not exist (its creation did not finish)") from None
+        except OSError as exc:
+            raise _unavailable(exc, image, "stat") from exc
+        return VolumeInfo(volume_id=volume_id, name=meta.name, size_bytes=size, metadata=dict(meta.metadata))
+
+    def _make_dir(self, directory: Path) -> None:
+        try:
+            self._volumes.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise _unavailable(exc, directory, "create") from exc
+
+    @staticmethod
+    def _make_image(directory: Path, size: int) -> None:
+        """A sparse image of the full size, appearing in one rename (never a short or empty image)."""
+        image = directory / IMAGE
+        for stale in directory.glob(f".{IMAGE}.*"):  # left by a crash in an earlier attempt
+            stale.unlink(missing_ok=True)
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{IMAGE}.")
+        try:
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, image)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(directory)
+
+    @staticmethod
+    def _grow_image(image: Path, size: int) -> int:
+        """Extend the image to size if it is smaller (sparse); returns its size afterwards."""
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            current = os.fstat(fd).st_size
+            if size > current:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+                current = size
+            return current
         finally:
             os.close(fd)
 
-    def _read_meta(self, directory: Path) -> dict[str, Any]:
+    def _sweep_trash(self) -> None:
+        """Remove directories of deleted volumes (ours, or left by a crash during an earlier delete)."""
         try:
-            meta: dict[str, Any] = json.loads((directory / META).read_text())
+            trash = [e.path for e in os.scandir(self._volumes) if e.name.startswith(_TRASH)]
         except FileNotFoundError:
-            raise VolumeNotFound(f"volume {directory.name} does not exist") from None
-        return meta
-
-    def _write_meta(self, directory: Path, meta: Mapping[str, Any]) -> None:
-        write_atomically(directory / META, json.dumps(meta, sort_keys=True).encode())
+            return
+        except OSError as exc:
+            raise _unavailable(exc, self._volumes, "list") from exc
+        for path in trash:
+            try:
+                _remove_tree(path)
+            except OSError as exc:
+                raise _unavailable(exc, Path(path), "remove") from exc
 
     # --- the interface -------------------------------------------------------------------------------
 
@@ -106,91 +276,132 @@ class StandaloneBackend(VolumeBackend):
 
     def create(self, volume_id: str, name: str, size_bytes: int, metadata: Mapping[str, str]) -> VolumeInfo:
         if size_bytes <= 0:
-            raise ValueError("size must be positive")
+            raise ValueError(f"a volume's size must be positive, not {size_bytes}")
         directory = self._dir(volume_id)
+        for _ in range(_CREATE_ATTEMPTS):
+            self._make_dir(directory)
+            try:
+                with self._locked(directory):
+                    return self._complete(volume_id, directory, name, size_bytes, metadata)
+            except _DirectoryGone:
+                continue  # a concurrent delete removed the directory we just made: make it again
+        raise VolumeBackendError(f"volume {volume_id} kept disappearing while being created")
+
+    def _complete(
+        self, volume_id: str, directory: Path, name: str, size_bytes: int, metadata: Mapping[str, str]
+    ) -> VolumeInfo:
+        """Under the lock: create what is missing, in order (meta.json, then the image)."""
+        image = directory / IMAGE
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot create {directory}: {exc.strerror}") from exc
-        with self._locked(volume_id):
-            if not (directory / META).exists():
-                self._write_meta(directory, {"name": name, "size": size_bytes, "metadata": dict(metadata)})
             meta = self._read_meta(directory)
-            # A crash may have come before the image was made (or fully sized): finish the job.
-            image = directory / IMAGE
-            with open(image, "ab") as f:
-                if os.fstat(f.fileno()).st_size < meta["size"]:
-                    f.truncate(meta["size"])
-                    os.fsync(f.fileno())
-        return self.get(volume_id)
+            if meta is None or not image.exists():
+                # No complete volume: nothing has used it, so (re)start from this request. An image
+                # without meta.json is a leftover and is never handed out again.
+                image.unlink(missing_ok=True)
+                meta = _Meta(name=name, size=size_bytes, metadata=dict(metadata))
+                self._write_meta(directory, meta)
+                self._make_image(directory, meta.size)
+            else:
+                # An existing volume is returned unchanged; an image short of its recorded size (a crash
+                # while growing it) is finished first.
+                self._grow_image(image, meta.size)
+        except OSError as exc:
+            raise _unavailable(exc, directory, "create the volume in") from exc
+        return self._info(volume_id, directory)
 
     def get(self, volume_id: str) -> VolumeInfo:
-        directory = self._dir(volume_id)
-        meta = self._read_meta(directory)
-        try:
-            size = (directory / IMAGE).stat().st_size
-        except FileNotFoundError:
-            raise VolumeNotFound(f"volume {volume_id} has no image (its creation did not finish)") from None
-        return VolumeInfo(
-            volume_id=volume_id, name=meta["name"], size_bytes=size, metadata=dict(meta["metadata"])
-        )
+        return self._info(volume_id, self._dir(volume_id))
 
     def list(self) -> list[VolumeInfo]:
-        if not self._volumes.is_dir():
-            return []
+        try:
+            ids = sorted(e.name for e in os.scandir(self._volumes) if _ID.fullmatch(e.name))
+        except FileNotFoundError:
+            return []  # nothing was ever created
+        except OSError as exc:
+            raise _unavailable(exc, self._volumes, "list") from exc
         found = []
-        for entry in sorted(self._volumes.iterdir()):
-            if _ID.match(entry.name):
-                with contextlib.suppress(VolumeNotFound):
-                    found.append(self.get(entry.name))
+        for volume_id in ids:
+            try:
+                found.append(self._info(volume_id, self._volumes / volume_id))
+            except VolumeNotFound:
+                continue  # torn (creation or deletion in progress, or crashed)
+            except _CorruptMetadata as exc:
+                log.error("skipping volume %s in the listing: %s", volume_id, exc)
         return found
 
     def delete(self, volume_id: str) -> None:
-        try:
-            directory = self._dir(volume_id)
-        except VolumeNotFound:
-            return
-        if not directory.exists():
-            return
-        if self.find_attachment(volume_id) is not None:
-            raise VolumeInUse(f"volume {volume_id} is attached; detach it first")
-        # The metadata goes first, so a crash mid-way leaves a torn directory that list() skips and a
-        # retried delete removes.
-        with contextlib.suppress(FileNotFoundError):
-            (directory / META).unlink()
-        shutil.rmtree(directory, ignore_errors=True)
-        _fsync_dir(self._volumes)
+        if not _ID.fullmatch(volume_id):
+            return  # not ours, so not there
+        directory = self._volumes / volume_id
+        if os.path.lexists(directory):
+            try:
+                with self._locked(directory):
+                    device = self.loops.find(str(directory / IMAGE))
+                    if device is not None:
+                        raise VolumeInUse(f"volume {volume_id} is attached to {device}; detach it first")
+                    # One rename takes the whole volume away: a crash after it leaves only trash, which
+                    # the next delete sweeps, never half a volume. Waiters on the lock see it move.
+                    trash = self._volumes / f"{_TRASH}{volume_id}.{uuid.uuid4().hex}"
+                    try:
+                        os.rename(directory, trash)
+                        _fsync_dir(self._volumes)
+                    except OSError as exc:
+                        raise _unavailable(exc, directory, "delete") from exc
+            except _DirectoryGone:
+                pass  # deleted concurrently
+        self._sweep_trash()
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
-        with self._locked(volume_id) as directory:
+        directory = self._dir(volume_id)
+        with self._locked(directory):
             meta = self._read_meta(directory)
-            if size_bytes > meta["size"]:
-                meta["size"] = size_bytes
+            image = directory / IMAGE
+            if meta is None or not image.exists():
+                raise VolumeNotFound(f"volume {volume_id} does not exist")
+            # meta.json first: a crash before the image grew is finished by a retried resize or create.
+            if size_bytes > meta.size:
+                meta.size = size_bytes
                 self._write_meta(directory, meta)
-            with open(directory / IMAGE, "r+b") as f:
-                if os.fstat(f.fileno()).st_size < meta["size"]:
-                    f.truncate(meta["size"])
-                    os.fsync(f.fileno())
-            return int(meta["size"])
+            try:
+                return self._grow_image(image, meta.size)
+            except OSError as exc:
+                raise _unavailable(exc, image, "grow") from exc
 
     def set_metadata(self, volume_id: str, key: str, value: str) -> None:
-        with self._locked(volume_id) as directory:
-            meta = self._read_meta(directory)
-            meta["metadata"][key] = value
-            self._write_meta(directory, meta)
+        self._update_metadata(volume_id, key, value)
 
     def remove_metadata(self, volume_id: str, key: str) -> None:
-        with self._locked(volume_id) as directory:
+        self._update_metadata(volume_id, key, None)
+
+    def _update_metadata(self, volume_id: str, key: str, value: str | None) -> None:
+        """Read-modify-write of meta.json under the volume's flock; value None removes the key."""
+        directory = self._dir(volume_id)
+        with self._locked(directory):
             meta = self._read_meta(directory)
-            if meta["metadata"].pop(key, None) is not None:
+            if meta is None or not (directory / IMAGE).exists():
+                # Only a complete volume (what get() returns) has metadata to change.
+                raise VolumeNotFound(f"volume {volume_id} does not exist")
+            updated = dict(meta.metadata)
+            if value is None:
+                updated.pop(key, None)
+            else:
+                updated[key] = value
+            if updated != meta.metadata:
+                meta.metadata = updated
                 self._write_meta(directory, meta)
 
     def attach(self, volume_id: str) -> str:
-        self.get(volume_id)
-        return self.loops.attach(str(self.image_path(volume_id)))
+        directory = self._dir(volume_id)
+        # Under the lock, so a delete in another process cannot remove the volume as it is attached.
+        with self._locked(directory):
+            self._info(volume_id, directory)  # only a complete volume
+            return self.loops.attach(str(directory / IMAGE))
 
     def find_attachment(self, volume_id: str) -> str | None:
-        return self.loops.find(str(self.image_path(volume_id)))
+        if not _ID.fullmatch(volume_id):
+            return None  # not ours, so not attached
+        # From the kernel's loop table, not memory; this also finds a loop device whose image was removed.
+        return self.loops.find(str(self._volumes / volume_id / IMAGE))
 
     def detach(self, volume_id: str) -> None:
         device = self.find_attachment(volume_id)
@@ -203,8 +414,13 @@ class StandaloneBackend(VolumeBackend):
             self.loops.refresh_size(device)
 
     def free_bytes(self) -> int | None:
-        try:
-            stats = os.statvfs(self.state_dir if self.state_dir.exists() else self.state_dir.parent)
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot read {self.state_dir}: {exc.strerror}") from exc
-        return stats.f_bavail * stats.f_frsize
+        # Before the first volume the state directory may not exist yet; it will be made in its parent.
+        for path in (self.state_dir, self.state_dir.parent):
+            try:
+                stats = os.statvfs(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _unavailable(exc, path, "stat") from exc
+            return stats.f_bavail * stats.f_frsize
+        raise BackendUnavailable(f"standalone backend: the state directory {self.state_dir} does not exist")

@@ -243,3 +243,11 @@ def test_a_failing_kms_leaves_no_half_created_volume(tmp_path: Path) -> None:
             plugin.create("pvc-x", parameters={"encrypted": "true", "encryptionKMSID": "broken"})
         assert info.value.code() != grpc.StatusCode.OK
         assert plugin.backend.list() == []
+
+
+def test_delete_sweeps_a_volume_torn_by_a_crash_in_create(plugin: RunningPlugin) -> None:
+    volume = plugin.create("pvc-torn", parameters={"encrypted": "false"})
+    image = plugin.backend.image_path(volume.volume_id)
+    image.unlink()  # what a crash between the metadata and the image leaves
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert not image.parent.exists()

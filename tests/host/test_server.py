@@ -37,6 +37,17 @@ class Plugin:
         return self.proc.returncode, stderr
 
 
+def _accepts(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 @contextmanager
 def serve(sock: Path | str, *args: str, env: dict[str, str] | None = None) -> Iterator[Plugin]:
     endpoint = str(sock)
@@ -48,21 +59,20 @@ def serve(sock: Path | str, *args: str, env: dict[str, str] | None = None) -> It
         text=True,
         env={**os.environ, **(env or {})},
     )
-    plugin = Plugin(proc, path)
     try:
-        deadline = time.monotonic() + 20
-        while True:
+        # Wait for the socket to accept connections before making the channel: a channel made earlier
+        # backs off exponentially between reconnects, which on a loaded machine outlasts any deadline.
+        deadline = time.monotonic() + 60
+        while not _accepts(path):
             if proc.poll() is not None:
                 raise AssertionError(
                     f"the plugin exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
                 )
-            try:
-                plugin.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=1)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the plugin did not open {path} within 60s")
+            time.sleep(0.05)
+        plugin = Plugin(proc, path)
+        plugin.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=30, wait_for_ready=True)
         yield plugin
     finally:
         if proc.poll() is None:
