@@ -247,3 +247,24 @@ def test_no_token_or_role_is_a_configuration_error(bao: OpenBao) -> None:
     config = KMSConfig(None, {"x": {"encryptionKMSType": "vault", "vaultAddress": bao.address}})
     with pytest.raises(KMSConfigError, match="vaultRole"):
         config.build("x", CONTEXT)
+
+
+@pytest.mark.parametrize(("source", "target"), [("kv2", "transit"), ("transit", "kv1"), ("kv1", "local")])
+def test_copy_rewraps_the_dek_for_the_target_kms(
+    source: str, target: str, config: KMSConfig, backend: StandaloneBackend, tmp_path: Path
+) -> None:
+    both = KMSConfig(
+        None,
+        {
+            **{k: config.entry(k) for k in ("kv2", "kv1", "transit")},
+            "local": {"encryptionKMSType": "local", "keyFile": str(tmp_path / "kek")},
+        },
+    )
+    original, clone = make_volume(backend, f"src-{source}"), make_volume(backend, f"dst-{target}")
+    source_encryption = volume_encryption(both, source, CONTEXT, backend)
+    source_encryption.new_passphrase(original)
+    target_encryption = volume_encryption(both, target, CONTEXT, backend)
+    source_encryption.copy_to(original, target_encryption, clone)
+    assert target_encryption.get_passphrase(clone) == source_encryption.get_passphrase(original)
+    source_encryption.remove(original)  # the clone's key does not depend on the source's
+    assert len(target_encryption.get_passphrase(clone)) >= 43
