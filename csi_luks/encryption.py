@@ -35,7 +35,7 @@ class VolumeEncryption:
         return self.kms.decrypt_dek(volume_id, self.store.fetch_dek(volume_id))
 
     def copy_to(self, volume_id: str, target: VolumeEncryption, target_volume_id: str) -> None:
-        """Give target_volume_id this volume's DEK (a clone's header opens with it), wrapped by target's KMS."""
+        """Give target_volume_id this volume's DEK (its cloned header opens with it), under target's KMS."""
         dek = self.get_passphrase(volume_id)
         target.store.store_dek(target_volume_id, target.kms.encrypt_dek(target_volume_id, dek))
 
