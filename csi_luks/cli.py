@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_KMS_CONFIG})",
     )
     serve.add_argument(
+        "--kms-config-map",
+        default=os.environ.get("CSI_LUKS_KMS_CONFIG_MAP") or None,
+        metavar="NAMESPACE/NAME",
+        help="ConfigMap read through the Kubernetes API while the --kms-config file does not exist "
+        "(env CSI_LUKS_KMS_CONFIG_MAP)",
+    )
+    serve.add_argument(
         "--grace-period",
         type=float,
         default=30.0,
@@ -107,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 grace_period=args.grace_period,
                 state_dir=args.state_dir,
                 kms_config=args.kms_config,
+                kms_config_map=args.kms_config_map,
             )
             PluginServer(settings).serve_until_signalled()
         except (ValueError, ServerError, KMSError) as exc:

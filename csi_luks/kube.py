@@ -1,10 +1,15 @@
-"""The plugin's Kubernetes API client: in-cluster credentials, else $KUBECONFIG; one client, reused."""
+"""The plugin's Kubernetes API client: in-cluster credentials, else $KUBECONFIG; one client, reused.
+
+Every call maps API errors to KMS errors that name the object and why, never its contents: a missing
+object is a configuration error, a refusal is PERMISSION_DENIED (RBAC), anything else UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
 import base64
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -13,8 +18,14 @@ from urllib3.exceptions import HTTPError
 
 from csi_luks.kms.base import KMSConfigError, KMSPermissionDenied, KMSUnavailable
 
+T = TypeVar("T")
 _lock = threading.Lock()
 _api_client: Any = None
+REQUEST_TIMEOUT = 10.0  # seconds per API call: a hung API server must not hang a CSI call
+
+
+class NotFound(KMSConfigError):
+    """The named Kubernetes object does not exist."""
 
 
 def set_api_client(api_client: Any) -> None:
@@ -41,17 +52,52 @@ def api_client() -> Any:
         return _api_client
 
 
+def _call(what: str, fn: Callable[[client.CoreV1Api], T]) -> T:
+    try:
+        return fn(client.CoreV1Api(api_client()))
+    except ApiException as exc:
+        if exc.status == 404:
+            raise NotFound(f"{what} does not exist") from None
+        if exc.status in (401, 403):
+            raise KMSPermissionDenied(f"{what}: the plugin may not access it (RBAC)") from None
+        answer = f"{exc.status} {exc.reason}"
+        raise KMSUnavailable(f"{what}: the Kubernetes API server answered {answer}") from None
+    except (HTTPError, OSError) as exc:
+        reason = type(exc).__name__
+        raise KMSUnavailable(f"{what}: the Kubernetes API server is unreachable ({reason})") from None
+
+
 def read_secret(name: str, namespace: str, purpose: str) -> dict[str, str]:
     """A Secret's data, decoded; errors say which Secret and why, never its contents."""
-    try:
-        secret = client.CoreV1Api(api_client()).read_namespaced_secret(name, namespace)
-    except ApiException as exc:
-        where = f"{purpose}: Secret {namespace}/{name}"
-        if exc.status == 404:
-            raise KMSConfigError(f"{where} does not exist") from None
-        if exc.status in (401, 403):
-            raise KMSPermissionDenied(f"{where}: the plugin may not read it (RBAC)") from None
-        raise KMSUnavailable(f"{where}: the API server answered {exc.status} {exc.reason}") from None
-    except HTTPError as exc:
-        raise KMSUnavailable(f"{purpose}: the Kubernetes API server is unreachable: {exc}") from None
+    secret = _call(
+        f"{purpose}: Secret {namespace}/{name}",
+        lambda core: core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT),
+    )
     return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+
+
+def read_config_map(name: str, namespace: str, purpose: str) -> dict[str, str] | None:
+    """A ConfigMap's data, or None when it does not exist."""
+    try:
+        config_map = _call(
+            f"{purpose}: ConfigMap {namespace}/{name}",
+            lambda core: core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT),
+        )
+    except NotFound:
+        return None
+    return dict(config_map.data or {})
+
+
+def request_service_account_token(name: str, namespace: str, audiences: list[str], purpose: str) -> str:
+    """A fresh, short-lived token for a ServiceAccount (the TokenRequest API)."""
+    body = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=audiences, expiration_seconds=600)
+    )
+    response = _call(
+        f"{purpose}: ServiceAccount {namespace}/{name}",
+        lambda core: core.create_namespaced_service_account_token(
+            name, namespace, body, _request_timeout=REQUEST_TIMEOUT
+        ),
+    )
+    token: str = response.status.token
+    return token

@@ -123,7 +123,7 @@ class PluginServer:
         self.settings = settings
         self.cryptsetup = cryptsetup or Cryptsetup()
         self.backend = backend or StandaloneBackend(settings.state_dir)
-        self.kms_config = KMSConfig.from_file(settings.kms_config)
+        self.kms_config = KMSConfig.from_file(settings.kms_config, settings.kms_config_map_ref)
         self.locks = OperationLocks()
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
         self.health = health.HealthServicer()

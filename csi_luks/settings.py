@@ -55,6 +55,7 @@ class Settings:
     workers: int = 16
     state_dir: str = DEFAULT_STATE_DIR  # the standalone backend's volumes and metadata
     kms_config: str = DEFAULT_KMS_CONFIG  # JSON object keyed by KMS id
+    kms_config_map: str | None = None  # "namespace/name": read through the API while kms_config is absent
 
     def __post_init__(self) -> None:
         if not _DRIVER_NAME.match(self.driver_name):
@@ -69,6 +70,18 @@ class Settings:
             raise ValueError("grace period must not be negative")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.kms_config_map is not None:
+            self.kms_config_map_ref  # noqa: B018 - validates the form
+
+    @property
+    def kms_config_map_ref(self) -> tuple[str, str] | None:
+        """(namespace, name) of the KMS configuration ConfigMap, if one is configured."""
+        if not self.kms_config_map:
+            return None
+        namespace, _, name = self.kms_config_map.partition("/")
+        if not namespace or not name or "/" in name:
+            raise ValueError(f"KMS ConfigMap {self.kms_config_map!r} must be given as NAMESPACE/NAME")
+        return namespace, name
 
     @property
     def socket_path(self) -> str:

@@ -16,6 +16,9 @@ CAPACITY = PREFIX + "capacity"  # bytes promised to the user (the backing store 
 ENCRYPTED = PREFIX + "encrypted"
 KMS_ID = PREFIX + "kms-id"
 STATE = PREFIX + "encryption-state"
+# The PVC's namespace at creation: tenant-aware KMS types need it again at NodeStage and DeleteVolume,
+# whose requests do not carry it.
+PVC_NAMESPACE = PREFIX + "pvc-namespace"
 
 # LUKS2 header and key-slot area as luksFormat lays them out by default; added to the backing store so
 # the user gets the capacity they asked for.
@@ -35,6 +38,7 @@ class VolumeRecord:
     encrypted: bool
     kms_id: str
     state: EncryptionState | None
+    pvc_namespace: str | None = None
 
     @classmethod
     def parse(cls, metadata: dict[str, str]) -> VolumeRecord:
@@ -44,6 +48,7 @@ class VolumeRecord:
             encrypted=metadata.get(ENCRYPTED) == "true",
             kms_id=metadata.get(KMS_ID, ""),
             state=EncryptionState(state) if state else None,
+            pvc_namespace=metadata.get(PVC_NAMESPACE) or None,
         )
 
     @property

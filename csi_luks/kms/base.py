@@ -89,19 +89,31 @@ class KMSContext:
 
 KMSFactory = Callable[[str, Mapping[str, str], KMSContext], EncryptionKMS]
 _REGISTRY: dict[str, KMSFactory] = {}
+_TENANT_KEYS: dict[str, frozenset[str]] = {}
 
 
-def register(kms_type: str, *aliases: str) -> Callable[[KMSFactory], KMSFactory]:
-    """Class/function decorator: `@register("local")` makes type "local" build with that factory."""
+def register(
+    kms_type: str, *aliases: str, tenant_keys: frozenset[str] = frozenset()
+) -> Callable[[KMSFactory], KMSFactory]:
+    """Class/function decorator: `@register("local")` makes type "local" build with that factory.
+
+    tenant_keys: the entry keys a tenant may override from a ConfigMap in the PVC's namespace (none by
+    default: only types built for tenants, whose credentials are the tenant's own, allow any).
+    """
 
     def decorate(factory: KMSFactory) -> KMSFactory:
         for name in (kms_type, *aliases):
             if name in _REGISTRY:
                 raise ValueError(f"KMS type {name!r} registered twice")
             _REGISTRY[name] = factory
+            _TENANT_KEYS[name] = tenant_keys
         return factory
 
     return decorate
+
+
+def tenant_keys_for(kms_type: str) -> frozenset[str]:
+    return _TENANT_KEYS.get(kms_type, frozenset())
 
 
 def factory_for(kms_type: str) -> KMSFactory:

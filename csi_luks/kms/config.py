@@ -1,8 +1,16 @@
-"""The KMS configuration: a JSON object keyed by KMS id, re-read whenever the file changes.
+"""The KMS configuration: a JSON object keyed by KMS id, re-read whenever it changes.
 
 ```json
 {"local-1": {"encryptionKMSType": "local", "keyFile": "/var/lib/csi-luks/local-kek"}}
 ```
+
+It comes from a file (a mounted ConfigMap, usually), or, when the file does not exist and a ConfigMap
+is configured, from that ConfigMap through the Kubernetes API: either its key `config.json` holds the
+whole document, or each key is a KMS id whose value is that entry's JSON. The ConfigMap is read at every
+call, so an edit applies to the next call without a restart.
+
+Tenant overrides: for KMS types that allow them (each type lists its keys), a ConfigMap in the PVC's
+namespace (`tenantConfigName`, default csi-luks-kms-config) may set those keys for that namespace.
 
 Every message names the file, the KMS id and the key at fault, never a value: entries of later KMS
 types hold tokens and passphrases, and an error message ends up in Kubernetes events.
@@ -23,13 +31,17 @@ from csi_luks.kms import local as _local  # noqa: F401
 from csi_luks.kms import metadata as _metadata  # noqa: F401
 from csi_luks.kms import secrets as _secrets  # noqa: F401
 from csi_luks.kms import vault as _vault  # noqa: F401
-from csi_luks.kms.base import EncryptionKMS, KMSConfigError, KMSContext, factory_for
+from csi_luks.kms import vault_tenant as _vault_tenant  # noqa: F401
+from csi_luks.kms.base import EncryptionKMS, KMSConfigError, KMSContext, factory_for, tenant_keys_for
 
 log = logging.getLogger(__name__)
 
 TYPE_KEY = "encryptionKMSType"
 # An empty encryptionKMSID (or none) means the passphrase comes from the request's secrets.
 DEFAULT_ENTRY: Mapping[str, str] = {TYPE_KEY: "secrets"}
+WHOLE_DOCUMENT_KEY = "config.json"  # a ConfigMap key that holds the whole document
+TENANT_CONFIG_KEY = "tenantConfigName"
+DEFAULT_TENANT_CONFIG = "csi-luks-kms-config"
 
 # What identifies one version of the file: an edit changes mtime or size, an atomic replace (and a
 # ConfigMap's symlink swap) the inode.
@@ -47,10 +59,18 @@ class KMSConfig:
     """The KMS configuration file; each call re-checks it with one stat and re-reads it if it changed."""
 
     def __init__(
-        self, path: str | os.PathLike[str] | None, entries: Mapping[str, Mapping[str, str]] | None = None
+        self,
+        path: str | os.PathLike[str] | None,
+        entries: Mapping[str, Mapping[str, str]] | None = None,
+        *,
+        config_map: tuple[str, str] | None = None,
     ) -> None:
-        """A file (read lazily), or with path None a fixed set of entries (tests, embedding)."""
+        """A file (read lazily), or with path None a fixed set of entries (tests, embedding).
+
+        config_map: (namespace, name) of the ConfigMap to read while the file does not exist.
+        """
         self.path = os.fspath(path) if path is not None else None
+        self.config_map = config_map
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         if path is None:
@@ -61,14 +81,18 @@ class KMSConfig:
             )
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> KMSConfig:
-        """Load the file now, so a broken configuration fails at start-up; a missing file is empty."""
-        config = cls(path)
-        config._entries()
+    def from_file(cls, path: str | os.PathLike[str], config_map: tuple[str, str] | None = None) -> KMSConfig:
+        """Load the file now, so a broken file fails at start-up; a missing file is empty.
+
+        The ConfigMap is not read here: an API server that is briefly away must not stop the plugin.
+        """
+        config = cls(path, config_map=config_map)
+        if _stat(config.path or "") is not None or config_map is None:
+            config._entries()
         return config
 
     def __repr__(self) -> str:
-        return f"KMSConfig({self.path!r})"  # never the entries: later KMS types hold tokens
+        return f"KMSConfig({self.path!r}, config_map={self.config_map!r})"  # never the entries
 
     def ids(self) -> list[str]:
         """The KMS ids the file defines, sorted."""
@@ -94,15 +118,23 @@ class KMSConfig:
             factory = factory_for(kms_type)
         except KMSConfigError as exc:
             raise KMSConfigError(f"{self._where}, KMS id {kms_id!r}, key {TYPE_KEY!r}: {exc}") from None
+        allowed = tenant_keys_for(kms_type)
+        if allowed and context.pvc_namespace:
+            entry.update(_tenant_overrides(kms_id, entry, context.pvc_namespace, allowed))
         return factory(kms_id, entry, context)
 
     # --- loading ---------------------------------------------------------------------------------------
 
     @property
     def _where(self) -> str:
+        if self.path is not None and self.config_map is not None:
+            namespace, name = self.config_map
+            return f"KMS configuration {self.path} (or ConfigMap {namespace}/{name})"
         return f"KMS configuration {self.path}" if self.path is not None else "the KMS configuration"
 
     def _entries(self) -> dict[str, dict[str, str]]:
+        if self.config_map is not None and self.path is not None and _stat(self.path) is None:
+            return _from_config_map(*self.config_map)
         with self._lock:
             if self.path is not None:
                 signature = _stat(self.path)
@@ -202,3 +234,49 @@ def _kind(value: object) -> str:
         return "null"
     kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
     return kinds.get(type(value), "a number" if isinstance(value, float) else type(value).__name__)
+
+
+def _from_config_map(namespace: str, name: str) -> dict[str, dict[str, str]]:
+    from csi_luks.kube import read_config_map
+
+    source = f"KMS configuration ConfigMap {namespace}/{name}"
+    data = read_config_map(name, namespace, "KMS configuration")
+    if data is None:
+        log.info("%s does not exist: no KMS ids defined", source)
+        return {}
+    if WHOLE_DOCUMENT_KEY in data:
+        return _parse(
+            f"ConfigMap {namespace}/{name} key {WHOLE_DOCUMENT_KEY!r}", data[WHOLE_DOCUMENT_KEY].encode()
+        )
+    document: dict[str, object] = {}
+    for kms_id, value in data.items():
+        try:
+            document[kms_id] = json.loads(value, object_pairs_hook=_no_duplicates)
+        except json.JSONDecodeError as exc:
+            raise KMSConfigError(
+                f"{source}, KMS id {kms_id!r}: not valid JSON: {exc.msg} at line {exc.lineno} "
+                f"column {exc.colno}"
+            ) from None
+    return _validate(source, document)
+
+
+def _tenant_overrides(
+    kms_id: str, entry: Mapping[str, str], namespace: str, allowed: frozenset[str]
+) -> dict[str, str]:
+    """The allowed keys a tenant set in its own ConfigMap; other keys are ignored, with a warning."""
+    from csi_luks.kube import read_config_map
+
+    name = entry.get(TENANT_CONFIG_KEY) or DEFAULT_TENANT_CONFIG
+    data = read_config_map(name, namespace, f"KMS {kms_id!r}, tenant configuration")
+    if not data:
+        return {}
+    ignored = sorted(set(data) - allowed)
+    if ignored:
+        log.warning(
+            "KMS %r: tenant ConfigMap %s/%s sets keys a tenant may not override, ignored: %s (allowed: %s)",
+            kms_id, namespace, name, ignored, sorted(allowed),
+        )  # fmt: skip
+    overrides = {key: value for key, value in data.items() if key in allowed}
+    if overrides:
+        log.info("KMS %r: tenant %s overrides %s", kms_id, namespace, sorted(overrides))
+    return overrides

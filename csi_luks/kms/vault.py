@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -34,6 +34,7 @@ from csi_luks.kms.base import (
     KMSUnavailable,
     register,
 )
+from csi_luks.kms.vault_auth import KubernetesAuth, TokenFileAuth, TokenSecretAuth, VaultAuth
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +65,37 @@ def _seconds(kms_id: str, entry: Mapping[str, str], key: str, default: float) ->
     return seconds
 
 
+def _auth(kms_id: str, entry: Mapping[str, str]) -> VaultAuth:
+    """The login an entry of type vault or vault-transit asks for: exactly one of three."""
+    role = entry.get("vaultRole") or None
+    token_file = entry.get("vaultTokenFile") or None
+    token_secret = entry.get("vaultTokenSecretName") or None
+    chosen = [key for key, value in
+              (("vaultRole", role), ("vaultTokenFile", token_file), ("vaultTokenSecretName", token_secret))
+              if value]  # fmt: skip
+    if len(chosen) != 1:
+        raise KMSConfigError(
+            f"KMS {kms_id!r}: set exactly one of 'vaultRole' (Kubernetes auth), 'vaultTokenFile' (a token "
+            f"mounted from a Secret) or 'vaultTokenSecretName' (a Secret read through the API); found "
+            f"{chosen or 'none'}"
+        )
+    if role is not None:
+        return KubernetesAuth(
+            role=role,
+            mount=entry.get("vaultAuthPath", "kubernetes").strip("/"),
+            token_file=entry.get("vaultServiceAccountTokenFile") or DEFAULT_SA_TOKEN_FILE,
+        )
+    if token_file is not None:
+        return TokenFileAuth(token_file)
+    assert token_secret is not None  # noqa: S101 - one of the three, checked above
+    namespace = entry.get("vaultTokenSecretNamespace")
+    if not namespace:
+        raise KMSConfigError(
+            f"KMS {kms_id!r}: key 'vaultTokenSecretNamespace' is required with 'vaultTokenSecretName'"
+        )
+    return TokenSecretAuth(namespace, token_secret, entry.get("vaultTokenSecretKey") or "token")
+
+
 @dataclass(frozen=True)
 class VaultSettings:
     """One KMS entry's connection settings, validated; the cache key of its client."""
@@ -72,15 +104,13 @@ class VaultSettings:
     address: str
     namespace: str | None
     verify: bool | str  # False, True (system CAs), or a CA bundle file
-    token_file: str | None
-    role: str | None  # Kubernetes auth role; when set, log in with the service-account token
-    auth_path: str
-    sa_token_file: str
+    auth: VaultAuth
     timeout: float
     retry_deadline: float
 
     @classmethod
-    def parse(cls, kms_id: str, entry: Mapping[str, str]) -> VaultSettings:
+    def parse(cls, kms_id: str, entry: Mapping[str, str], auth: VaultAuth | None = None) -> VaultSettings:
+        """The entry's settings; auth replaces the entry's own login keys (the tenant types choose it)."""
         address = entry.get("vaultAddress", "")
         if not address.startswith(("http://", "https://")):
             raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultAddress': must be an http(s):// URL")
@@ -90,22 +120,12 @@ class VaultSettings:
             if not Path(ca_file).is_file():
                 raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultCAFile': {ca_file} does not exist")
             verify = ca_file if verify else False
-        role = entry.get("vaultRole") or None
-        token_file = entry.get("vaultTokenFile") or None
-        if role is None and token_file is None:
-            raise KMSConfigError(
-                f"KMS {kms_id!r}: set 'vaultRole' (Kubernetes auth) or 'vaultTokenFile' (a token mounted "
-                "from a Secret)"
-            )
         return cls(
             kms_id=kms_id,
             address=address.rstrip("/"),
             namespace=entry.get("vaultNamespace") or None,
             verify=verify,
-            token_file=token_file,
-            role=role,
-            auth_path=entry.get("vaultAuthPath", "kubernetes").strip("/"),
-            sa_token_file=entry.get("vaultServiceAccountTokenFile", DEFAULT_SA_TOKEN_FILE),
+            auth=auth if auth is not None else _auth(kms_id, entry),
             timeout=_seconds(kms_id, entry, "vaultTimeout", 10.0),
             retry_deadline=_seconds(kms_id, entry, "vaultRetryDeadline", 20.0),
         )
@@ -130,23 +150,7 @@ class VaultConnection:
     def _login(self) -> hvac.Client:
         s = self.settings
         client = hvac.Client(url=s.address, namespace=s.namespace, verify=s.verify, timeout=s.timeout)
-        if s.role is not None:
-            try:
-                jwt = Path(s.sa_token_file).read_text().strip()
-            except OSError as exc:
-                raise KMSConfigError(
-                    f"KMS {s.kms_id!r}: cannot read the service-account token {s.sa_token_file}: "
-                    f"{exc.strerror}"
-                ) from None
-            client.auth.kubernetes.login(role=s.role, jwt=jwt, mount_point=s.auth_path)
-        else:
-            assert s.token_file is not None  # noqa: S101 - parse() requires one of the two
-            try:
-                client.token = Path(s.token_file).read_text().strip()
-            except OSError as exc:
-                raise KMSConfigError(
-                    f"KMS {s.kms_id!r}: cannot read the token file {s.token_file}: {exc.strerror}"
-                ) from None
+        s.auth.login(client, s.kms_id)
         return client
 
     def call(self, operation: str, volume_id: str, fn: Callable[[hvac.Client], T]) -> T:
@@ -399,15 +403,27 @@ def _kv_version(kms_id: str, entry: Mapping[str, str]) -> int | None:
     return versions[backend]
 
 
-@register("vault")
-def _build_kv(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
-    return VaultKVKMS(
-        kms_id,
-        connection_for(VaultSettings.parse(kms_id, entry)),
-        mount=entry.get("vaultBackendPath", "secret").strip("/"),
+class KVSettings(TypedDict):
+    mount: str
+    prefix: str
+    kv_version: int | None
+    destroy: bool
+
+
+def kv_settings(kms_id: str, entry: Mapping[str, str]) -> KVSettings:
+    """Where an entry keeps DEKs in KV, and how it removes them."""
+    return KVSettings(
+        mount=(entry.get("vaultBackendPath") or "secret").strip("/"),
         prefix=entry.get("vaultPassphrasePath", ""),
         kv_version=_kv_version(kms_id, entry),
         destroy=_flag(kms_id, entry, "vaultDestroyKeys", True),
+    )
+
+
+@register("vault")
+def _build_kv(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
+    return VaultKVKMS(
+        kms_id, connection_for(VaultSettings.parse(kms_id, entry)), **kv_settings(kms_id, entry)
     )
 
 

@@ -26,6 +26,7 @@ from csi_luks.volume_metadata import (
     ENCRYPTED,
     KMS_ID,
     NAME,
+    PVC_NAMESPACE,
     STATE,
     EncryptionState,
     VolumeRecord,
@@ -57,8 +58,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self.kms_config = kms_config
         self.locks = locks
 
-    def _context(self, secrets: Mapping[str, str], parameters: Mapping[str, str] | None = None) -> KMSContext:
-        return KMSContext(secrets=dict(secrets), pvc_namespace=(parameters or {}).get(PARAM_PVC_NAMESPACE))
+    @staticmethod
+    def _context(secrets: Mapping[str, str], record: VolumeRecord) -> KMSContext:
+        return KMSContext(secrets=dict(secrets), pvc_namespace=record.pvc_namespace)
 
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
@@ -81,6 +83,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
         capacity = capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
         volume_id = self.backend.volume_id_for(name)
+        pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
 
         with self.locks.hold(volume_id, f"CreateVolume {name}"):
             created = False
@@ -96,6 +99,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                         CAPACITY: str(capacity),
                         ENCRYPTED: "true" if encrypted else "false",
                         KMS_ID: kms_id,
+                        **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
                     },
                 )
                 created = True
@@ -104,7 +108,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if encrypted and record.state is None:
                 try:
                     encryption = volume_encryption(
-                        self.kms_config, kms_id, self._context(request.secrets, parameters), self.backend
+                        self.kms_config, kms_id, self._context(request.secrets, record), self.backend
                     )
                     encryption.new_passphrase(volume_id)
                     self.backend.set_metadata(volume_id, STATE, EncryptionState.PREPARED.value)
@@ -158,7 +162,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 # The DEK goes first: a crash after it leaves a volume that a retry deletes, never a
                 # key with no volume.
                 volume_encryption(
-                    self.kms_config, record.kms_id, self._context(request.secrets), self.backend
+                    self.kms_config, record.kms_id, self._context(request.secrets, record), self.backend
                 ).remove(volume_id)
             self.backend.delete(volume_id)
             log.info("volume %s deleted", volume_id)

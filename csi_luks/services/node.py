@@ -77,7 +77,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return info, _Layout(VolumeRecord.parse(info.metadata), mapper_name(volume_id))
 
     def _encryption(self, volume_id: str, record: VolumeRecord, secrets: dict[str, str]) -> VolumeEncryption:
-        return volume_encryption(self.kms_config, record.kms_id, KMSContext(secrets=secrets), self.backend)
+        context = KMSContext(secrets=secrets, pvc_namespace=record.pvc_namespace)
+        return volume_encryption(self.kms_config, record.kms_id, context, self.backend)
 
     def _device(self, volume_id: str, layout: _Layout) -> str | None:
         """The block device the workload sees (the mapping for encrypted volumes), if it exists."""
