@@ -13,6 +13,9 @@ from tests.support.audit import AUDIT, ArgvAudit
 
 AUDIT.install()
 
+# Session fixtures of real servers (Kubernetes API server, OpenBao), started only by tests that use them.
+pytest_plugins = ["tests.support.kms_fixtures"]
+
 _TIERS = {"unit": None, "host": None, "vm": "vm"}
 
 

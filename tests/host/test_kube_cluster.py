@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import base64
-import json
 import secrets
-import time
 import uuid
 
 import kubernetes.client
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from kubernetes.client.rest import ApiException
 
-from tests.support.kube import KubeCluster
+from tests.support.kube import KubeCluster, forged_token, jwt_claims
 
 
 @pytest.fixture
@@ -26,35 +22,6 @@ def namespace(kube: KubeCluster) -> str:
             kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name))
         )
     return name
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _jwt_claims(token: str) -> dict[str, object]:
-    payload = token.split(".")[1]
-    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return claims
-
-
-def _forged_token(kube: KubeCluster, namespace: str, name: str) -> str:
-    """A well-formed ServiceAccount JWT with the right claims, signed by a key the cluster does not trust."""
-    now = int(time.time())
-    header = {"alg": "RS256", "typ": "JWT"}
-    claims = {
-        "iss": kube.issuer,
-        "aud": [kube.api_audience],
-        "sub": f"system:serviceaccount:{namespace}:{name}",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": str(uuid.uuid4())}},
-    }
-    signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    signature = other_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input}.{_b64url(signature)}"
 
 
 def _create_service_account(kube: KubeCluster, namespace: str, name: str) -> None:
@@ -125,7 +92,7 @@ def test_configmap_create_and_patch(kube: KubeCluster, namespace: str) -> None:
 def test_service_account_token_is_reviewed(kube: KubeCluster, namespace: str) -> None:
     _create_service_account(kube, namespace, "csi-luks-node")
     token = _request_token(kube, namespace, "csi-luks-node", [kube.api_audience])
-    assert _jwt_claims(token)["iss"] == kube.issuer
+    assert jwt_claims(token)["iss"] == kube.issuer
 
     status = _review(kube, token)
     assert status.authenticated is True, status.error
@@ -148,7 +115,7 @@ def test_token_for_another_audience_is_checked_against_it(kube: KubeCluster, nam
 @pytest.mark.parametrize("kind", ["garbage", "forged"])
 def test_bad_token_is_not_authenticated(kube: KubeCluster, namespace: str, kind: str) -> None:
     _create_service_account(kube, namespace, "csi-luks-node")
-    token = "not-a-token" if kind == "garbage" else _forged_token(kube, namespace, "csi-luks-node")
+    token = "not-a-token" if kind == "garbage" else forged_token(kube, namespace, "csi-luks-node")
 
     status = _review(kube, token)
     assert not status.authenticated

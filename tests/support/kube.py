@@ -10,14 +10,17 @@ the checkout); etcd comes from Debian's etcd-server.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
+import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import kubernetes.client
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -338,3 +341,32 @@ def kube_cluster(workdir: Path) -> Iterator[KubeCluster]:
         stack.callback(_stop, apiserver_process)
         _wait_for_apiserver(cluster, apiserver_process, [apiserver_log, etcd_log])
         yield cluster
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_claims(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims
+
+
+def forged_token(kube: KubeCluster, namespace: str, name: str) -> str:
+    """A well-formed ServiceAccount JWT with the right claims, signed by a key the cluster does not trust."""
+    now = int(time.time())
+    header = {"alg": "RS256", "typ": "JWT"}
+    claims = {
+        "iss": kube.issuer,
+        "aud": [kube.api_audience],
+        "sub": f"system:serviceaccount:{namespace}:{name}",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": str(uuid.uuid4())}},
+    }
+    signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signature = other_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{_b64url(signature)}"

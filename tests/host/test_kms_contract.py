@@ -1,0 +1,347 @@
+"""The contract every KMS type keeps, checked against the real servers: OpenBao and a Kubernetes API server.
+
+Contract items: store and fetch (the same DEK every time, wrapped where the type wraps), remove
+(idempotent, then NOT_FOUND), copy (re-wrapped for another volume's KMS, both ways), wrong key (a DEK does
+not come back with another key or identity), server down (UNAVAILABLE, fast), permission denied. A type
+for which an item cannot apply says why in NOT_APPLICABLE; a test checks every type covers every item.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from csi_luks import kube as plugin_kube
+from csi_luks.encryption import VolumeEncryption, volume_encryption
+from csi_luks.kms.base import (
+    DEKDecryptError,
+    DEKNotFound,
+    KMSContext,
+    KMSError,
+    KMSPermissionDenied,
+    KMSUnavailable,
+)
+from csi_luks.kms.config import KMSConfig
+from csi_luks.kms.local import LocalKMS
+from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.kms_env import KmsEnv
+from tests.support.openbao import free_port
+
+MiB = 1024 * 1024
+ITEMS = ("store_fetch", "remove", "copy", "wrong_key", "down", "denied")
+PASSPHRASE = "a-class-wide-passphrase-of-enough-length"
+
+
+@dataclass
+class Variant:
+    """One way of building a KMS for the same volume: an entry, a context, and a Kubernetes client."""
+
+    entry: dict[str, str]
+    context: KMSContext
+    kube_token: str | None = None  # the plugin's Kubernetes identity; None: the node ServiceAccount
+    kube_down: bool = False  # the plugin's Kubernetes client points at a closed port
+
+
+@dataclass
+class Case:
+    main: Variant
+    wraps: bool  # the stored DEK is ciphertext, not the DEK
+    variants: dict[str, Variant] = field(default_factory=dict)  # "wrong_key", "down", "denied"
+    wrong_key_error: type[KMSError] = DEKDecryptError
+
+
+# Why an item cannot apply to a type. Everything else is tested.
+NOT_APPLICABLE: dict[str, dict[str, str]] = {
+    "secrets": {
+        "remove": "the passphrase is the StorageClass's shared Secret: removing one volume must not touch it",
+        "copy": "the clone uses the same shared Secret; there is no per-volume DEK to copy",
+        "wrong_key": "the passphrase is used as is; only LUKS can tell it is wrong (tested in the VM tier)",
+        "down": "no server: the passphrase arrives in the request",
+        "denied": "no server: the passphrase arrives in the request",
+    },
+    "local": {
+        "down": "a key file on the machine: there is no server",
+        "denied": "the plugin runs as root; file permissions cannot refuse it",
+    },
+    "metadata-request": {
+        "down": "the passphrase arrives in the request: there is no server",
+        "denied": "the passphrase arrives in the request: there is no server",
+    },
+}
+
+
+def _dead_address() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def _fast(entry: dict[str, str]) -> dict[str, str]:
+    return {**entry, "vaultRetryDeadline": "1.5", "vaultTimeout": "0.5"}
+
+
+def build_case(name: str, env: KmsEnv, tmp: Path) -> Case:
+    bao = env.bao.address
+    tenant, outsider = env.tenant.namespace, env.outsider.namespace
+    none = KMSContext(secrets={})
+    tmp.mkdir(parents=True, exist_ok=True)
+    root_token = tmp / "root-token"
+    root_token.write_text("root")
+    denied_token = tmp / "denied-token"
+    denied_token.write_text(
+        env.bao.client().auth.token.create(policies=["nothing"], ttl="1h")["auth"]["client_token"]
+    )
+    if name == "secrets":
+        return Case(
+            Variant(
+                {"encryptionKMSType": "secrets"}, KMSContext(secrets={"encryptionPassphrase": PASSPHRASE})
+            ),
+            wraps=False,
+        )
+    if name == "local":
+        main = {"encryptionKMSType": "local", "keyFile": str(tmp / "kek")}
+        other = {"encryptionKMSType": "local", "keyFile": str(tmp / "other-kek")}
+        LocalKMS("other", tmp / "other-kek").encrypt_dek("any-volume", "any-dek")  # creates the other key
+        return Case(Variant(main, none), wraps=True, variants={"wrong_key": Variant(other, none)})
+    if name == "metadata-request":
+        entry = {"encryptionKMSType": "metadata"}
+        return Case(
+            Variant(entry, KMSContext(secrets={"encryptionPassphrase": PASSPHRASE})),
+            wraps=True,
+            variants={
+                "wrong_key": Variant(entry, KMSContext(secrets={"encryptionPassphrase": PASSPHRASE + "x"}))
+            },
+        )
+    if name == "metadata-secret":
+        env.put_secret(tenant, "luks-kek", {"encryptionPassphrase": PASSPHRASE})
+        env.put_secret(tenant, "other-kek", {"encryptionPassphrase": PASSPHRASE + "x"})
+        ctx = KMSContext(secrets={}, pvc_namespace=tenant)
+        entry = {"encryptionKMSType": "metadata", "secretName": "luks-kek"}  # namespace: the PVC's
+        return Case(
+            Variant(entry, ctx),
+            wraps=True,
+            variants={
+                "wrong_key": Variant({**entry, "secretName": "other-kek"}, ctx),
+                "down": Variant(entry, ctx, kube_down=True),
+                "denied": Variant(entry, ctx, kube_token=env.unprivileged_kube_token),
+            },
+        )
+    vault = {"vaultAddress": bao, "vaultTokenFile": str(root_token)}
+    if name in ("vault-kv2", "vault-kv1"):
+        entry = {"encryptionKMSType": "vault", **vault, "vaultPassphrasePath": f"contract/{name}/"}
+        if name == "vault-kv1":
+            entry["vaultBackendPath"] = "kv1"
+        return Case(
+            Variant(entry, none),
+            wraps=False,
+            variants={
+                # Another Vault identity must not get at the DEK.
+                "wrong_key": Variant({**entry, "vaultTokenFile": str(denied_token)}, none),
+                "down": Variant(_fast({**entry, "vaultAddress": _dead_address()}), none),
+                "denied": Variant({**entry, "vaultTokenFile": str(denied_token)}, none),
+            },
+            wrong_key_error=KMSPermissionDenied,
+        )
+    if name == "vault-kubernetes-auth":
+        entry = {
+            "encryptionKMSType": "vault", "vaultAddress": bao, "vaultRole": "csi-luks",
+            "vaultServiceAccountTokenFile": str(env.node_token_file), "vaultPassphrasePath": "contract/k8s/",
+        }  # fmt: skip
+        stranger = {**entry, "vaultServiceAccountTokenFile": str(env.stranger_token_file)}
+        return Case(
+            Variant(entry, none),
+            wraps=False,
+            variants={
+                "wrong_key": Variant(stranger, none),
+                "down": Variant(_fast({**entry, "vaultAddress": _dead_address()}), none),
+                "denied": Variant(stranger, none),
+            },
+            wrong_key_error=KMSPermissionDenied,
+        )
+    if name == "vault-transit":
+        entry = {"encryptionKMSType": "vault-transit", **vault, "vaultTransitKey": "csi-kek"}
+        return Case(
+            Variant(entry, none),
+            wraps=True,
+            variants={
+                "wrong_key": Variant({**entry, "vaultTransitKey": "other-kek"}, none),
+                "down": Variant(_fast({**entry, "vaultAddress": _dead_address()}), none),
+                "denied": Variant({**entry, "vaultTokenFile": str(denied_token)}, none),
+            },
+        )
+    if name in ("vaulttokens", "vaulttenantsa"):
+        entry = {"encryptionKMSType": name, "vaultAddress": bao, "vaultPassphrasePath": f"contract/{name}/"}
+        if name == "vaulttenantsa":
+            entry["vaultRole"] = "tenant"
+        ctx = KMSContext(secrets={}, pvc_namespace=tenant)
+        outsider_ctx = KMSContext(secrets={}, pvc_namespace=outsider)
+        return Case(
+            Variant(entry, ctx),
+            wraps=False,
+            variants={
+                # Another tenant's identity (its token Secret, its ServiceAccount) must not get at the DEK.
+                "wrong_key": Variant(entry, outsider_ctx),
+                "down": Variant(_fast({**entry, "vaultAddress": _dead_address()}), ctx),
+                "denied": Variant(entry, outsider_ctx),
+            },
+            wrong_key_error=KMSPermissionDenied,
+        )
+    raise AssertionError(f"no contract case {name}")
+
+
+NAMES = [
+    "secrets",
+    "local",
+    "metadata-request",
+    "metadata-secret",
+    "vault-kv2",
+    "vault-kv1",
+    "vault-kubernetes-auth",
+    "vault-transit",
+    "vaulttokens",
+    "vaulttenantsa",
+]
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> StandaloneBackend:
+    return StandaloneBackend(tmp_path / "state")
+
+
+def applicable(item: str) -> list[str]:
+    """The types an item applies to: each test runs for exactly those (nothing is skipped)."""
+    return [name for name in NAMES if item not in NOT_APPLICABLE.get(name, {})]
+
+
+@pytest.fixture
+def case(name: str, kms_env: KmsEnv, tmp_path: Path, plugin_kube_client: None) -> Case:
+    return build_case(name, kms_env, tmp_path)
+
+
+@contextmanager
+def _kube_identity(env: KmsEnv, variant: Variant) -> Iterator[None]:
+    if variant.kube_down:
+        dead = env.kube.api_client()
+        dead.configuration.host = f"https://127.0.0.1:{free_port()}"
+        plugin_kube.set_api_client(dead)
+    elif variant.kube_token is not None:
+        plugin_kube.set_api_client(env.kube.api_client(variant.kube_token))
+    try:
+        yield
+    finally:
+        plugin_kube.set_api_client(env.kube.api_client(env.node_token_file.read_text()))
+
+
+def encryption(
+    variant: Variant, backend: StandaloneBackend, env: KmsEnv
+) -> Callable[[], AbstractContextManager[VolumeEncryption]]:
+    @contextmanager
+    def build() -> Iterator[VolumeEncryption]:
+        identity = _kube_identity(env, variant) if variant.kube_down or variant.kube_token else nullcontext()
+        with identity:
+            config = KMSConfig(None, {"kms": variant.entry})
+            yield volume_encryption(config, "kms", variant.context, backend)
+
+    return build
+
+
+def make_volume(backend: StandaloneBackend, name: str) -> str:
+    volume_id = backend.volume_id_for(name)
+    backend.create(volume_id, name, MiB, {})
+    return volume_id
+
+
+def test_every_type_covers_every_item(kms_env: KmsEnv, tmp_path: Path, plugin_kube_client: None) -> None:
+    for name in NAMES:
+        case = build_case(name, kms_env, tmp_path / name)
+        for item in ("wrong_key", "down", "denied"):
+            covered = item in case.variants or item in NOT_APPLICABLE.get(name, {})
+            assert covered, f"{name}: contract item {item} is neither tested nor declared not applicable"
+            assert not (item in case.variants and item in NOT_APPLICABLE.get(name, {})), (name, item)
+
+
+@pytest.mark.parametrize("name", applicable("store_fetch"))
+def test_store_and_fetch(case: Case, backend: StandaloneBackend, kms_env: KmsEnv) -> None:
+    volume_id = make_volume(backend, "pvc-store")
+    with encryption(case.main, backend, kms_env)() as enc:
+        enc.new_passphrase(volume_id)
+        passphrase = enc.get_passphrase(volume_id)
+        stored = enc.store.fetch_dek(volume_id)
+    assert len(passphrase) >= 32
+    with encryption(case.main, backend, kms_env)() as again:  # a new instance, as a later call builds
+        assert again.get_passphrase(volume_id) == passphrase
+    if case.wraps:
+        assert passphrase not in stored, "a wrapping KMS stored the DEK in the clear"
+    else:
+        assert stored == passphrase
+
+
+@pytest.mark.parametrize("name", applicable("remove"))
+def test_remove(case: Case, backend: StandaloneBackend, kms_env: KmsEnv) -> None:
+    volume_id = make_volume(backend, "pvc-remove")
+    with encryption(case.main, backend, kms_env)() as enc:
+        enc.new_passphrase(volume_id)
+        enc.remove(volume_id)
+        enc.remove(volume_id)  # idempotent: a retried DeleteVolume
+        with pytest.raises(DEKNotFound, match=volume_id):
+            enc.get_passphrase(volume_id)
+
+
+@pytest.mark.parametrize("name", applicable("copy"))
+def test_copy_rewraps_both_ways(
+    case: Case, backend: StandaloneBackend, kms_env: KmsEnv, tmp_path: Path
+) -> None:
+    local = Variant(
+        {"encryptionKMSType": "local", "keyFile": str(tmp_path / "copy-kek")}, KMSContext(secrets={})
+    )
+    source, clone, back = (make_volume(backend, n) for n in ("pvc-src", "pvc-clone", "pvc-back"))
+    with encryption(case.main, backend, kms_env)() as enc, encryption(local, backend, kms_env)() as other:
+        enc.new_passphrase(source)
+        dek = enc.get_passphrase(source)
+        enc.copy_to(source, other, clone)
+        assert other.get_passphrase(clone) == dek
+        other.copy_to(clone, enc, back)
+        enc.remove(source)  # the copies stand on their own
+        assert enc.get_passphrase(back) == dek
+        assert other.get_passphrase(clone) == dek
+
+
+@pytest.mark.parametrize("name", applicable("wrong_key"))
+def test_wrong_key(case: Case, backend: StandaloneBackend, kms_env: KmsEnv) -> None:
+    volume_id = make_volume(backend, "pvc-wrong")
+    with encryption(case.main, backend, kms_env)() as enc:
+        enc.new_passphrase(volume_id)
+        dek = enc.get_passphrase(volume_id)
+    with (
+        encryption(case.variants["wrong_key"], backend, kms_env)() as wrong,
+        pytest.raises(case.wrong_key_error) as info,
+    ):
+        wrong.get_passphrase(volume_id)
+    assert dek not in str(info.value)
+    with encryption(case.main, backend, kms_env)() as enc:
+        assert enc.get_passphrase(volume_id) == dek  # the failed attempt changed nothing
+
+
+@pytest.mark.parametrize("name", applicable("down"))
+def test_server_down(case: Case, backend: StandaloneBackend, kms_env: KmsEnv) -> None:
+    volume_id = make_volume(backend, "pvc-down")
+    started = time.monotonic()
+    with encryption(case.variants["down"], backend, kms_env)() as down, pytest.raises(KMSUnavailable):
+        down.new_passphrase(volume_id)
+    assert time.monotonic() - started < 15
+    assert "csi-luks/dek" not in backend.get(volume_id).metadata
+
+
+@pytest.mark.parametrize("name", applicable("denied"))
+def test_permission_denied(name: str, case: Case, backend: StandaloneBackend, kms_env: KmsEnv) -> None:
+    volume_id = make_volume(backend, "pvc-denied")
+    with (
+        encryption(case.variants["denied"], backend, kms_env)() as denied,
+        pytest.raises(KMSPermissionDenied) as info,
+    ):
+        denied.new_passphrase(volume_id)
+    # Refused by the server that holds the keys (Vault, or the API server's RBAC), and said so.
+    assert "refused" in str(info.value) or "RBAC" in str(info.value), str(info.value)

@@ -1,0 +1,41 @@
+"""Session fixtures for KMS tests on real servers: `kube`, `session_bao`, `kms_env`, `plugin_kube_client`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from csi_luks import kube as plugin_kube
+from tests.support.kms_env import KmsEnv, build_kms_env
+from tests.support.kube import KubeCluster
+from tests.support.kube_fixture import kube
+from tests.support.openbao import OpenBao, openbao_server
+
+__all__ = ["kms_env", "kube", "plugin_kube_client", "session_bao"]
+
+
+@pytest.fixture(scope="session")
+def session_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    with openbao_server(tmp_path_factory.mktemp("session-openbao")) as server:
+        root = server.client()
+        root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+        root.sys.enable_secrets_engine("transit", path="transit")
+        root.secrets.transit.create_key(name="csi-kek")
+        root.secrets.transit.create_key(name="other-kek")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def kms_env(session_bao: OpenBao, kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> KmsEnv:
+    return build_kms_env(session_bao, kube, tmp_path_factory.mktemp("kms-env"))
+
+
+@pytest.fixture
+def plugin_kube_client(kms_env: KmsEnv) -> Iterator[None]:
+    """The plugin's Kubernetes client talks to the test cluster, as its own ServiceAccount would."""
+    plugin_kube.set_api_client(kms_env.kube.api_client(kms_env.node_token_file.read_text()))
+    try:
+        yield
+    finally:
+        plugin_kube.set_api_client(None)
