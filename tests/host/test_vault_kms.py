@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import hvac
@@ -22,21 +21,16 @@ from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.dek_store import MetadataDEKStore
 from csi_luks.kms.vault import VaultTransitKMS
 from csi_luks.volumes.standalone import StandaloneBackend
-from tests.support.openbao import OpenBao, free_port, openbao_server
+from tests.support.openbao import OpenBao, free_port
 
 MiB = 1024 * 1024
 CONTEXT = KMSContext(secrets={})
 
 
 @pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
-    with openbao_server(tmp_path_factory.mktemp("openbao")) as server:
-        root = server.client()
-        root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
-        root.sys.enable_secrets_engine("transit", path="transit")
-        root.secrets.transit.create_key(name="csi-kek")
-        root.secrets.transit.create_key(name="other-kek")
-        yield server
+def bao(session_bao: OpenBao) -> OpenBao:
+    """The session's OpenBao: KV v2 at secret/, KV v1 at kv1/, Transit keys csi-kek and other-kek."""
+    return session_bao
 
 
 @pytest.fixture(scope="module")

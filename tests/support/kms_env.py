@@ -55,29 +55,24 @@ class KmsEnv:
         return name
 
     def put_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        body = k8s.V1Secret(
-            metadata=k8s.V1ObjectMeta(name=name),
-            data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-        )
-        with self.kube.api_client() as api:
-            core = k8s.CoreV1Api(api)
-            try:
-                core.replace_namespaced_secret(name, namespace, body)
-            except k8s.ApiException as exc:
-                if exc.status != 404:
-                    raise
-                core.create_namespaced_secret(namespace, body)
+        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        self._put("secret", namespace, name, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), data=encoded))
 
     def put_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        body = k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=name), data=data)
+        self._put(
+            "config_map", namespace, name, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=name), data=data)
+        )
+
+    def _put(self, kind: str, namespace: str, name: str, body: object) -> None:
+        """Create or replace, as `kubectl apply` would."""
         with self.kube.api_client() as api:
             core = k8s.CoreV1Api(api)
             try:
-                core.replace_namespaced_config_map(name, namespace, body)
+                getattr(core, f"replace_namespaced_{kind}")(name, namespace, body)
             except k8s.ApiException as exc:
                 if exc.status != 404:
                     raise
-                core.create_namespaced_config_map(namespace, body)
+                getattr(core, f"create_namespaced_{kind}")(namespace, body)
 
 
 def _service_account(api: k8s.ApiClient, namespace: str, name: str) -> None:
