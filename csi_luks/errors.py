@@ -46,6 +46,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    # A Secret or ServiceAccount the KMS configuration names is missing: the cluster, not the call, is wrong.
+    (kms.KMSObjectNotFound, grpc.StatusCode.FAILED_PRECONDITION),
     (kms.KMSConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.MissingSecret, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.DEKNotFound, grpc.StatusCode.FAILED_PRECONDITION),

@@ -16,16 +16,12 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError
 
-from csi_luks.kms.base import KMSConfigError, KMSPermissionDenied, KMSUnavailable
+from csi_luks.kms.base import KMSConfigError, KMSObjectNotFound, KMSPermissionDenied, KMSUnavailable
 
 T = TypeVar("T")
 _lock = threading.Lock()
 _api_client: Any = None
 REQUEST_TIMEOUT = 10.0  # seconds per API call: a hung API server must not hang a CSI call
-
-
-class NotFound(KMSConfigError):
-    """The named Kubernetes object does not exist."""
 
 
 def set_api_client(api_client: Any) -> None:
@@ -57,7 +53,7 @@ def _call(what: str, fn: Callable[[client.CoreV1Api], T]) -> T:
         return fn(client.CoreV1Api(api_client()))
     except ApiException as exc:
         if exc.status == 404:
-            raise NotFound(f"{what} does not exist") from None
+            raise KMSObjectNotFound(f"{what} does not exist") from None
         if exc.status in (401, 403):
             raise KMSPermissionDenied(f"{what}: the plugin may not access it (RBAC)") from None
         answer = f"{exc.status} {exc.reason}"
@@ -83,7 +79,7 @@ def read_config_map(name: str, namespace: str, purpose: str) -> dict[str, str] |
             f"{purpose}: ConfigMap {namespace}/{name}",
             lambda core: core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT),
         )
-    except NotFound:
+    except KMSObjectNotFound:
         return None
     return dict(config_map.data or {})
 

@@ -21,6 +21,10 @@ class KMSConfigError(KMSError):
     """The KMS configuration is wrong (unknown id or type, missing or bad key). Names key and id."""
 
 
+class KMSObjectNotFound(KMSConfigError):
+    """An object the configuration names (a Kubernetes Secret, a ServiceAccount) does not exist."""
+
+
 class KMSUnavailable(KMSError):
     """The KMS cannot be reached now; retrying later may work."""
 

@@ -161,7 +161,8 @@ class VaultConnection:
             while True:
                 with self._lock:
                     if self._client is None:
-                        self._client = _translate(self._login, operation, self.settings, volume_id)
+                        login = f"{operation}: Vault login with {self.settings.auth.describe()}"
+                        self._client = _translate(self._login, login, self.settings, volume_id)
                     client = self._client
                 try:
                     return _translate(functools.partial(fn, client), operation, self.settings, volume_id)

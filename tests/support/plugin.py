@@ -86,12 +86,16 @@ def kms_entries(root: Path) -> dict[str, dict[str, str]]:
 
 @contextmanager
 def running_plugin(
-    root: Path, mode: Mode = Mode.ALL, state_dir: Path | None = None
+    root: Path, mode: Mode = Mode.ALL, state_dir: Path | None = None, kms_config_map: str | None = None
 ) -> Iterator[RunningPlugin]:
-    """Serve the plugin from root (socket, state dir, KMS config); stop it afterwards."""
+    """Serve the plugin from root (socket, state dir, KMS config); stop it afterwards.
+
+    With kms_config_map ("namespace/name") no KMS configuration file is written: the plugin reads the
+    ConfigMap instead.
+    """
     root.mkdir(parents=True, exist_ok=True)
     kms_config = root / "kms-config.json"
-    if not kms_config.exists():
+    if not kms_config.exists() and kms_config_map is None:
         kms_config.write_text(json.dumps(kms_entries(root)))
     state = state_dir or root / "state"
     settings = Settings(
@@ -99,6 +103,7 @@ def running_plugin(
         mode=mode,
         state_dir=str(state),
         kms_config=str(kms_config),
+        kms_config_map=kms_config_map,
         node_id="test-node",
         grace_period=5,
     )
