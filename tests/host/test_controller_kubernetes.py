@@ -1,8 +1,8 @@
 """CreateVolume/DeleteVolume through gRPC with KMS types that use the Kubernetes API, on real servers.
 
 A real kube-apiserver (Secrets, ConfigMaps, TokenRequest, TokenReview) and a real OpenBao whose
-Kubernetes auth reviews tokens through it. The plugin runs in-process as the `csi-luks-node`
-ServiceAccount, on the standalone backend.
+Kubernetes auth reviews tokens through it. The plugin runs in-process as the `kube-system/csi-luks`
+ServiceAccount of deploy/rbac.yaml, on the standalone backend.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def config_map_name(kms_env: KmsEnv) -> str:
 def plugin(
     tmp_path: Path, kms_env: KmsEnv, config_map_name: str, plugin_kube_client: None
 ) -> Iterator[RunningPlugin]:
-    """A controller with no KMS configuration file: it reads the ConfigMap csi-luks/<config_map_name>."""
+    """A controller with no KMS configuration file: it reads the ConfigMap kube-system/<config_map_name>."""
     with running_plugin(
         tmp_path / "plugin", mode=Mode.CONTROLLER, kms_config_map=f"{SYSTEM_NAMESPACE}/{config_map_name}"
     ) as running:

@@ -2,8 +2,8 @@
 
 OpenBao's Kubernetes auth reviews tokens through the API server (TokenReview, with a reviewer
 ServiceAccount bound to system:auth-delegator). The plugin's identity is the ServiceAccount
-`csi-luks-node` in the `csi-luks` namespace; tenants are namespaces with their own token Secret or
-ServiceAccount. Everything here is real: no call is mocked.
+`kube-system/csi-luks` with the RBAC of deploy/rbac.yaml; tenants are namespaces with their own token
+Secret or ServiceAccount. Everything here is real: no call is mocked.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from pathlib import Path
 
 import hvac
 import kubernetes.client as k8s
+import kubernetes.utils
 
 from tests.support.kube import KubeCluster
 from tests.support.openbao import OpenBao
 
-SYSTEM_NAMESPACE = "csi-luks"
-NODE_SA = "csi-luks-node"  # the plugin's own ServiceAccount
+SYSTEM_NAMESPACE = "kube-system"
+NODE_SA = "csi-luks"  # the plugin's own ServiceAccount, from deploy/rbac.yaml
+RBAC_MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
 STRANGER_SA = "someone-else"  # a ServiceAccount Vault's roles do not bind
 TENANT_SA = "csi-luks-vault-sa"  # the default of the vaulttenantsa type
 TOKEN_SECRET = "csi-luks-vault-token"  # the default Secret name of the vaulttokens type
@@ -42,8 +44,8 @@ class Tenant:
 class KmsEnv:
     bao: OpenBao
     kube: KubeCluster
-    node_token_file: Path  # a JWT of csi-luks/csi-luks-node, which role csi-luks binds
-    stranger_token_file: Path  # a JWT of csi-luks/someone-else, which no role binds
+    node_token_file: Path  # a JWT of kube-system/csi-luks (deploy/rbac.yaml), which role csi-luks binds
+    stranger_token_file: Path  # a JWT of kube-system/someone-else, which no role binds
     tenant: Tenant  # its ServiceAccount is bound to role `tenant`, its token Secret grants DEK_POLICY
     outsider: Tenant  # its ServiceAccount is bound to no role, its token Secret grants nothing
     unprivileged_kube_token: str  # authenticates to the API server, may read nothing (RBAC)
@@ -120,22 +122,10 @@ def build_kms_env(bao: OpenBao, kube: KubeCluster, workdir: Path) -> KmsEnv:
     root.sys.create_or_update_policy(name="nothing", policy=NOTHING_POLICY)
     tenant_ns, outsider_ns = f"tenant-{uuid.uuid4().hex[:8]}", f"outsider-{uuid.uuid4().hex[:8]}"
     with kube.api_client() as api:
-        core = k8s.CoreV1Api(api)
-        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=SYSTEM_NAMESPACE)))
-        for name in (NODE_SA, STRANGER_SA, "vault-reviewer", "nobody"):
+        kubernetes.utils.create_from_yaml(api, str(RBAC_MANIFEST))  # the plugin's ServiceAccount and RBAC
+        for name in (STRANGER_SA, "vault-reviewer", "nobody"):
             _service_account(api, SYSTEM_NAMESPACE, name)
         _bind(api, "system:auth-delegator", "vault-reviewer")
-        # What deploy/ grants the plugin: read Secrets and ConfigMaps, mint tenant ServiceAccount tokens.
-        k8s.RbacAuthorizationV1Api(api).create_cluster_role(
-            k8s.V1ClusterRole(
-                metadata=k8s.V1ObjectMeta(name="csi-luks-kms"),
-                rules=[
-                    k8s.V1PolicyRule(api_groups=[""], resources=["secrets", "configmaps"], verbs=["get"]),
-                    k8s.V1PolicyRule(api_groups=[""], resources=["serviceaccounts/token"], verbs=["create"]),
-                ],
-            )
-        )
-        _bind(api, "csi-luks-kms", NODE_SA)
         reviewer = _token(api, SYSTEM_NAMESPACE, "vault-reviewer")
         node_token = _token(api, SYSTEM_NAMESPACE, NODE_SA)
         stranger_token = _token(api, SYSTEM_NAMESPACE, STRANGER_SA)
