@@ -153,6 +153,11 @@ class VaultConnection:
         s.auth.login(client, s.kms_id)
         return client
 
+    def current_token(self) -> str | None:
+        """The token in use, if logged in (for tests and diagnostics; never logged)."""
+        with self._lock:
+            return None if self._client is None else str(self._client.token)
+
     def call(self, operation: str, volume_id: str, fn: Callable[[hvac.Client], T]) -> T:
         """Run fn with a logged-in client; retry transient failures; map errors to KMS errors."""
 

@@ -28,8 +28,9 @@ from csi_luks.kms.base import (
 )
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.local import LocalKMS
+from csi_luks.kms.vault import VaultKVKMS
 from csi_luks.volumes.standalone import StandaloneBackend
-from tests.support.kms_env import KmsEnv
+from tests.support.kms_env import NODE_SA, SYSTEM_NAMESPACE, KmsEnv
 from tests.support.openbao import free_port
 
 MiB = 1024 * 1024
@@ -345,3 +346,31 @@ def test_permission_denied(name: str, case: Case, backend: StandaloneBackend, km
         denied.new_passphrase(volume_id)
     # Refused by the server that holds the keys (Vault, or the API server's RBAC), and said so.
     assert "refused" in str(info.value) or "RBAC" in str(info.value), str(info.value)
+
+
+def test_an_expired_vault_token_is_replaced_by_a_fresh_login(
+    kms_env: KmsEnv, backend: StandaloneBackend, plugin_kube_client: None
+) -> None:
+    """Kubernetes auth with a 2-second token TTL: a call after expiry logs in again and succeeds."""
+    kms_env.bao.client().auth.kubernetes.create_role(
+        name="short-lived",
+        bound_service_account_names=[NODE_SA],
+        bound_service_account_namespaces=[SYSTEM_NAMESPACE],
+        policies=["dek"],
+        ttl="2s",
+        max_ttl="2s",
+    )
+    entry = {
+        "encryptionKMSType": "vault", "vaultAddress": kms_env.bao.address, "vaultRole": "short-lived",
+        "vaultServiceAccountTokenFile": str(kms_env.node_token_file), "vaultPassphrasePath": "short/",
+    }  # fmt: skip
+    volume_id = make_volume(backend, "pvc-expiry")
+    enc = volume_encryption(KMSConfig(None, {"kms": entry}), "kms", KMSContext(secrets={}), backend)
+    enc.new_passphrase(volume_id)
+    assert isinstance(enc.kms, VaultKVKMS)
+    first_token = enc.kms.connection.current_token()
+    assert first_token is not None
+    time.sleep(3)
+    assert kms_env.bao.client(first_token).is_authenticated() is False  # really expired
+    assert len(enc.get_passphrase(volume_id)) == 43
+    assert enc.kms.connection.current_token() not in (None, first_token)

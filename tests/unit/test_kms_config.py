@@ -227,3 +227,49 @@ def test_concurrent_readers_during_edits_see_a_whole_configuration(path: Path) -
     assert errors == []
     assert all(len(ids) == 1 for ids in seen)
     assert config.ids() == ["id-19"]
+
+
+# --- Vault login choice, tenant types, tenant allow-lists -------------------------------------------
+
+VAULT = {"encryptionKMSType": "vault", "vaultAddress": "https://vault.example:8200"}
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        {},
+        {"vaultRole": "r", "vaultTokenFile": "/t"},
+        {"vaultTokenFile": "/t", "vaultTokenSecretName": "s", "vaultTokenSecretNamespace": "n"},
+    ],
+)
+def test_a_vault_entry_needs_exactly_one_login(login: dict[str, str]) -> None:
+    config = KMSConfig(None, {"v": {**VAULT, **login}})
+    with pytest.raises(KMSConfigError, match="set exactly one of 'vaultRole'"):
+        config.build("v", KMSContext(secrets={}))
+
+
+def test_a_token_secret_needs_its_namespace() -> None:
+    config = KMSConfig(None, {"v": {**VAULT, "vaultTokenSecretName": "vault-token"}})
+    with pytest.raises(KMSConfigError, match="'vaultTokenSecretNamespace' is required"):
+        config.build("v", KMSContext(secrets={}))
+
+
+@pytest.mark.parametrize("kms_type", ["vaulttokens", "vaulttenantsa"])
+def test_tenant_types_need_the_pvc_namespace(kms_type: str) -> None:
+    config = KMSConfig(None, {"t": {**VAULT, "encryptionKMSType": kms_type}})
+    with pytest.raises(KMSConfigError, match="--extra-create-metadata"):
+        config.build("t", KMSContext(secrets={}))
+
+
+def test_only_tenant_types_take_tenant_overrides() -> None:
+    from csi_luks.kms.base import tenant_keys_for
+
+    assert "vaultAddress" in tenant_keys_for("vaulttokens")
+    assert {"vaultRole", "vaultAuthPath"} <= tenant_keys_for("vaulttenantsa")
+    assert not tenant_keys_for("vaulttokens") & {
+        "vaultTokenFile",
+        "vaultCAFile",
+        "vaultServiceAccountTokenFile",
+    }
+    for kms_type in ("secrets", "local", "metadata", "vault", "vault-transit"):
+        assert tenant_keys_for(kms_type) == frozenset(), kms_type
