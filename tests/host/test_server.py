@@ -32,7 +32,13 @@ class Plugin:
 
     def terminate(self, timeout: float = 30) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
-        _, stderr = self.proc.communicate(timeout=timeout)
+        try:
+            _, stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # PYTHONFAULTHANDLER (set by serve) makes SIGABRT print every thread's stack: say where it hung.
+            self.proc.send_signal(signal.SIGABRT)
+            _, stderr = self.proc.communicate()
+            raise AssertionError(f"the plugin did not stop within {timeout}s of SIGTERM:\n{stderr}") from None
         self.channel.close()
         return self.proc.returncode, stderr
 
@@ -57,7 +63,7 @@ def serve(sock: Path | str, *args: str, env: dict[str, str] | None = None) -> It
         [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", endpoint, *private, *args],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
     )
     try:
         # Wait for the socket to accept connections before making the channel: a channel made earlier
