@@ -19,6 +19,15 @@ STATE = PREFIX + "encryption-state"
 # The PVC's namespace at creation: tenant-aware KMS types need it again at NodeStage and DeleteVolume,
 # whose requests do not carry it.
 PVC_NAMESPACE = PREFIX + "pvc-namespace"
+# Snapshots are kept by the backend like volumes (a point-in-time copy with its own DEK), marked by KIND,
+# so that they outlive their source volume and restore like a clone.
+KIND = PREFIX + "kind"
+KIND_SNAPSHOT = "snapshot"
+SOURCE = PREFIX + "source"  # the volume or snapshot a copy was made from
+# The source's encryption state read before its content was copied: a copy of a `prepared` (empty)
+# volume is prepared too; one of an `encrypted` volume carries its LUKS header.
+SOURCE_STATE = PREFIX + "source-state"
+CREATED = PREFIX + "created"  # snapshots: creation time, nanoseconds since the epoch
 
 # LUKS2 header and key-slot area as luksFormat lays them out by default; added to the backing store so
 # the user gets the capacity they asked for.
@@ -39,6 +48,11 @@ class VolumeRecord:
     kms_id: str
     state: EncryptionState | None
     pvc_namespace: str | None = None
+    name: str = ""
+    is_snapshot: bool = False
+    source: str | None = None
+    source_state: EncryptionState | None = None
+    created_ns: int = 0
 
     @classmethod
     def parse(cls, metadata: dict[str, str]) -> VolumeRecord:
@@ -49,6 +63,11 @@ class VolumeRecord:
             kms_id=metadata.get(KMS_ID, ""),
             state=EncryptionState(state) if state else None,
             pvc_namespace=metadata.get(PVC_NAMESPACE) or None,
+            name=metadata.get(NAME, ""),
+            is_snapshot=metadata.get(KIND) == KIND_SNAPSHOT,
+            source=metadata.get(SOURCE) or None,
+            source_state=EncryptionState(metadata[SOURCE_STATE]) if metadata.get(SOURCE_STATE) else None,
+            created_ns=int(metadata.get(CREATED, "0")),
         )
 
     @property

@@ -1,15 +1,17 @@
-"""CSI Controller service: create, delete, expand and describe volumes and their DEKs."""
+"""CSI Controller service: create, delete, expand, snapshot, clone and describe volumes and their DEKs."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import volume_encryption
-from csi_luks.errors import CsiError, invalid_argument, not_found
+from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not_found
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
@@ -23,10 +25,15 @@ from csi_luks.services.validation import (
 )
 from csi_luks.volume_metadata import (
     CAPACITY,
+    CREATED,
     ENCRYPTED,
+    KIND,
+    KIND_SNAPSHOT,
     KMS_ID,
     NAME,
     PVC_NAMESPACE,
+    SOURCE,
+    SOURCE_STATE,
     STATE,
     EncryptionState,
     VolumeRecord,
@@ -40,6 +47,7 @@ PARAM_ENCRYPTED = "encrypted"
 PARAM_KMS_ID = "encryptionKMSID"
 PARAM_PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 KNOWN_PARAMETERS = (PARAM_ENCRYPTED, PARAM_KMS_ID)
+_SNAPSHOT_NAME_PREFIX = "snapshot:"  # snapshot ids come from their names, apart from volumes' names
 _PAGE_AFTER = "after:"  # ListVolumes tokens: "after:<last volume id returned>"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC.Type
@@ -48,6 +56,9 @@ CAPABILITIES = (
     RPC.EXPAND_VOLUME,
     RPC.LIST_VOLUMES,
     RPC.GET_CAPACITY,
+    RPC.CREATE_DELETE_SNAPSHOT,
+    RPC.LIST_SNAPSHOTS,
+    RPC.CLONE_VOLUME,
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
 
@@ -67,8 +78,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     ) -> csi_pb2.CreateVolumeResponse:
         name = require(request.name, "name")
         validate_capabilities(request.volume_capabilities)
-        if request.HasField("volume_content_source"):
-            raise invalid_argument("creating a volume from a snapshot or another volume is not supported yet")
         parameters = dict(request.parameters)
         unknown = unknown_keys(parameters, KNOWN_PARAMETERS)
         if unknown:
@@ -81,7 +90,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise invalid_argument(f'{PARAM_KMS_ID} is set but {PARAM_ENCRYPTED} is not "true"')
         if encrypted:
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
-        capacity = capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
+        source_id, source = self._content_source(request)
+        if source is not None and source.encrypted != encrypted:
+            raise invalid_argument(
+                f"{'encrypted' if source.encrypted else 'unencrypted'} source {source_id} cannot become an "
+                f"{'encrypted' if encrypted else 'unencrypted'} volume: set {PARAM_ENCRYPTED} in the "
+                "StorageClass to match the source"
+            )
+        if source is not None and not request.HasField("capacity_range"):
+            capacity = source.capacity
+        else:
+            capacity = capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
+        if source is not None and capacity < source.capacity:
+            raise CsiError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"the source {source_id} holds {source.capacity} bytes; a copy cannot be smaller "
+                f"({capacity} bytes)",
+            )
         volume_id = self.backend.volume_id_for(name)
         pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
 
@@ -90,37 +115,102 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             try:
                 info = self.backend.get(volume_id)
             except VolumeNotFound:
+                metadata = {
+                    NAME: name,
+                    CAPACITY: str(capacity),
+                    ENCRYPTED: "true" if encrypted else "false",
+                    KMS_ID: kms_id,
+                    **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
+                }
+                if source is not None and source_id is not None:
+                    metadata.update(_copy_marks(source_id, source))
                 info = self.backend.create(
-                    volume_id,
-                    name,
-                    backing_bytes(capacity, encrypted),
-                    {
-                        NAME: name,
-                        CAPACITY: str(capacity),
-                        ENCRYPTED: "true" if encrypted else "false",
-                        KMS_ID: kms_id,
-                        **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
-                    },
+                    volume_id, name, backing_bytes(capacity, encrypted), metadata, source_id=source_id
                 )
                 created = True
             record = VolumeRecord.parse(info.metadata)
-            self._check_same(name, record, capacity, encrypted, kms_id)
+            self._check_same(name, record, capacity, encrypted, kms_id, source_id)
             if encrypted and record.state is None:
                 try:
-                    encryption = volume_encryption(
-                        self.kms_config, kms_id, self._context(request.secrets, record), self.backend
-                    )
-                    encryption.new_passphrase(volume_id)
-                    self.backend.set_metadata(volume_id, STATE, EncryptionState.PREPARED.value)
+                    self._prepare_key(volume_id, record, request.secrets)
                 except Exception:
                     if created:  # leave no half-created volume behind
                         self.backend.delete(volume_id)
                     raise
-                log.info("volume %s (%s): DEK stored with KMS %r", volume_id, name, kms_id or "secrets")
             return csi_pb2.CreateVolumeResponse(volume=self._volume(volume_id, record.capacity, record))
 
+    def _content_source(self, request: csi_pb2.CreateVolumeRequest) -> tuple[str | None, VolumeRecord | None]:
+        """The snapshot or volume to copy, if any, checked to exist and to be complete."""
+        if not request.HasField("volume_content_source"):
+            return None, None
+        content = request.volume_content_source
+        kind = content.WhichOneof("type")
+        if kind == "snapshot":
+            source_id = require(content.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
+            record = self._find(source_id, snapshot=True)
+        elif kind == "volume":
+            source_id = require(content.volume.volume_id, "volume_content_source.volume.volume_id")
+            record = self._find(source_id, snapshot=False)
+        else:
+            raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
+        if record is None:
+            raise not_found(f"{kind} {source_id} (the content source) does not exist")
+        if record.encrypted and record.state is None:
+            raise failed_precondition(f"{kind} {source_id} is not ready: its key was never prepared")
+        return source_id, record
+
+    def _info_or_none(self, object_id: str) -> VolumeInfo | None:
+        try:
+            return self.backend.get(object_id)
+        except VolumeNotFound:
+            return None
+
+    def _find(self, object_id: str, snapshot: bool) -> VolumeRecord | None:
+        """A volume's or a snapshot's record; None if there is none of that kind with this id."""
+        info = self._info_or_none(object_id)
+        record = VolumeRecord.parse(info.metadata) if info is not None else None
+        return record if record is not None and record.is_snapshot == snapshot else None
+
+    def _prepare_key(self, volume_id: str, record: VolumeRecord, secrets: Mapping[str, str]) -> None:
+        """A new DEK, or for a copy the source's DEK re-wrapped for this volume's KMS; then the state."""
+        encryption = volume_encryption(
+            self.kms_config, record.kms_id, self._context(secrets, record), self.backend
+        )
+        if record.source is None:
+            encryption.new_passphrase(volume_id)
+            state = EncryptionState.PREPARED
+        else:
+            try:
+                source = VolumeRecord.parse(self.backend.get(record.source).metadata)
+            except VolumeNotFound:
+                raise not_found(
+                    f"the content source {record.source} of {volume_id} was deleted before the copy finished"
+                ) from None
+            source_encryption = volume_encryption(
+                self.kms_config, source.kms_id, self._context(secrets, source), self.backend
+            )
+            source_encryption.copy_to(record.source, encryption, volume_id)
+            assert record.source_state is not None  # noqa: S101 - _copy_marks sets both
+            state = record.source_state
+        self.backend.set_metadata(volume_id, STATE, state.value)
+        log.info(
+            "volume %s (%s): DEK %s with KMS %r",
+            volume_id,
+            record.name,
+            "stored" if record.source is None else f"copied from {record.source}",
+            record.kms_id or "secrets",
+        )
+
     @staticmethod
-    def _check_same(name: str, record: VolumeRecord, capacity: int, encrypted: bool, kms_id: str) -> None:
+    def _check_same(
+        name: str, record: VolumeRecord, capacity: int, encrypted: bool, kms_id: str, source_id: str | None
+    ) -> None:
+        if record.source != source_id:
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"volume {name} exists with content source {record.source or 'none'}, "
+                f"not {source_id or 'none'}",
+            )
         if record.capacity != capacity:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -153,20 +243,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 self.backend.delete(volume_id)
                 return csi_pb2.DeleteVolumeResponse()
             record = VolumeRecord.parse(info.metadata)
+            if record.is_snapshot:
+                log.warning("DeleteVolume of %s, which is a snapshot: nothing deleted", volume_id)
+                return csi_pb2.DeleteVolumeResponse()
             if self.backend.find_attachment(volume_id):
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"volume {volume_id} is still attached on this machine; unstage it first",
                 )
-            if record.encrypted:
-                # The DEK goes first: a crash after it leaves a volume that a retry deletes, never a
-                # key with no volume.
-                volume_encryption(
-                    self.kms_config, record.kms_id, self._context(request.secrets, record), self.backend
-                ).remove(volume_id)
-            self.backend.delete(volume_id)
+            self._delete(volume_id, record, request.secrets)
             log.info("volume %s deleted", volume_id)
             return csi_pb2.DeleteVolumeResponse()
+
+    def _delete(self, object_id: str, record: VolumeRecord, secrets: Mapping[str, str]) -> None:
+        """Remove a volume's or snapshot's DEK, then the object itself."""
+        if record.encrypted:
+            # The DEK goes first: a crash after it leaves an object that a retry deletes, never a key
+            # with nothing to open.
+            volume_encryption(
+                self.kms_config, record.kms_id, self._context(secrets, record), self.backend
+            ).remove(object_id)
+        self.backend.delete(object_id)
 
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
@@ -210,28 +307,45 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def ListVolumes(
         self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListVolumesResponse:
-        if request.max_entries < 0:
-            raise invalid_argument("max_entries must not be negative")
-        # The token names the last volume returned (ids are listed in order), so volumes created or
-        # deleted between pages neither repeat nor hide the ones after it.
-        after = ""
-        if request.starting_token:
-            if not request.starting_token.startswith(_PAGE_AFTER):
-                raise CsiError(
-                    grpc.StatusCode.ABORTED, f"starting_token {request.starting_token!r} is not valid"
-                )
-            after = request.starting_token[len(_PAGE_AFTER) :]
-        remaining = [info for info in self.backend.list() if info.volume_id > after]
-        page = remaining[: request.max_entries] if request.max_entries else remaining
-        more = len(page) < len(remaining)
+        page, next_token = self._page(
+            request.max_entries, request.starting_token, lambda info, record: not record.is_snapshot
+        )
         return csi_pb2.ListVolumesResponse(
-            entries=[csi_pb2.ListVolumesResponse.Entry(volume=self._volume_of(info)) for info in page],
-            next_token=_PAGE_AFTER + page[-1].volume_id if more and page else "",
+            entries=[
+                csi_pb2.ListVolumesResponse.Entry(
+                    volume=self._volume(info.volume_id, record.capacity, record)
+                )
+                for info, record in page
+            ],
+            next_token=next_token,
         )
 
-    def _volume_of(self, info: VolumeInfo) -> csi_pb2.Volume:
-        record = VolumeRecord.parse(info.metadata)
-        return self._volume(info.volume_id, record.capacity, record)
+    def _page(
+        self, max_entries: int, token: str, wanted: Callable[[VolumeInfo, VolumeRecord], bool]
+    ) -> tuple[list[tuple[VolumeInfo, VolumeRecord]], str]:
+        """One page of the objects `wanted` selects, and the token of the next page ("" after the last)."""
+        if max_entries < 0:
+            raise invalid_argument("max_entries must not be negative")
+        # The token names the last object returned (ids are listed in order), so objects created or
+        # deleted between pages neither repeat nor hide the ones after it.
+        after = self._page_start(token)
+        remaining = [
+            (info, record)
+            for info in self.backend.list()
+            if info.volume_id > after and wanted(info, record := VolumeRecord.parse(info.metadata))
+        ]
+        page = remaining[:max_entries] if max_entries else remaining
+        more = len(page) < len(remaining)
+        return page, _PAGE_AFTER + page[-1][0].volume_id if more and page else ""
+
+    @staticmethod
+    def _page_start(token: str) -> str:
+        """The id a page starts after ("" for the first page); ABORTED for a token we did not make."""
+        if not token:
+            return ""
+        if not token.startswith(_PAGE_AFTER):
+            raise CsiError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not valid")
+        return token[len(_PAGE_AFTER) :]
 
     def GetCapacity(
         self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
@@ -253,6 +367,118 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
 
     def _get(self, volume_id: str) -> VolumeInfo:
         try:
-            return self.backend.get(volume_id)
+            info = self.backend.get(volume_id)
         except VolumeNotFound:
             raise not_found(f"volume {volume_id} does not exist") from None
+        if VolumeRecord.parse(info.metadata).is_snapshot:
+            raise not_found(f"{volume_id} is a snapshot, not a volume")
+        return info
+
+    # --- snapshots -----------------------------------------------------------------------------------
+
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
+        name = require(request.name, "name")
+        source_id = require(request.source_volume_id, "source_volume_id")
+        if request.parameters:
+            raise invalid_argument(f"CreateSnapshot takes no parameters, got {sorted(request.parameters)}")
+        snapshot_id = self.backend.volume_id_for(_SNAPSHOT_NAME_PREFIX + name)
+        with (
+            self.locks.hold(snapshot_id, f"CreateSnapshot {name}"),
+            self.locks.hold(source_id, f"CreateSnapshot {name} of {source_id}"),
+        ):
+            created = False
+            info = self._info_or_none(snapshot_id)
+            if info is None:
+                source = self._find(source_id, snapshot=False)
+                if source is None:
+                    raise not_found(f"volume {source_id} (the snapshot's source) does not exist")
+                if source.encrypted and source.state is None:
+                    raise failed_precondition(f"volume {source_id} is not ready: its key was never prepared")
+                metadata = {
+                    NAME: name,
+                    CAPACITY: str(source.capacity),
+                    ENCRYPTED: "true" if source.encrypted else "false",
+                    KMS_ID: source.kms_id,
+                    KIND: KIND_SNAPSHOT,
+                    CREATED: str(time.time_ns()),
+                    **({PVC_NAMESPACE: source.pvc_namespace} if source.pvc_namespace else {}),
+                    **_copy_marks(source_id, source),
+                }
+                info = self.backend.create(
+                    snapshot_id, name, source.backing_bytes, metadata, source_id=source_id
+                )
+                created = True
+            record = VolumeRecord.parse(info.metadata)
+            if not record.is_snapshot or record.source != source_id:
+                raise CsiError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"snapshot {name} exists with source volume {record.source}, not {source_id}",
+                )
+            if record.encrypted and record.state is None:
+                # The snapshot keeps its own copy of the DEK, so it outlives its source volume.
+                try:
+                    self._prepare_key(snapshot_id, record, request.secrets)
+                except Exception:
+                    if created:
+                        self.backend.delete(snapshot_id)
+                    raise
+            log.info("snapshot %s (%s) of volume %s ready", snapshot_id, name, source_id)
+            return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(snapshot_id, record))
+
+    @staticmethod
+    def _snapshot(snapshot_id: str, record: VolumeRecord) -> csi_pb2.Snapshot:
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(record.created_ns)
+        return csi_pb2.Snapshot(
+            size_bytes=record.capacity,
+            snapshot_id=snapshot_id,
+            source_volume_id=record.source or "",
+            creation_time=created,
+            ready_to_use=True,
+        )
+
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        snapshot_id = require(request.snapshot_id, "snapshot_id")
+        with self.locks.hold(snapshot_id, "DeleteSnapshot"):
+            try:
+                record = VolumeRecord.parse(self.backend.get(snapshot_id).metadata)
+            except VolumeNotFound:
+                self.backend.delete(snapshot_id)  # sweep what a crash in CreateSnapshot left
+                return csi_pb2.DeleteSnapshotResponse()
+            if not record.is_snapshot:
+                log.warning("DeleteSnapshot of %s, which is a volume: nothing deleted", snapshot_id)
+                return csi_pb2.DeleteSnapshotResponse()
+            self._delete(snapshot_id, record, request.secrets)
+            log.info("snapshot %s deleted", snapshot_id)
+            return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
+        def wanted(info: VolumeInfo, record: VolumeRecord) -> bool:
+            return (
+                record.is_snapshot
+                and request.snapshot_id in ("", info.volume_id)
+                and request.source_volume_id in ("", record.source)
+            )
+
+        page, next_token = self._page(request.max_entries, request.starting_token, wanted)
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[
+                csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot(info.volume_id, record))
+                for info, record in page
+            ],
+            next_token=next_token,
+        )
+
+
+def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:
+    """Metadata of a copy: where it came from, and the source's state read before its content was copied."""
+    marks = {SOURCE: source_id}
+    if source.state is not None:
+        marks[SOURCE_STATE] = source.state.value
+    return marks

@@ -74,7 +74,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             info = self.backend.get(volume_id)
         except VolumeNotFound:
             raise not_found(f"volume {volume_id} does not exist") from None
-        return info, _Layout(VolumeRecord.parse(info.metadata), mapper_name(volume_id))
+        record = VolumeRecord.parse(info.metadata)
+        if record.is_snapshot:
+            raise not_found(f"{volume_id} is a snapshot, not a volume; restore it into a new volume")
+        return info, _Layout(record, mapper_name(volume_id))
 
     def _encryption(self, volume_id: str, record: VolumeRecord, secrets: dict[str, str]) -> VolumeEncryption:
         context = KMSContext(secrets=secrets, pvc_namespace=record.pvc_namespace)
@@ -108,6 +111,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 raise
             if capability.WhichOneof("access_type") == "mount":
                 self._mount_filesystem(volume_id, device, staging, capability.mount)
+                if layout.record.source is not None:
+                    # A restore or clone into a larger volume: the mapping spans the grown device
+                    # already, the filesystem still has the source's size (a no-op once grown).
+                    self.filesystems.grow(device, staging, capability.mount.fs_type or "ext4")
             log.info("volume %s staged at %s (%s)", volume_id, staging, device)
             return csi_pb2.NodeStageVolumeResponse()
 

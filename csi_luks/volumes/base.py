@@ -43,8 +43,20 @@ class VolumeBackend(ABC):
         """The deterministic volume id a CreateVolume of this name gets (idempotency by name)."""
 
     @abstractmethod
-    def create(self, volume_id: str, name: str, size_bytes: int, metadata: Mapping[str, str]) -> VolumeInfo:
-        """Create the volume with initial metadata. If it exists already, return it unchanged."""
+    def create(
+        self,
+        volume_id: str,
+        name: str,
+        size_bytes: int,
+        metadata: Mapping[str, str],
+        source_id: str | None = None,
+    ) -> VolumeInfo:
+        """Create the volume with initial metadata. If it exists already, return it unchanged.
+
+        With source_id, the new volume starts as a point-in-time copy of that volume's content (not its
+        metadata), grown to size_bytes; it does not depend on the source afterwards, so either may be
+        deleted first. VolumeNotFound if the source does not exist.
+        """
 
     @abstractmethod
     def get(self, volume_id: str) -> VolumeInfo:

@@ -7,6 +7,10 @@ For a single machine (and the demo). Layout, under the state directory:
     volumes/<id>/.lock        flock'ed around every read-modify-write (controller and node may be two
                               processes sharing the directory)
 
+A copy (a snapshot, a clone, a restore) is `cp --reflink=auto --sparse=always` of the source image: an
+instant, atomic copy-on-write clone where the file system supports it (XFS, btrfs), else a sparse copy,
+which is point-in-time only if nothing writes to the source meanwhile.
+
 Nothing is kept in memory: a new instance (a restarted plugin) finds volumes from the files and their
 attachments from the kernel's loop table. Every step is crash safe: meta.json is replaced atomically, the
 image appears at its full size in one rename, and a delete removes a volume in one rename.
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_luks.system.loop import LoopDevices
+from csi_luks.system.runner import CommandError, Runner
 from csi_luks.volumes.base import (
     BackendUnavailable,
     VolumeBackend,
@@ -132,10 +137,13 @@ def _remove_tree(path: str) -> None:
 
 
 class StandaloneBackend(VolumeBackend):
-    def __init__(self, state_dir: Path | str, loops: LoopDevices | None = None) -> None:
+    def __init__(
+        self, state_dir: Path | str, loops: LoopDevices | None = None, runner: Runner | None = None
+    ) -> None:
         # Absolute: the loop table records the backing file's path, and find() must match it from any cwd.
         self.state_dir = Path(os.path.abspath(state_dir))
         self.loops = loops if loops is not None else LoopDevices()
+        self.runner = runner or Runner()
 
     # --- paths ---------------------------------------------------------------------------------------
 
@@ -221,15 +229,19 @@ class StandaloneBackend(VolumeBackend):
         except OSError as exc:
             raise _unavailable(exc, directory, "create") from exc
 
-    @staticmethod
-    def _make_image(directory: Path, size: int) -> None:
-        """A sparse image of the full size, appearing in one rename (never a short or empty image)."""
+    def _make_image(self, directory: Path, size: int, source: Path | None = None) -> None:
+        """A sparse image of the full size (a copy of source, grown), appearing in one rename."""
         image = directory / IMAGE
         for stale in directory.glob(f".{IMAGE}.*"):  # left by a crash in an earlier attempt
             stale.unlink(missing_ok=True)
         fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{IMAGE}.")
         try:
             try:
+                if source is not None:
+                    self.runner.run(
+                        ["cp", "--reflink=auto", "--sparse=always", "--", str(source), temp], timeout=3600
+                    )
+                    size = max(size, os.stat(source).st_size)
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             finally:
@@ -274,21 +286,38 @@ class StandaloneBackend(VolumeBackend):
     def volume_id_for(self, name: str) -> str:
         return f"sa-{uuid.uuid5(_NAMESPACE, name)}"
 
-    def create(self, volume_id: str, name: str, size_bytes: int, metadata: Mapping[str, str]) -> VolumeInfo:
+    def create(
+        self,
+        volume_id: str,
+        name: str,
+        size_bytes: int,
+        metadata: Mapping[str, str],
+        source_id: str | None = None,
+    ) -> VolumeInfo:
         if size_bytes <= 0:
             raise ValueError(f"a volume's size must be positive, not {size_bytes}")
         directory = self._dir(volume_id)
+        source = None
+        if source_id is not None:
+            self.get(source_id)  # VolumeNotFound before anything is made
+            source = self.image_path(source_id)
         for _ in range(_CREATE_ATTEMPTS):
             self._make_dir(directory)
             try:
                 with self._locked(directory):
-                    return self._complete(volume_id, directory, name, size_bytes, metadata)
+                    return self._complete(volume_id, directory, name, size_bytes, metadata, source)
             except _DirectoryGone:
                 continue  # a concurrent delete removed the directory we just made: make it again
         raise VolumeBackendError(f"volume {volume_id} kept disappearing while being created")
 
     def _complete(
-        self, volume_id: str, directory: Path, name: str, size_bytes: int, metadata: Mapping[str, str]
+        self,
+        volume_id: str,
+        directory: Path,
+        name: str,
+        size_bytes: int,
+        metadata: Mapping[str, str],
+        source: Path | None,
     ) -> VolumeInfo:
         """Under the lock: create what is missing, in order (meta.json, then the image)."""
         image = directory / IMAGE
@@ -300,13 +329,15 @@ class StandaloneBackend(VolumeBackend):
                 image.unlink(missing_ok=True)
                 meta = _Meta(name=name, size=size_bytes, metadata=dict(metadata))
                 self._write_meta(directory, meta)
-                self._make_image(directory, meta.size)
+                self._make_image(directory, meta.size, source)
             else:
                 # An existing volume is returned unchanged; an image short of its recorded size (a crash
                 # while growing it) is finished first.
                 self._grow_image(image, meta.size)
         except OSError as exc:
             raise _unavailable(exc, directory, "create the volume in") from exc
+        except CommandError as exc:
+            raise VolumeBackendError(f"volume {volume_id}: copying {source} failed: {exc}") from exc
         return self._info(volume_id, directory)
 
     def get(self, volume_id: str) -> VolumeInfo:

@@ -12,7 +12,15 @@ import pytest
 from csi_luks.csi import csi_pb2
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import CAPACITY, KMS_ID, LUKS_HEADER_BYTES, STATE
-from tests.support.plugin import MiB, Mode_, RunningPlugin, mount_capability, running_plugin
+from tests.support.plugin import (
+    MiB,
+    Mode_,
+    RunningPlugin,
+    code_of,
+    details_of,
+    mount_capability,
+    running_plugin,
+)
 
 GiB = 1024 * MiB
 
@@ -21,18 +29,6 @@ GiB = 1024 * MiB
 def plugin(tmp_path: Path) -> Iterator[RunningPlugin]:
     with running_plugin(tmp_path, mode=Mode.CONTROLLER) as running:
         yield running
-
-
-def code_of(call: object, *args: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args)  # type: ignore[operator]
-    return info.value.code()
-
-
-def details_of(call: object, *args: object) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args)  # type: ignore[operator]
-    return info.value.details()  # type: ignore[no-any-return]
 
 
 def test_create_encrypted_volume_stores_a_wrapped_dek_and_marks_it_prepared(plugin: RunningPlugin) -> None:
@@ -108,9 +104,7 @@ def test_kubernetes_parameters_are_accepted(plugin: RunningPlugin) -> None:
         csi_pb2.CreateVolumeRequest(
             name="v",
             volume_capabilities=[mount_capability()],
-            volume_content_source=csi_pb2.VolumeContentSource(
-                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="s")
-            ),
+            volume_content_source=csi_pb2.VolumeContentSource(),  # names neither a snapshot nor a volume
         ),
     ],
 )

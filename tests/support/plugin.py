@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.server import PluginServer
@@ -75,6 +76,54 @@ class RunningPlugin:
         )
         volume: csi_pb2.Volume = response.volume
         return volume
+
+    def snapshot(self, name: str, source_volume_id: str) -> csi_pb2.Snapshot:
+        response = self.controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=source_volume_id)
+        )
+        snapshot: csi_pb2.Snapshot = response.snapshot
+        return snapshot
+
+    def copy(
+        self,
+        name: str,
+        size: int | None,
+        parameters: dict[str, str],
+        snapshot_id: str | None = None,
+        volume_id: str | None = None,
+    ) -> csi_pb2.Volume:
+        """CreateVolume from a snapshot or a volume; size None leaves the capacity range out."""
+        source = (
+            csi_pb2.VolumeContentSource(
+                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
+            )
+            if snapshot_id is not None
+            else csi_pb2.VolumeContentSource(
+                volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume_id)
+            )
+        )
+        request = csi_pb2.CreateVolumeRequest(
+            name=name,
+            volume_capabilities=[mount_capability()],
+            parameters=parameters,
+            volume_content_source=source,
+        )
+        if size is not None:
+            request.capacity_range.required_bytes = size
+        volume: csi_pb2.Volume = self.controller.CreateVolume(request).volume
+        return volume
+
+
+def code_of(call: object, *args: object, **kwargs: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    return info.value.code()
+
+
+def details_of(call: object, *args: object, **kwargs: object) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    return info.value.details()  # type: ignore[no-any-return]
 
 
 def kms_entries(root: Path) -> dict[str, dict[str, str]]:

@@ -45,7 +45,14 @@ class MemoryBackend(VolumeBackend):
     def volume_id_for(self, name: str) -> str:
         return f"vol-{name}"
 
-    def create(self, volume_id: str, name: str, size_bytes: int, metadata: Mapping[str, str]) -> VolumeInfo:
+    def create(
+        self,
+        volume_id: str,
+        name: str,
+        size_bytes: int,
+        metadata: Mapping[str, str],
+        source_id: str | None = None,
+    ) -> VolumeInfo:
         return self.volumes.setdefault(volume_id, VolumeInfo(volume_id, name, size_bytes, dict(metadata)))
 
     def get(self, volume_id: str) -> VolumeInfo:
