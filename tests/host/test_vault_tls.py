@@ -24,6 +24,7 @@ from csi_luks.kms.base import DEKNotFound, KMSConfigError, KMSContext, KMSObject
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.vault import VaultKVKMS
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.kms_env import SYSTEM_NAMESPACE, KmsEnv
 from tests.support.openbao import ROOT_TOKEN, OpenBao, openbao_server
 from tests.support.tls import CA
 
@@ -361,3 +362,23 @@ def test_vaulttokens_over_tls_with_the_ca_and_the_tenant_token_from_secrets(
     encryption.remove(volume_id)
     with pytest.raises(DEKNotFound):
         encryption.get_passphrase(volume_id)
+
+
+def test_a_ca_secret_read_through_the_api_server_as_the_plugin(
+    tls_bao: TLSBao, backend: StandaloneBackend, kms_env: KmsEnv, plugin_kube_client: None
+) -> None:
+    """A real API server and the plugin's RBAC (deploy/rbac.yaml): the Secret read, a missing one refused."""
+    kms_env.put_secret(SYSTEM_NAMESPACE, "csi-luks-vault-ca", {"cert": tls_bao.good_pem})
+    keys = {"vaultCAFromSecretNamespace": SYSTEM_NAMESPACE}
+    config = KMSConfig(
+        None,
+        {"api-ca": kv(tls_bao, tls_bao.ip, vaultCAFromSecret="csi-luks-vault-ca", **keys),
+         "api-no-ca": kv(tls_bao, tls_bao.ip, vaultCAFromSecret="no-such-secret", **keys)},
+    )  # fmt: skip
+    round_trip(config, "api-ca", backend, "pvc-api-ca")
+    volume_id = backend.volume_id_for("pvc-api-no-ca")
+    backend.create(volume_id, "pvc-api-no-ca", MiB, {})
+    with pytest.raises(KMSObjectNotFound) as caught:
+        volume_encryption(config, "api-no-ca", CONTEXT, backend).new_passphrase(volume_id)
+    assert status_for(caught.value)[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"Secret {SYSTEM_NAMESPACE}/no-such-secret does not exist" in str(caught.value)
