@@ -8,7 +8,10 @@ A second CA, `other`, signed nothing the server presents.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 
 from csi_luks.encryption import volume_encryption
 from csi_luks.errors import status_for
@@ -23,6 +27,7 @@ from csi_luks.kms import vault_tls
 from csi_luks.kms.base import DEKNotFound, KMSConfigError, KMSContext, KMSObjectNotFound, KMSTLSError
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.vault import VaultKVKMS
+from csi_luks.kms.vault_tls import ServerNameAdapter
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.kms_env import SYSTEM_NAMESPACE, KmsEnv
 from tests.support.openbao import ROOT_TOKEN, OpenBao, openbao_server
@@ -187,6 +192,33 @@ def test_a_tls_error_while_unwrapping_is_not_a_wrong_key(tls_bao: TLSBao, backen
 
 
 # --- vaultTLSServerName ---------------------------------------------------------------------------
+
+
+def test_the_server_name_is_sent_as_sni(tmp_path: Path) -> None:
+    """OpenBao does not tell which name a client asked for; a plain TLS server here does."""
+    ca = CA.create("sni CA")
+    cert, key = ca.issue(tmp_path, "sni", dns=["vault.test"], ips=[])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    asked: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: asked.append(name)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer_once() -> None:
+            conn, _ = listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(4096)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+        server = threading.Thread(target=answer_once, daemon=True)
+        server.start()
+        session = requests.Session()
+        session.mount("https://", ServerNameAdapter("vault.test"))
+        port, ca_file = listener.getsockname()[1], str(ca.write(tmp_path / "ca.pem"))
+        answer = session.get(f"https://127.0.0.1:{port}/", verify=ca_file, timeout=5)
+        server.join(5)
+    assert answer.text == "ok"
+    assert asked == ["vault.test"]
 
 
 def test_a_server_name_needs_https() -> None:
