@@ -46,6 +46,10 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    # Vault's certificate does not verify. Not UNAVAILABLE (what ceph-csi ends up reporting): that says
+    # "retry, it will pass", and no retry fixes a wrong CA or server name; an operator must change the
+    # KMS configuration, the CA Secret or Vault's certificate.
+    (kms.KMSTLSError, grpc.StatusCode.FAILED_PRECONDITION),
     # A Secret or ServiceAccount the KMS configuration names is missing: the cluster, not the call, is wrong.
     (kms.KMSObjectNotFound, grpc.StatusCode.FAILED_PRECONDITION),
     (kms.KMSConfigError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -33,6 +33,10 @@ class KMSPermissionDenied(KMSError):
     """The KMS refused us."""
 
 
+class KMSTLSError(KMSError):
+    """The KMS's TLS certificate does not verify (unknown CA, another name): fix the configuration."""
+
+
 class DEKNotFound(KMSError):
     """No DEK is stored for the volume."""
 

@@ -2,7 +2,8 @@
 
 Both speak to Vault or OpenBao through hvac. One client per KMS id is kept and reused; a call that
 fails for a transient reason (server down, sealed, 5xx, timeout) is retried with backoff until a
-deadline, then reported as KMSUnavailable. A token that expired is renewed by logging in again.
+deadline, then reported as KMSUnavailable. A token that expired is renewed by logging in again. A server
+certificate that does not verify is reported at once (KMSTLSError): waiting does not fix a wrong CA.
 """
 
 from __future__ import annotations
@@ -31,10 +32,18 @@ from csi_luks.kms.base import (
     KMSContext,
     KMSError,
     KMSPermissionDenied,
+    KMSTLSError,
     KMSUnavailable,
     register,
 )
 from csi_luks.kms.vault_auth import KubernetesAuth, TokenFileAuth, TokenSecretAuth, VaultAuth
+from csi_luks.kms.vault_tls import (
+    CABundleFile,
+    CASecret,
+    ServerNameAdapter,
+    certificate_problem,
+    plugin_namespace,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,6 +116,8 @@ class VaultSettings:
     auth: VaultAuth
     timeout: float
     retry_deadline: float
+    ca_secret: CASecret | None = None  # read at each login; only while verify is True
+    tls_server_name: str | None = None  # the name the certificate must carry, if not the address's host
 
     @classmethod
     def parse(cls, kms_id: str, entry: Mapping[str, str], auth: VaultAuth | None = None) -> VaultSettings:
@@ -116,10 +127,22 @@ class VaultSettings:
             raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultAddress': must be an http(s):// URL")
         verify: bool | str = _flag(kms_id, entry, "vaultCAVerify", True)
         ca_file = entry.get("vaultCAFile")
+        ca_secret_name = entry.get("vaultCAFromSecret")
+        if ca_file and ca_secret_name:
+            raise KMSConfigError(f"KMS {kms_id!r}: set 'vaultCAFile' or 'vaultCAFromSecret', not both")
         if ca_file:
             if not Path(ca_file).is_file():
                 raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultCAFile': {ca_file} does not exist")
             verify = ca_file if verify else False
+        ca_secret = None
+        if ca_secret_name and verify:
+            namespace = entry.get("vaultCAFromSecretNamespace") or plugin_namespace(kms_id)
+            ca_secret = CASecret(namespace, ca_secret_name)
+        server_name = entry.get("vaultTLSServerName") or None
+        if server_name and not address.startswith("https://"):
+            raise KMSConfigError(
+                f"KMS {kms_id!r}, key 'vaultTLSServerName': needs an https:// vaultAddress, not {address}"
+            )
         return cls(
             kms_id=kms_id,
             address=address.rstrip("/"),
@@ -128,6 +151,8 @@ class VaultSettings:
             auth=auth if auth is not None else _auth(kms_id, entry),
             timeout=_seconds(kms_id, entry, "vaultTimeout", 10.0),
             retry_deadline=_seconds(kms_id, entry, "vaultRetryDeadline", 20.0),
+            ca_secret=ca_secret,
+            tls_server_name=server_name,
         )
 
 
@@ -146,10 +171,21 @@ class VaultConnection:
         self.settings = settings
         self._lock = threading.Lock()
         self._client: hvac.Client | None = None
+        self._ca_file = CABundleFile() if settings.ca_secret is not None else None
 
     def _login(self) -> hvac.Client:
         s = self.settings
-        client = hvac.Client(url=s.address, namespace=s.namespace, verify=s.verify, timeout=s.timeout)
+        verify = s.verify
+        if s.ca_secret is not None and self._ca_file is not None:
+            verify = self._ca_file.write(s.ca_secret.read(s.kms_id))
+        session = requests.Session()
+        # hvac takes a session's verify over its own argument, and a new session's is True (system CAs).
+        session.verify = verify
+        if s.tls_server_name:
+            session.mount("https://", ServerNameAdapter(s.tls_server_name))
+        client = hvac.Client(
+            url=s.address, namespace=s.namespace, verify=verify, timeout=s.timeout, session=session
+        )
         s.auth.login(client, s.kms_id)
         return client
 
@@ -171,6 +207,11 @@ class VaultConnection:
                     client = self._client
                 try:
                     return _translate(functools.partial(fn, client), operation, self.settings, volume_id)
+                except KMSTLSError:
+                    # The next call starts afresh, re-reading a vaultCAFromSecret CA that may be fixed.
+                    with self._lock:
+                        self._client = None
+                    raise
                 except KMSPermissionDenied:
                     if relogged:
                         raise
@@ -196,10 +237,23 @@ class VaultConnection:
             ) from None
 
 
+class VaultRequestError(KMSError):
+    """Vault answered a request with an error of its own (bad request, bad ciphertext...)."""
+
+
 def _translate(fn: Callable[[], T], operation: str, settings: VaultSettings, volume_id: str) -> T:
     where = f"{operation} for volume {volume_id} (KMS {settings.kms_id!r})"
     try:
         return fn()
+    except requests.exceptions.SSLError as exc:
+        reason = certificate_problem(exc)
+        if reason is None:
+            raise _Transient(exc) from None
+        name = f" as {settings.tls_server_name!r}" if settings.tls_server_name else ""
+        raise KMSTLSError(
+            f"{where}: TLS to Vault at {settings.address}{name} failed: {reason} (check vaultCAFile, "
+            "vaultCAFromSecret, vaultTLSServerName)"
+        ) from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         raise _Transient(exc) from None
     except (
@@ -214,7 +268,7 @@ def _translate(fn: Callable[[], T], operation: str, settings: VaultSettings, vol
     except hvac.exceptions.InvalidPath:
         raise DEKNotFound(f"{where}: no DEK stored in Vault") from None
     except hvac.exceptions.VaultError as exc:
-        raise KMSError(f"{where}: Vault answered: {_errors(exc)}") from None
+        raise VaultRequestError(f"{where}: Vault answered: {_errors(exc)}") from None
 
 
 def _errors(exc: hvac.exceptions.VaultError) -> str:
@@ -380,9 +434,8 @@ class VaultTransitKMS(EncryptionKMS):
                     name=self.key, ciphertext=encrypted_dek, mount_point=self.mount
                 ),
             )
-        except (KMSUnavailable, KMSPermissionDenied):
-            raise
-        except KMSError as exc:
+        except VaultRequestError as exc:
+            # Only Vault's own refusal means the ciphertext is wrong; TLS, login or reach errors stay.
             raise DEKDecryptError(
                 f"volume {volume_id}: its DEK does not unwrap with Transit key {self.mount}/{self.key} "
                 f"(KMS {self.kms_id!r}): {exc}"

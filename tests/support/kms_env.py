@@ -83,7 +83,7 @@ def _service_account(api: k8s.ApiClient, namespace: str, name: str) -> None:
     )
 
 
-def _token(api: k8s.ApiClient, namespace: str, name: str, seconds: int = 3600) -> str:
+def service_account_token(api: k8s.ApiClient, namespace: str, name: str, seconds: int = 3600) -> str:
     request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(expiration_seconds=seconds))
     response = k8s.CoreV1Api(api).create_namespaced_service_account_token(name, namespace, request)
     token: str = response.status.token
@@ -115,6 +115,28 @@ def _tenant(env_api: k8s.ApiClient, root: hvac.Client, namespace: str, policy: s
     return Tenant(namespace, token)
 
 
+def enable_kubernetes_auth(vault: hvac.Client, kube: KubeCluster, reviewer_jwt: str) -> None:
+    """Kubernetes auth at auth/kubernetes of vault's namespace, reviewing tokens with reviewer_jwt."""
+    vault.sys.enable_auth_method("kubernetes", path="kubernetes")
+    vault.auth.kubernetes.configure(
+        kubernetes_host=kube.url,
+        kubernetes_ca_cert=kube.ca_pem,
+        token_reviewer_jwt=reviewer_jwt,
+        disable_local_ca_jwt=True,
+    )
+
+
+def create_kubernetes_role(vault: hvac.Client, role: str, namespace: str, name: str, policy: str) -> None:
+    """Role `role` of auth/kubernetes: ServiceAccount namespace/name logs in with `policy`."""
+    vault.auth.kubernetes.create_role(
+        name=role,
+        bound_service_account_names=[name],
+        bound_service_account_namespaces=[namespace],
+        policies=[policy],
+        ttl="1h",
+    )
+
+
 def build_kms_env(bao: OpenBao, kube: KubeCluster, workdir: Path) -> KmsEnv:
     workdir.mkdir(parents=True, exist_ok=True)
     root = bao.client()
@@ -126,34 +148,16 @@ def build_kms_env(bao: OpenBao, kube: KubeCluster, workdir: Path) -> KmsEnv:
         for name in (STRANGER_SA, "vault-reviewer", "nobody"):
             _service_account(api, SYSTEM_NAMESPACE, name)
         _bind(api, "system:auth-delegator", "vault-reviewer")
-        reviewer = _token(api, SYSTEM_NAMESPACE, "vault-reviewer")
-        node_token = _token(api, SYSTEM_NAMESPACE, NODE_SA)
-        stranger_token = _token(api, SYSTEM_NAMESPACE, STRANGER_SA)
-        nobody_token = _token(api, SYSTEM_NAMESPACE, "nobody")
+        reviewer = service_account_token(api, SYSTEM_NAMESPACE, "vault-reviewer")
+        node_token = service_account_token(api, SYSTEM_NAMESPACE, NODE_SA)
+        stranger_token = service_account_token(api, SYSTEM_NAMESPACE, STRANGER_SA)
+        nobody_token = service_account_token(api, SYSTEM_NAMESPACE, "nobody")
         tenant = _tenant(api, root, tenant_ns, "dek")
         outsider = _tenant(api, root, outsider_ns, "nothing")
 
-    root.sys.enable_auth_method("kubernetes", path="kubernetes")
-    root.auth.kubernetes.configure(
-        kubernetes_host=kube.url,
-        kubernetes_ca_cert=kube.ca_pem,
-        token_reviewer_jwt=reviewer,
-        disable_local_ca_jwt=True,
-    )
-    root.auth.kubernetes.create_role(
-        name="csi-luks",
-        bound_service_account_names=[NODE_SA],
-        bound_service_account_namespaces=[SYSTEM_NAMESPACE],
-        policies=["dek"],
-        ttl="1h",
-    )
-    root.auth.kubernetes.create_role(
-        name="tenant",
-        bound_service_account_names=[TENANT_SA],
-        bound_service_account_namespaces=[tenant_ns],
-        policies=["dek"],
-        ttl="1h",
-    )
+    enable_kubernetes_auth(root, kube, reviewer)
+    create_kubernetes_role(root, "csi-luks", SYSTEM_NAMESPACE, NODE_SA, "dek")
+    create_kubernetes_role(root, "tenant", tenant_ns, TENANT_SA, "dek")
     node_file, stranger_file = workdir / "node-token", workdir / "stranger-token"
     node_file.write_text(node_token)
     stranger_file.write_text(stranger_token)

@@ -7,9 +7,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hvac
@@ -38,29 +38,59 @@ class OpenBao:
     address: str
     process: subprocess.Popen[bytes]
     log: Path
+    tls_ports: list[int] = field(default_factory=list)  # one per tls_listeners entry, in order
 
     def client(self, token: str = ROOT_TOKEN) -> hvac.Client:
         return hvac.Client(url=self.address, token=token)
 
 
+def _tls_config(workdir: Path, listeners: Sequence[tuple[Path, Path]]) -> tuple[list[str], list[int]]:
+    """A config file adding one TLS listener per (cert file, key file) on 127.0.0.1: bao arguments, ports."""
+    if not listeners:
+        return [], []
+    ports = [free_port() for _ in listeners]
+    blocks = [
+        f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n  cluster_address = "127.0.0.1:{free_port()}"\n'
+        f'  tls_cert_file = "{cert}"\n  tls_key_file = "{key}"\n}}\n'
+        for port, (cert, key) in zip(ports, listeners, strict=True)
+    ]
+    config = workdir / "tls-listeners.hcl"
+    config.write_text("".join(blocks))
+    return [f"-config={config}"], ports
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 @contextmanager
-def openbao_server(workdir: Path) -> Iterator[OpenBao]:
-    """Start `bao server -dev` (in memory, KV v2 at secret/), wait until it answers, stop it afterwards."""
+def openbao_server(workdir: Path, tls_listeners: Sequence[tuple[Path, Path]] = ()) -> Iterator[OpenBao]:
+    """Start `bao server -dev` (in memory, KV v2 at secret/), wait until it answers, stop it afterwards.
+
+    tls_listeners: (certificate chain file, key file) pairs; each gets a TLS listener of its own beside
+    the dev mode's plain one (same server, same data), at OpenBao.tls_ports.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     address = f"http://127.0.0.1:{free_port()}"
     log = workdir / "openbao.log"
+    config_args, tls_ports = _tls_config(workdir, tls_listeners)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [bao_binary(), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
-             f"-dev-listen-address={address.removeprefix('http://')}"],
+             f"-dev-listen-address={address.removeprefix('http://')}", *config_args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-    server = OpenBao(address, process, log)
+    server = OpenBao(address, process, log, tls_ports)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200:
+                healthy = requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200
+                if healthy and all(_listening(port) for port in tls_ports):
                     break
             except requests.ConnectionError:
                 pass

@@ -5,6 +5,7 @@ import pytest
 
 from csi_luks import luks
 from csi_luks.errors import CsiError, invalid_argument, status_for
+from csi_luks.kms.base import KMSTLSError, KMSUnavailable
 
 
 @pytest.mark.parametrize(
@@ -17,6 +18,8 @@ from csi_luks.errors import CsiError, invalid_argument, status_for
         (luks.CryptsetupMissing("open"), grpc.StatusCode.FAILED_PRECONDITION),
         (luks.DeviceMapperUnavailable("open"), grpc.StatusCode.FAILED_PRECONDITION),
         (luks.CryptsetupTimeout("open"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (KMSUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
+        (KMSTLSError("certificate verify failed"), grpc.StatusCode.FAILED_PRECONDITION),
         (invalid_argument("volume_id missing"), grpc.StatusCode.INVALID_ARGUMENT),
         (CsiError(grpc.StatusCode.ABORTED, "in flight"), grpc.StatusCode.ABORTED),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
