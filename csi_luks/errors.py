@@ -44,6 +44,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
     (volumes.VolumeInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (volumes.BackendRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.KMSUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     # Vault's certificate does not verify. Not UNAVAILABLE (what ceph-csi ends up reporting): that says

@@ -61,11 +61,15 @@ CAPABILITIES = (
     RPC.CLONE_VOLUME,
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
+# Served only by backends that can list without a request's credentials (not RBD: these calls carry none).
+LISTING_CAPABILITIES = (RPC.LIST_VOLUMES, RPC.LIST_SNAPSHOTS, RPC.GET_CAPACITY)
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(self, backend: VolumeBackend, kms_config: KMSConfig, locks: OperationLocks) -> None:
         self.backend = backend
+        # The backend's own StorageClass parameters are known too (RBD: clusterID, pool, ...).
+        self.known_parameters = KNOWN_PARAMETERS + backend.parameter_keys
         self.kms_config = kms_config
         self.locks = locks
 
@@ -77,12 +81,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
         name = require(request.name, "name")
+        backend = self.backend.for_request(request.secrets)
         validate_capabilities(request.volume_capabilities)
         parameters = dict(request.parameters)
-        unknown = unknown_keys(parameters, KNOWN_PARAMETERS)
+        unknown = unknown_keys(parameters, self.known_parameters)
         if unknown:
             raise invalid_argument(
-                f"unknown StorageClass parameters {unknown}; known: {', '.join(KNOWN_PARAMETERS)}"
+                f"unknown StorageClass parameters {unknown}; known: {', '.join(self.known_parameters)}"
             )
         encrypted = parse_bool(parameters, PARAM_ENCRYPTED, default=False)
         kms_id = parameters.get(PARAM_KMS_ID, "")
@@ -90,7 +95,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise invalid_argument(f'{PARAM_KMS_ID} is set but {PARAM_ENCRYPTED} is not "true"')
         if encrypted:
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
-        source_id, source = self._content_source(request)
+        source_id, source = self._content_source(backend, request)
         if source is not None and source.encrypted != encrypted:
             raise invalid_argument(
                 f"{'encrypted' if source.encrypted else 'unencrypted'} source {source_id} cannot become an "
@@ -107,13 +112,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"the source {source_id} holds {source.capacity} bytes; a copy cannot be smaller "
                 f"({capacity} bytes)",
             )
-        volume_id = self.backend.volume_id_for(name)
+        volume_id = backend.volume_id_for(name, parameters)
         pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
 
         with self.locks.hold(volume_id, f"CreateVolume {name}"):
             created = False
             try:
-                info = self.backend.get(volume_id)
+                info = backend.get(volume_id)
             except VolumeNotFound:
                 metadata = {
                     NAME: name,
@@ -124,22 +129,29 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 }
                 if source is not None and source_id is not None:
                     metadata.update(_copy_marks(source_id, source))
-                info = self.backend.create(
-                    volume_id, name, backing_bytes(capacity, encrypted), metadata, source_id=source_id
+                info = backend.create(
+                    volume_id,
+                    name,
+                    backing_bytes(capacity, encrypted),
+                    metadata,
+                    source_id=source_id,
+                    parameters=parameters,
                 )
                 created = True
             record = VolumeRecord.parse(info.metadata)
             self._check_same(name, record, capacity, encrypted, kms_id, source_id)
             if encrypted and record.state is None:
                 try:
-                    self._prepare_key(volume_id, record, request.secrets)
+                    self._prepare_key(backend, volume_id, record, request.secrets)
                 except Exception:
                     if created:  # leave no half-created volume behind
-                        self.backend.delete(volume_id)
+                        backend.delete(volume_id)
                     raise
             return csi_pb2.CreateVolumeResponse(volume=self._volume(volume_id, record.capacity, record))
 
-    def _content_source(self, request: csi_pb2.CreateVolumeRequest) -> tuple[str | None, VolumeRecord | None]:
+    def _content_source(
+        self, backend: VolumeBackend, request: csi_pb2.CreateVolumeRequest
+    ) -> tuple[str | None, VolumeRecord | None]:
         """The snapshot or volume to copy, if any, checked to exist and to be complete."""
         if not request.HasField("volume_content_source"):
             return None, None
@@ -147,10 +159,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         kind = content.WhichOneof("type")
         if kind == "snapshot":
             source_id = require(content.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
-            record = self._find(source_id, snapshot=True)
+            record = self._find(backend, source_id, snapshot=True)
         elif kind == "volume":
             source_id = require(content.volume.volume_id, "volume_content_source.volume.volume_id")
-            record = self._find(source_id, snapshot=False)
+            record = self._find(backend, source_id, snapshot=False)
         else:
             raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
         if record is None:
@@ -159,40 +171,42 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise failed_precondition(f"{kind} {source_id} is not ready: its key was never prepared")
         return source_id, record
 
-    def _info_or_none(self, object_id: str) -> VolumeInfo | None:
+    def _info_or_none(self, backend: VolumeBackend, object_id: str) -> VolumeInfo | None:
         try:
-            return self.backend.get(object_id)
+            return backend.get(object_id)
         except VolumeNotFound:
             return None
 
-    def _find(self, object_id: str, snapshot: bool) -> VolumeRecord | None:
+    def _find(self, backend: VolumeBackend, object_id: str, snapshot: bool) -> VolumeRecord | None:
         """A volume's or a snapshot's record; None if there is none of that kind with this id."""
-        info = self._info_or_none(object_id)
+        info = self._info_or_none(backend, object_id)
         record = VolumeRecord.parse(info.metadata) if info is not None else None
         return record if record is not None and record.is_snapshot == snapshot else None
 
-    def _prepare_key(self, volume_id: str, record: VolumeRecord, secrets: Mapping[str, str]) -> None:
+    def _prepare_key(
+        self, backend: VolumeBackend, volume_id: str, record: VolumeRecord, secrets: Mapping[str, str]
+    ) -> None:
         """A new DEK, or for a copy the source's DEK re-wrapped for this volume's KMS; then the state."""
         encryption = volume_encryption(
-            self.kms_config, record.kms_id, self._context(secrets, record), self.backend
+            self.kms_config, record.kms_id, self._context(secrets, record), backend
         )
         if record.source is None:
             encryption.new_passphrase(volume_id)
             state = EncryptionState.PREPARED
         else:
             try:
-                source = VolumeRecord.parse(self.backend.get(record.source).metadata)
+                source = VolumeRecord.parse(backend.get(record.source).metadata)
             except VolumeNotFound:
                 raise not_found(
                     f"the content source {record.source} of {volume_id} was deleted before the copy finished"
                 ) from None
             source_encryption = volume_encryption(
-                self.kms_config, source.kms_id, self._context(secrets, source), self.backend
+                self.kms_config, source.kms_id, self._context(secrets, source), backend
             )
             source_encryption.copy_to(record.source, encryption, volume_id)
             assert record.source_state is not None  # noqa: S101 - _copy_marks sets both
             state = record.source_state
-        self.backend.set_metadata(volume_id, STATE, state.value)
+        backend.set_metadata(volume_id, STATE, state.value)
         log.info(
             "volume %s (%s): DEK %s with KMS %r",
             volume_id,
@@ -233,52 +247,56 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
+        backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "DeleteVolume"):
             try:
-                info = self.backend.get(volume_id)
+                info = backend.get(volume_id)
             except VolumeNotFound:
                 # Unknown, or torn by a crash inside CreateVolume (before any DEK was stored): sweep
                 # whatever files are left, and succeed.
-                self.backend.delete(volume_id)
+                backend.delete(volume_id)
                 return csi_pb2.DeleteVolumeResponse()
             record = VolumeRecord.parse(info.metadata)
             if record.is_snapshot:
                 log.warning("DeleteVolume of %s, which is a snapshot: nothing deleted", volume_id)
                 return csi_pb2.DeleteVolumeResponse()
-            if self.backend.find_attachment(volume_id):
+            if backend.find_attachment(volume_id):
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"volume {volume_id} is still attached on this machine; unstage it first",
                 )
-            self._delete(volume_id, record, request.secrets)
+            self._delete(backend, volume_id, record, request.secrets)
             log.info("volume %s deleted", volume_id)
             return csi_pb2.DeleteVolumeResponse()
 
-    def _delete(self, object_id: str, record: VolumeRecord, secrets: Mapping[str, str]) -> None:
+    def _delete(
+        self, backend: VolumeBackend, object_id: str, record: VolumeRecord, secrets: Mapping[str, str]
+    ) -> None:
         """Remove a volume's or snapshot's DEK, then the object itself."""
         if record.encrypted:
             # The DEK goes first: a crash after it leaves an object that a retry deletes, never a key
             # with nothing to open.
-            volume_encryption(
-                self.kms_config, record.kms_id, self._context(secrets, record), self.backend
-            ).remove(object_id)
-        self.backend.delete(object_id)
+            volume_encryption(self.kms_config, record.kms_id, self._context(secrets, record), backend).remove(
+                object_id
+            )
+        backend.delete(object_id)
 
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
+        backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise invalid_argument("capacity_range is required")
         if request.HasField("volume_capability"):
             validate_capabilities([request.volume_capability])
         with self.locks.hold(volume_id, "ControllerExpandVolume"):
-            record = VolumeRecord.parse(self._get(volume_id).metadata)
+            record = VolumeRecord.parse(self._get(backend, volume_id).metadata)
             capacity = capacity_from_range(request.capacity_range, True, current=record.capacity)
             if capacity > record.capacity:
-                self.backend.resize(volume_id, backing_bytes(capacity, record.encrypted))
-                self.backend.set_metadata(volume_id, CAPACITY, str(capacity))
+                backend.resize(volume_id, backing_bytes(capacity, record.encrypted))
+                backend.set_metadata(volume_id, CAPACITY, str(capacity))
                 log.info("volume %s grown to %d bytes", volume_id, capacity)
             # The node must grow the attachment, the dm-crypt mapping and the filesystem.
             return csi_pb2.ControllerExpandVolumeResponse(
@@ -288,10 +306,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
         if not request.volume_capabilities:
             raise invalid_argument("volume_capabilities is required")
-        self._get(volume_id)
+        self._get(backend, volume_id)
         for capability in request.volume_capabilities:
             problem = capability_problem(capability)
             if problem:
@@ -308,7 +327,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListVolumesResponse:
         page, next_token = self._page(
-            request.max_entries, request.starting_token, lambda info, record: not record.is_snapshot
+            self.backend,
+            request.max_entries,
+            request.starting_token,
+            lambda info, record: not record.is_snapshot,
         )
         return csi_pb2.ListVolumesResponse(
             entries=[
@@ -321,8 +343,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
     def _page(
-        self, max_entries: int, token: str, wanted: Callable[[VolumeInfo, VolumeRecord], bool]
+        self,
+        backend: VolumeBackend,
+        max_entries: int,
+        token: str,
+        wanted: Callable[[VolumeInfo, VolumeRecord], bool],
     ) -> tuple[list[tuple[VolumeInfo, VolumeRecord]], str]:
+        self._require_listing("listing volumes and snapshots")
         """One page of the objects `wanted` selects, and the token of the next page ("" after the last)."""
         if max_entries < 0:
             raise invalid_argument("max_entries must not be negative")
@@ -331,7 +358,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         after = self._page_start(token)
         remaining = [
             (info, record)
-            for info in self.backend.list()
+            for info in backend.list()
             if info.volume_id > after and wanted(info, record := VolumeRecord.parse(info.metadata))
         ]
         page = remaining[:max_entries] if max_entries else remaining
@@ -350,6 +377,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def GetCapacity(
         self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetCapacityResponse:
+        self._require_listing("GetCapacity")
         for capability in request.volume_capabilities:
             if capability_problem(capability):
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -362,12 +390,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             capabilities=[
                 csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=kind))
                 for kind in CAPABILITIES
+                if self.backend.can_list or kind not in LISTING_CAPABILITIES
             ]
         )
 
-    def _get(self, volume_id: str) -> VolumeInfo:
+    def _require_listing(self, call: str) -> None:
+        if not self.backend.can_list:
+            raise CsiError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{call} is not available with the {type(self.backend).__name__}: it needs credentials "
+                "that this call does not carry",
+            )
+
+    def _get(self, backend: VolumeBackend, volume_id: str) -> VolumeInfo:
         try:
-            info = self.backend.get(volume_id)
+            info = backend.get(volume_id)
         except VolumeNotFound:
             raise not_found(f"volume {volume_id} does not exist") from None
         if VolumeRecord.parse(info.metadata).is_snapshot:
@@ -380,18 +417,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
         name = require(request.name, "name")
+        backend = self.backend.for_request(request.secrets)
         source_id = require(request.source_volume_id, "source_volume_id")
         if request.parameters:
             raise invalid_argument(f"CreateSnapshot takes no parameters, got {sorted(request.parameters)}")
-        snapshot_id = self.backend.volume_id_for(_SNAPSHOT_NAME_PREFIX + name)
+        snapshot_id = backend.volume_id_for(_SNAPSHOT_NAME_PREFIX + name, {}, like=source_id)
         with (
             self.locks.hold(snapshot_id, f"CreateSnapshot {name}"),
             self.locks.hold(source_id, f"CreateSnapshot {name} of {source_id}"),
         ):
             created = False
-            info = self._info_or_none(snapshot_id)
+            info = self._info_or_none(backend, snapshot_id)
             if info is None:
-                source = self._find(source_id, snapshot=False)
+                source = self._find(backend, source_id, snapshot=False)
                 if source is None:
                     raise not_found(f"volume {source_id} (the snapshot's source) does not exist")
                 if source.encrypted and source.state is None:
@@ -406,9 +444,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     **({PVC_NAMESPACE: source.pvc_namespace} if source.pvc_namespace else {}),
                     **_copy_marks(source_id, source),
                 }
-                info = self.backend.create(
-                    snapshot_id, name, source.backing_bytes, metadata, source_id=source_id
-                )
+                info = backend.create(snapshot_id, name, source.backing_bytes, metadata, source_id=source_id)
                 created = True
             record = VolumeRecord.parse(info.metadata)
             if not record.is_snapshot or record.source != source_id:
@@ -419,10 +455,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if record.encrypted and record.state is None:
                 # The snapshot keeps its own copy of the DEK, so it outlives its source volume.
                 try:
-                    self._prepare_key(snapshot_id, record, request.secrets)
+                    self._prepare_key(backend, snapshot_id, record, request.secrets)
                 except Exception:
                     if created:
-                        self.backend.delete(snapshot_id)
+                        backend.delete(snapshot_id)
                     raise
             log.info("snapshot %s (%s) of volume %s ready", snapshot_id, name, source_id)
             return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(snapshot_id, record))
@@ -442,23 +478,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteSnapshotResponse:
+        backend = self.backend.for_request(request.secrets)
         snapshot_id = require(request.snapshot_id, "snapshot_id")
         with self.locks.hold(snapshot_id, "DeleteSnapshot"):
             try:
-                record = VolumeRecord.parse(self.backend.get(snapshot_id).metadata)
+                record = VolumeRecord.parse(backend.get(snapshot_id).metadata)
             except VolumeNotFound:
-                self.backend.delete(snapshot_id)  # sweep what a crash in CreateSnapshot left
+                backend.delete(snapshot_id)  # sweep what a crash in CreateSnapshot left
                 return csi_pb2.DeleteSnapshotResponse()
             if not record.is_snapshot:
                 log.warning("DeleteSnapshot of %s, which is a volume: nothing deleted", snapshot_id)
                 return csi_pb2.DeleteSnapshotResponse()
-            self._delete(snapshot_id, record, request.secrets)
+            self._delete(backend, snapshot_id, record, request.secrets)
             log.info("snapshot %s deleted", snapshot_id)
             return csi_pb2.DeleteSnapshotResponse()
 
     def ListSnapshots(
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
+        backend = self.backend.for_request(request.secrets)
+
         def wanted(info: VolumeInfo, record: VolumeRecord) -> bool:
             return (
                 record.is_snapshot
@@ -466,7 +505,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 and request.source_volume_id in ("", record.source)
             )
 
-        page, next_token = self._page(request.max_entries, request.starting_token, wanted)
+        page, next_token = self._page(backend, request.max_entries, request.starting_token, wanted)
         return csi_pb2.ListSnapshotsResponse(
             entries=[
                 csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot(info.volume_id, record))

@@ -69,9 +69,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self.cryptsetup = cryptsetup
         self.filesystems = filesystems
 
-    def _volume(self, volume_id: str) -> tuple[VolumeInfo, _Layout]:
+    def _volume(self, backend: VolumeBackend, volume_id: str) -> tuple[VolumeInfo, _Layout]:
         try:
-            info = self.backend.get(volume_id)
+            info = backend.get(volume_id)
         except VolumeNotFound:
             raise not_found(f"volume {volume_id} does not exist") from None
         record = VolumeRecord.parse(info.metadata)
@@ -79,35 +79,38 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise not_found(f"{volume_id} is a snapshot, not a volume; restore it into a new volume")
         return info, _Layout(record, mapper_name(volume_id))
 
-    def _encryption(self, volume_id: str, record: VolumeRecord, secrets: dict[str, str]) -> VolumeEncryption:
+    def _encryption(
+        self, backend: VolumeBackend, volume_id: str, record: VolumeRecord, secrets: dict[str, str]
+    ) -> VolumeEncryption:
         context = KMSContext(secrets=secrets, pvc_namespace=record.pvc_namespace)
-        return volume_encryption(self.kms_config, record.kms_id, context, self.backend)
+        return volume_encryption(self.kms_config, record.kms_id, context, backend)
 
-    def _device(self, volume_id: str, layout: _Layout) -> str | None:
+    def _device(self, backend: VolumeBackend, volume_id: str, layout: _Layout) -> str | None:
         """The block device the workload sees (the mapping for encrypted volumes), if it exists."""
         if layout.record.encrypted:
             return layout.mapped_device if self.cryptsetup.status(layout.mapper).active else None
-        return self.backend.find_attachment(volume_id)
+        return backend.find_attachment(volume_id)
 
     # --- stage ---------------------------------------------------------------------------------------
 
     def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeStageVolumeResponse:
+        backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
         staging = require(request.staging_target_path, "staging_target_path")
         validate_capability(request.volume_capability, request.HasField("volume_capability"))
         capability = request.volume_capability
         with self.locks.hold(volume_id, "NodeStageVolume"):
-            _, layout = self._volume(volume_id)
-            was_attached = self.backend.find_attachment(volume_id) is not None
-            device = self.backend.attach(volume_id)
+            _, layout = self._volume(backend, volume_id)
+            was_attached = backend.find_attachment(volume_id) is not None
+            device = backend.attach(volume_id)
             try:
                 if layout.record.encrypted:
-                    device = self._open_encrypted(volume_id, device, layout, dict(request.secrets))
+                    device = self._open_encrypted(backend, volume_id, device, layout, dict(request.secrets))
             except Exception:
                 if not was_attached:
-                    self.backend.detach(volume_id)  # leave the node as we found it
+                    backend.detach(volume_id)  # leave the node as we found it
                 raise
             if capability.WhichOneof("access_type") == "mount":
                 self._mount_filesystem(volume_id, device, staging, capability.mount)
@@ -118,24 +121,26 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             log.info("volume %s staged at %s (%s)", volume_id, staging, device)
             return csi_pb2.NodeStageVolumeResponse()
 
-    def _open_encrypted(self, volume_id: str, device: str, layout: _Layout, secrets: dict[str, str]) -> str:
+    def _open_encrypted(
+        self, backend: VolumeBackend, volume_id: str, device: str, layout: _Layout, secrets: dict[str, str]
+    ) -> str:
         already_open = self.cryptsetup.open_mapping_of(device, layout.mapper)
         if already_open:
             return already_open
         record = layout.record
-        encryption = self._encryption(volume_id, record, secrets)
+        encryption = self._encryption(backend, volume_id, record, secrets)
         found = self.filesystems.probe(device)
         if record.state is EncryptionState.PREPARED:
             if found.is_luks:
                 # A crash between luksFormat and the metadata write: the header is ours, finish the step.
                 log.warning("volume %s: LUKS header present but state was prepared; repairing", volume_id)
-                self.backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+                backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
             elif found.empty:
                 label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
                 self.cryptsetup.format(
                     device, encryption.get_passphrase(volume_id), FormatOptions(label=label)
                 )
-                self.backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+                backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
                 log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
             else:
                 raise failed_precondition(
@@ -182,6 +187,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
+        backend = self.backend.for_request({})
         volume_id = require(request.volume_id, "volume_id")
         staging = require(request.staging_target_path, "staging_target_path")
         with self.locks.hold(volume_id, "NodeUnstageVolume"):
@@ -190,7 +196,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # metadata is already gone.
             self.cryptsetup.close(mapper_name(volume_id))
             with contextlib.suppress(VolumeNotFound):
-                self.backend.detach(volume_id)
+                backend.detach(volume_id)
             log.info("volume %s unstaged from %s", volume_id, staging)
             return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -199,14 +205,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
+        backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
         target = require(request.target_path, "target_path")
         staging = require(request.staging_target_path, "staging_target_path")
         validate_capability(request.volume_capability, request.HasField("volume_capability"))
         with self.locks.hold(volume_id, "NodePublishVolume"):
-            _, layout = self._volume(volume_id)
+            _, layout = self._volume(backend, volume_id)
             if request.volume_capability.WhichOneof("access_type") == "block":
-                device = self._device(volume_id, layout)
+                device = self._device(backend, volume_id, layout)
                 if device is None:
                     raise failed_precondition(f"volume {volume_id} is not staged on this node")
                 self.filesystems.bind_mount(device, target, request.readonly, target_is_file=True)
@@ -234,14 +241,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
+        backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
         path = require(request.volume_path, "volume_path")
         with self.locks.hold(volume_id, "NodeExpandVolume"):
-            _, layout = self._volume(volume_id)
+            _, layout = self._volume(backend, volume_id)
             if not os.path.exists(path):
                 raise not_found(f"volume path {path} does not exist")
-            self.backend.refresh_attachment_size(volume_id)
-            device = self._device(volume_id, layout)
+            backend.refresh_attachment_size(volume_id)
+            device = self._device(backend, volume_id, layout)
             if device is None:
                 raise failed_precondition(f"volume {volume_id} is not staged on this node")
             if layout.record.encrypted:
@@ -256,12 +264,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeGetVolumeStats(
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        backend = self.backend.for_request({})
         volume_id = require(request.volume_id, "volume_id")
         path = require(request.volume_path, "volume_path")
-        _, layout = self._volume(volume_id)
+        _, layout = self._volume(backend, volume_id)
         if not os.path.exists(path):
             raise not_found(f"volume path {path} does not exist")
-        device = self._device(volume_id, layout)
+        device = self._device(backend, volume_id, layout)
         problems = []
         if device is None:
             problems.append("the encrypted mapping is gone" if layout.record.encrypted else "not attached")

@@ -27,6 +27,10 @@ class BackendUnavailable(VolumeBackendError):
     """The storage behind the backend cannot be reached (cluster down, state directory missing)."""
 
 
+class BackendRequestError(VolumeBackendError):
+    """The request cannot be served as given: an unknown cluster, a bad parameter, no credentials."""
+
+
 @dataclass(frozen=True)
 class VolumeInfo:
     volume_id: str
@@ -38,9 +42,23 @@ class VolumeInfo:
 class VolumeBackend(ABC):
     """Create, find, resize and delete volumes; keep per-volume metadata; attach them as block devices."""
 
+    # StorageClass parameters this backend reads (the controller refuses any other unknown key).
+    parameter_keys: tuple[str, ...] = ()
+    # Whether list() and free_bytes() work without a request's credentials (ListVolumes, ListSnapshots
+    # and GetCapacity carry none).
+    can_list: bool = True
+
+    def for_request(self, secrets: Mapping[str, str]) -> VolumeBackend:
+        """This backend acting with a request's credentials (RBD: its cephx user); by default itself."""
+        return self
+
     @abstractmethod
-    def volume_id_for(self, name: str) -> str:
-        """The deterministic volume id a CreateVolume of this name gets (idempotency by name)."""
+    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
+        """The deterministic id a CreateVolume of this name gets (idempotency by name).
+
+        parameters are the StorageClass's (where to place the volume); like is an existing object whose
+        placement the new one shares (a snapshot lives beside its source volume).
+        """
 
     @abstractmethod
     def create(
@@ -50,6 +68,7 @@ class VolumeBackend(ABC):
         size_bytes: int,
         metadata: Mapping[str, str],
         source_id: str | None = None,
+        parameters: Mapping[str, str] | None = None,
     ) -> VolumeInfo:
         """Create the volume with initial metadata. If it exists already, return it unchanged.
 

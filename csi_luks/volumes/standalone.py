@@ -283,7 +283,7 @@ class StandaloneBackend(VolumeBackend):
 
     # --- the interface -------------------------------------------------------------------------------
 
-    def volume_id_for(self, name: str) -> str:
+    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
         return f"sa-{uuid.uuid5(_NAMESPACE, name)}"
 
     def create(
@@ -293,6 +293,7 @@ class StandaloneBackend(VolumeBackend):
         size_bytes: int,
         metadata: Mapping[str, str],
         source_id: str | None = None,
+        parameters: Mapping[str, str] | None = None,
     ) -> VolumeInfo:
         if size_bytes <= 0:
             raise ValueError(f"a volume's size must be positive, not {size_bytes}")

@@ -250,7 +250,7 @@ def encryption(
 
 
 def make_volume(backend: StandaloneBackend, name: str) -> str:
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, MiB, {})
     return volume_id
 

@@ -132,7 +132,7 @@ def test_copy_rules(plugin: RunningPlugin) -> None:
         == grpc.StatusCode.OUT_OF_RANGE
     )
     # Missing sources, and ids of the wrong kind: NOT_FOUND.
-    missing = plugin.backend.volume_id_for("nothing")
+    missing = plugin.backend.volume_id_for("nothing", {})
     assert code_of(create, "x4", None, LOCAL_1, snapshot_id=missing) == grpc.StatusCode.NOT_FOUND
     assert code_of(create, "x5", None, LOCAL_1, volume_id=snapshot.snapshot_id) == grpc.StatusCode.NOT_FOUND
     assert code_of(create, "x6", None, LOCAL_1, snapshot_id=encrypted.volume_id) == grpc.StatusCode.NOT_FOUND
@@ -212,7 +212,7 @@ def test_a_crash_between_copy_and_key_is_finished_with_the_source_key(plugin: Ru
     """The copy exists but its DEK was never copied (a crash): the retry copies the DEK, never a new one."""
     source = plugin.create("pvc-src", 16 * MiB, LOCAL_1)
     plugin.backend.set_metadata(source.volume_id, STATE, "encrypted")
-    volume_id = plugin.backend.volume_id_for("pvc-crash")
+    volume_id = plugin.backend.volume_id_for("pvc-crash", {})
     plugin.backend.create(
         volume_id,
         "pvc-crash",

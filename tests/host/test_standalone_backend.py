@@ -62,7 +62,7 @@ def backend(state: Path, loops: FakeLoops) -> StandaloneBackend:
 
 
 def new_volume(backend: StandaloneBackend, name: str, size: int = 8 * MiB, **metadata: str) -> str:
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, size, metadata)
     return volume_id
 
@@ -75,8 +75,9 @@ def files_in(directory: Path) -> list[str]:
 
 
 def test_ids_are_deterministic_distinct_and_stable_across_instances(backend: StandaloneBackend) -> None:
-    one, two = backend.volume_id_for("pvc-1"), backend.volume_id_for("pvc-2")
-    assert one == backend.volume_id_for("pvc-1") == StandaloneBackend("/elsewhere").volume_id_for("pvc-1")
+    one, two = backend.volume_id_for("pvc-1", {}), backend.volume_id_for("pvc-2", {})
+    elsewhere = StandaloneBackend("/elsewhere")
+    assert one == backend.volume_id_for("pvc-1", {}) == elsewhere.volume_id_for("pvc-1", {})
     assert one != two
     assert one.startswith("sa-") and len(one) == len("sa-") + 36
     # Pinned: ids of existing volumes must never change (the namespace is fixed forever).
@@ -121,7 +122,7 @@ def test_ids_that_are_not_ours_are_not_found_and_never_paths(
 
 
 def test_create_lays_out_a_sparse_image_and_metadata(backend: StandaloneBackend, state: Path) -> None:
-    volume_id = backend.volume_id_for("pvc-1")
+    volume_id = backend.volume_id_for("pvc-1", {})
     info = backend.create(volume_id, "pvc-1", 64 * MiB, {"k": "v"})
     assert (info.volume_id, info.name, info.size_bytes, info.metadata) == (
         volume_id,
@@ -142,7 +143,7 @@ def test_create_lays_out_a_sparse_image_and_metadata(backend: StandaloneBackend,
 
 
 def test_create_is_idempotent_and_returns_an_existing_volume_unchanged(backend: StandaloneBackend) -> None:
-    volume_id = backend.volume_id_for("pvc-1")
+    volume_id = backend.volume_id_for("pvc-1", {})
     info = backend.create(volume_id, "pvc-1", 16 * MiB, {"k": "v"})
     backend.set_metadata(volume_id, "state", "prepared")
     again = backend.create(volume_id, "pvc-1", 32 * MiB, {"other": "x"})
@@ -153,7 +154,7 @@ def test_create_is_idempotent_and_returns_an_existing_volume_unchanged(backend: 
 def test_create_refuses_a_size_that_is_not_positive(backend: StandaloneBackend, state: Path) -> None:
     for size in (0, -1):
         with pytest.raises(ValueError, match="positive"):
-            backend.create(backend.volume_id_for("pvc-0"), "pvc-0", size, {})
+            backend.create(backend.volume_id_for("pvc-0", {}), "pvc-0", size, {})
     assert not state.exists()
 
 
@@ -169,10 +170,10 @@ def test_list_is_sorted_by_id_and_survives_a_restart(backend: StandaloneBackend,
 
 def test_get_of_a_missing_volume(backend: StandaloneBackend) -> None:
     with pytest.raises(VolumeNotFound):
-        backend.get(backend.volume_id_for("never-created"))
+        backend.get(backend.volume_id_for("never-created", {}))
     new_volume(backend, "pvc-1")
     with pytest.raises(VolumeNotFound):
-        backend.get(backend.volume_id_for("never-created"))
+        backend.get(backend.volume_id_for("never-created", {}))
 
 
 # --- resize -------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_resize_grows_and_never_shrinks(backend: StandaloneBackend) -> None:
     assert backend.get(volume_id).size_bytes == 20 * MiB
     assert backend.image_path(volume_id).stat().st_blocks == 0  # still sparse
     with pytest.raises(VolumeNotFound):
-        backend.resize(backend.volume_id_for("never-created"), 20 * MiB)
+        backend.resize(backend.volume_id_for("never-created", {}), 20 * MiB)
 
 
 # --- metadata -----------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_metadata_set_and_remove_survive_a_restart(
     assert restarted.get(volume_id).metadata == {"csi-luks/state": "encrypted", "dek": "wrapped"}
     restarted.remove_metadata(volume_id, "dek")
     assert StandaloneBackend(state, loops=loops).get(volume_id).metadata == {"csi-luks/state": "encrypted"}
-    missing = backend.volume_id_for("never-created")
+    missing = backend.volume_id_for("never-created", {})
     with pytest.raises(VolumeNotFound):
         backend.set_metadata(missing, "k", "v")
     with pytest.raises(VolumeNotFound):
@@ -337,7 +338,7 @@ def test_a_metadata_update_waiting_on_a_delete_does_not_resurrect_the_volume(
 def test_a_crash_after_the_metadata_before_the_image_is_completed_by_a_retry(
     backend: StandaloneBackend, state: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    volume_id = backend.volume_id_for("pvc-crash")
+    volume_id = backend.volume_id_for("pvc-crash", {})
 
     class Crash(BaseException):
         pass
@@ -366,14 +367,14 @@ def test_a_half_written_image_and_its_leftovers_are_completed(
     backend: StandaloneBackend, state: Path
 ) -> None:
     """By hand, the states an older or interrupted create can leave: a short image, a stray temp image."""
-    volume_id = backend.volume_id_for("pvc-short")
+    volume_id = backend.volume_id_for("pvc-short", {})
     directory = state / "volumes" / volume_id
     directory.mkdir(parents=True)
     (directory / META).write_text(json.dumps({"name": "pvc-short", "size": 8 * MiB, "metadata": {"k": "v"}}))
     (directory / IMAGE).write_bytes(b"")
     assert backend.create(volume_id, "pvc-short", 8 * MiB, {"k": "v"}).size_bytes == 8 * MiB
 
-    volume_id = backend.volume_id_for("pvc-stray")
+    volume_id = backend.volume_id_for("pvc-stray", {})
     directory = state / "volumes" / volume_id
     directory.mkdir(parents=True)
     (directory / META).write_text(json.dumps({"name": "pvc-stray", "metadata": {}}))  # no "size": older file
@@ -383,7 +384,7 @@ def test_a_half_written_image_and_its_leftovers_are_completed(
 
 
 def test_a_torn_directory_without_metadata_is_not_a_volume(backend: StandaloneBackend, state: Path) -> None:
-    volume_id = backend.volume_id_for("pvc-torn")
+    volume_id = backend.volume_id_for("pvc-torn", {})
     directory = state / "volumes" / volume_id
     directory.mkdir(parents=True)
     (directory / IMAGE).write_bytes(b"old data from who knows where")
@@ -440,7 +441,7 @@ def test_attach_of_a_missing_volume_does_not_touch_losetup(
     backend: StandaloneBackend, loops: FakeLoops
 ) -> None:
     with pytest.raises(VolumeNotFound):
-        backend.attach(backend.volume_id_for("never-created"))
+        backend.attach(backend.volume_id_for("never-created", {}))
     assert loops.calls == []
 
 
@@ -467,7 +468,7 @@ def test_a_state_dir_that_cannot_exist_is_unavailable(tmp_path: Path, loops: Fak
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     backend = StandaloneBackend(blocker / "state", loops=loops)
-    volume_id = backend.volume_id_for("pvc-1")
+    volume_id = backend.volume_id_for("pvc-1", {})
     with pytest.raises(BackendUnavailable, match=str(blocker)):
         backend.create(volume_id, "pvc-1", MiB, {})
     with pytest.raises(BackendUnavailable, match=str(blocker)):

@@ -80,7 +80,7 @@ def backend(tmp_path: Path) -> StandaloneBackend:
 
 
 def make_volume(backend: StandaloneBackend, name: str) -> str:
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, MiB, {})
     return volume_id
 

@@ -59,7 +59,7 @@ def entry(bao: OpenBao, token_file: Path, **keys: str) -> dict[str, str]:
 
 
 def new_volume(backend: StandaloneBackend, name: str) -> str:
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, MiB, {})
     return volume_id
 

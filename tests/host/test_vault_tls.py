@@ -90,7 +90,7 @@ def kv(tls: TLSBao, address: str, **keys: str) -> dict[str, str]:
 
 def round_trip(config: KMSConfig, kms_id: str, backend: StandaloneBackend, name: str) -> str:
     """Store a new DEK through the KMS, read it back through a fresh build; the volume id."""
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, MiB, {})
     encryption = volume_encryption(config, kms_id, CONTEXT, backend)
     encryption.new_passphrase(volume_id)
@@ -102,7 +102,7 @@ def round_trip(config: KMSConfig, kms_id: str, backend: StandaloneBackend, name:
 
 def fails_fast_with_tls_error(config: KMSConfig, kms_id: str, backend: StandaloneBackend, name: str) -> str:
     """The call fails at once (no retries until DEADLINE) with FAILED_PRECONDITION; the message."""
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, MiB, {})
     started = time.monotonic()
     with pytest.raises(KMSTLSError) as caught:
@@ -184,7 +184,7 @@ def test_a_tls_error_while_unwrapping_is_not_a_wrong_key(tls_bao: TLSBao, backen
         {"good": {**base, "vaultCAFile": str(tls_bao.good_ca)},
          "bad": {**base, "vaultCAFile": str(tls_bao.other_ca)}},
     )  # fmt: skip
-    volume_id = backend.volume_id_for("pvc-unwrap")
+    volume_id = backend.volume_id_for("pvc-unwrap", {})
     backend.create(volume_id, "pvc-unwrap", MiB, {})
     volume_encryption(config, "good", CONTEXT, backend).new_passphrase(volume_id)
     with pytest.raises(KMSTLSError, match="certificate verify failed"):
@@ -340,7 +340,7 @@ def test_a_missing_or_broken_ca_secret(
     config = KMSConfig(
         None, {"broken": kv(tls_bao, tls_bao.ip, **CA_SECRET)}
     )  # fmt: skip
-    volume_id = backend.volume_id_for("pvc-broken")
+    volume_id = backend.volume_id_for("pvc-broken", {})
     backend.create(volume_id, "pvc-broken", MiB, {})
     with pytest.raises(error) as caught:
         volume_encryption(config, "broken", CONTEXT, backend).new_passphrase(volume_id)
@@ -382,7 +382,7 @@ def test_vaulttokens_over_tls_with_the_ca_and_the_tenant_token_from_secrets(
              "vaultPassphrasePath": "tenants/", "vaultRetryDeadline": str(DEADLINE)}  # fmt: skip
     config = KMSConfig(None, {"tokens": entry})
     context = KMSContext(secrets={}, pvc_namespace="tenant-a")
-    volume_id = backend.volume_id_for("pvc-tenant")
+    volume_id = backend.volume_id_for("pvc-tenant", {})
     backend.create(volume_id, "pvc-tenant", MiB, {})
     with pytest.raises(KMSTLSError, match="IP address mismatch"):  # the certificate names only vault.test
         volume_encryption(config, "tokens", context, backend).new_passphrase(volume_id)
@@ -408,7 +408,7 @@ def test_a_ca_secret_read_through_the_api_server_as_the_plugin(
          "api-no-ca": kv(tls_bao, tls_bao.ip, vaultCAFromSecret="no-such-secret", **keys)},
     )  # fmt: skip
     round_trip(config, "api-ca", backend, "pvc-api-ca")
-    volume_id = backend.volume_id_for("pvc-api-no-ca")
+    volume_id = backend.volume_id_for("pvc-api-no-ca", {})
     backend.create(volume_id, "pvc-api-no-ca", MiB, {})
     with pytest.raises(KMSObjectNotFound) as caught:
         volume_encryption(config, "api-no-ca", CONTEXT, backend).new_passphrase(volume_id)

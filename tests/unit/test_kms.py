@@ -42,7 +42,7 @@ class MemoryBackend(VolumeBackend):
     def __init__(self) -> None:
         self.volumes: dict[str, VolumeInfo] = {}
 
-    def volume_id_for(self, name: str) -> str:
+    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
         return f"vol-{name}"
 
     def create(
@@ -52,6 +52,7 @@ class MemoryBackend(VolumeBackend):
         size_bytes: int,
         metadata: Mapping[str, str],
         source_id: str | None = None,
+        parameters: Mapping[str, str] | None = None,
     ) -> VolumeInfo:
         return self.volumes.setdefault(volume_id, VolumeInfo(volume_id, name, size_bytes, dict(metadata)))
 

@@ -19,7 +19,7 @@ CONFIG = KMSConfig(None, {"meta": {"encryptionKMSType": "metadata"}})
 
 def _volume(tmp_path: Path, name: str = "pvc-1") -> tuple[StandaloneBackend, str]:
     backend = StandaloneBackend(tmp_path / "state")
-    volume_id = backend.volume_id_for(name)
+    volume_id = backend.volume_id_for(name, {})
     backend.create(volume_id, name, MiB, {})
     return backend, volume_id
 

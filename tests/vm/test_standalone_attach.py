@@ -36,7 +36,7 @@ def state(tmp_path: Path) -> Iterator[Path]:
 
 def test_attach_resize_and_delete_on_a_real_loop_device(state: Path) -> None:
     backend = StandaloneBackend(state)
-    volume_id = backend.volume_id_for("pvc-attach")
+    volume_id = backend.volume_id_for("pvc-attach", {})
     backend.create(volume_id, "pvc-attach", 16 * MiB, {})
     assert backend.find_attachment(volume_id) is None
 
@@ -67,7 +67,7 @@ def test_attach_resize_and_delete_on_a_real_loop_device(state: Path) -> None:
 def test_an_attachment_made_by_another_process_is_found_and_guards_delete(state: Path) -> None:
     """Controller and node may be separate processes sharing the state directory."""
     backend = StandaloneBackend(state)
-    volume_id = backend.volume_id_for("pvc-other")
+    volume_id = backend.volume_id_for("pvc-other", {})
     backend.create(volume_id, "pvc-other", 8 * MiB, {})
     attach = (
         "import sys; from csi_luks.volumes.standalone import StandaloneBackend; "
