@@ -9,7 +9,15 @@ import sys
 from collections.abc import Sequence
 
 from csi_luks import __version__
-from csi_luks.settings import DEFAULT_DRIVER_NAME, DEFAULT_KMS_CONFIG, DEFAULT_STATE_DIR, Mode, Settings
+from csi_luks.settings import (
+    DEFAULT_CEPH_CONFIG,
+    DEFAULT_DRIVER_NAME,
+    DEFAULT_KMS_CONFIG,
+    DEFAULT_STATE_DIR,
+    Backend,
+    Mode,
+    Settings,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
         "--socket-group",
         default=os.environ.get("CSI_LUKS_SOCKET_GROUP") or None,
         help="group (name or gid) allowed on the socket, which becomes 0660; default 0600, owner only",
+    )
+    serve.add_argument(
+        "--backend",
+        type=Backend,
+        choices=list(Backend),
+        default=Backend(os.environ.get("CSI_LUKS_BACKEND", "standalone")),
+        help="where volumes live: standalone (loop files) or rbd (Ceph RBD images) (env CSI_LUKS_BACKEND)",
+    )
+    serve.add_argument(
+        "--ceph-config",
+        default=os.environ.get("CSI_LUKS_CEPH_CONFIG", DEFAULT_CEPH_CONFIG),
+        help="rbd backend: the Ceph clusters, a JSON list as ceph-csi's config.json "
+        f"(env CSI_LUKS_CEPH_CONFIG; {DEFAULT_CEPH_CONFIG})",
     )
     serve.add_argument(
         "--state-dir",
@@ -112,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode=args.mode,
                 socket_group=args.socket_group,
                 grace_period=args.grace_period,
+                backend=args.backend,
                 state_dir=args.state_dir,
+                ceph_config=args.ceph_config,
                 kms_config=args.kms_config,
                 kms_config_map=args.kms_config_map,
             )

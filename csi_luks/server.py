@@ -30,9 +30,11 @@ from csi_luks.services.controller import ControllerService
 from csi_luks.services.identity import IdentityService
 from csi_luks.services.node import NodeService
 from csi_luks.services.sanitize import sanitized
-from csi_luks.settings import Settings
+from csi_luks.settings import Backend, Settings
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volumes.base import VolumeBackend
+from csi_luks.volumes.ceph_clusters import CephClusters
+from csi_luks.volumes.rbd import RbdBackend
 from csi_luks.volumes.standalone import StandaloneBackend
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,12 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
+def _backend(settings: Settings) -> VolumeBackend:
+    if settings.backend is Backend.RBD:
+        return RbdBackend(CephClusters(settings.ceph_config), settings.state_dir)
+    return StandaloneBackend(settings.state_dir)
+
+
 class PluginServer:
     """The plugin's gRPC server; start(), then wait_for_termination() or stop()."""
 
@@ -122,7 +130,7 @@ class PluginServer:
     ) -> None:
         self.settings = settings
         self.cryptsetup = cryptsetup or Cryptsetup()
-        self.backend = backend or StandaloneBackend(settings.state_dir)
+        self.backend = backend or _backend(settings)
         self.kms_config = KMSConfig.from_file(settings.kms_config, settings.kms_config_map_ref)
         self.locks = OperationLocks()
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)

@@ -10,9 +10,15 @@ from enum import Enum
 DEFAULT_DRIVER_NAME = "luks.csi-luks.io"
 DEFAULT_STATE_DIR = "/var/lib/csi-luks"
 DEFAULT_KMS_CONFIG = "/etc/csi-luks/kms-config.json"
+DEFAULT_CEPH_CONFIG = "/etc/ceph-csi-config/config.json"  # where ceph-csi mounts its cluster list
 
 # CSI spec: at most 63 characters, alphanumeric at both ends, dashes, dots and alphanumerics between.
 _DRIVER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
+
+
+class Backend(Enum):
+    STANDALONE = "standalone"  # sparse files attached as loop devices (one machine, the demo)
+    RBD = "rbd"  # Ceph RBD images mapped with krbd
 
 
 class Mode(Enum):
@@ -53,7 +59,9 @@ class Settings:
     socket_group: str | None = None  # group allowed on the socket (mode 0660); None: 0600, owner only
     grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM
     workers: int = 16
-    state_dir: str = DEFAULT_STATE_DIR  # the standalone backend's volumes and metadata
+    backend: Backend = Backend.STANDALONE
+    state_dir: str = DEFAULT_STATE_DIR  # standalone: volumes and metadata; rbd: the node's attachment records
+    ceph_config: str = DEFAULT_CEPH_CONFIG  # rbd: the Ceph clusters, ceph-csi's config.json format
     kms_config: str = DEFAULT_KMS_CONFIG  # JSON object keyed by KMS id
     kms_config_map: str | None = None  # "namespace/name": read through the API while kms_config is absent
 

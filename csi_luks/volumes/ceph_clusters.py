@@ -1,0 +1,140 @@
+"""The Ceph clusters the RBD backend can reach, and the cephx credentials of one request.
+
+The cluster configuration is ceph-csi's config.json, a JSON list read afresh on every use (so a changed
+ConfigMap applies without a restart):
+
+    [{"clusterID": "ceph-1", "monitors": ["10.0.0.1:6789", "10.0.0.2:6789"],
+      "rbd": {"radosNamespace": "optional"}}]
+
+Credentials arrive in each request's secrets (`userID`, `userKey`). The key is written to a 0600 key file
+in a private 0700 directory for the length of one command batch and never appears in argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from csi_luks.volumes.base import BackendRequestError
+
+USER_ID, USER_KEY = "userID", "userKey"
+# Cluster ids, pools and RADOS namespaces go into volume ids and image specs: keep them plain.
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_MONITOR = re.compile(r"[A-Za-z0-9.:\[\]_-]+")
+
+
+def check_plain(what: str, value: str) -> str:
+    if not _PLAIN.fullmatch(value):
+        raise BackendRequestError(
+            f"{what} {value!r} is not supported: use letters, digits, '.', '_' and '-' (at most 63)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class CephCluster:
+    cluster_id: str
+    monitors: tuple[str, ...]
+    rados_namespace: str = ""
+
+
+class CephClusters:
+    """ceph-csi's cluster configuration file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def get(self, cluster_id: str) -> CephCluster:
+        clusters = self._load()
+        if cluster_id not in clusters:
+            known = ", ".join(sorted(clusters)) or "none"
+            raise BackendRequestError(
+                f"clusterID {cluster_id!r} is not in the Ceph cluster configuration {self.path} "
+                f"(known: {known})"
+            )
+        return clusters[cluster_id]
+
+    def _load(self) -> dict[str, CephCluster]:
+        try:
+            raw: Any = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise BackendRequestError(f"the Ceph cluster configuration {self.path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise BackendRequestError(
+                f"the Ceph cluster configuration {self.path} is unreadable: {exc}"
+            ) from None
+        if not isinstance(raw, list):
+            raise BackendRequestError(f"{self.path}: expected a JSON list of clusters")
+        clusters = {}
+        for index, entry in enumerate(raw):
+            where = f"{self.path}, entry {index}"
+            if not isinstance(entry, dict):
+                raise BackendRequestError(f"{where}: expected a JSON object")
+            cluster_id = entry.get("clusterID")
+            monitors = entry.get("monitors")
+            if not isinstance(cluster_id, str):
+                raise BackendRequestError(f"{where}: 'clusterID' must be a string")
+            check_plain("clusterID", cluster_id)
+            if (
+                not isinstance(monitors, list)
+                or not monitors
+                or not all(isinstance(m, str) and _MONITOR.fullmatch(m) for m in monitors)
+            ):
+                raise BackendRequestError(f"{where} ({cluster_id}): 'monitors' must be a list of host:port")
+            rbd = entry.get("rbd") or {}
+            namespace = rbd.get("radosNamespace", "") if isinstance(rbd, dict) else ""
+            if namespace:
+                check_plain("radosNamespace", namespace)
+            clusters[cluster_id] = CephCluster(cluster_id, tuple(monitors), namespace)
+        return clusters
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A cephx user and key from a request's secrets; the key is never shown."""
+
+    user: str
+    key: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(user={self.user!r}, key=<redacted>)"
+
+    @classmethod
+    def from_secrets(cls, secrets: Mapping[str, str]) -> Credentials | None:
+        user, key = secrets.get(USER_ID, ""), secrets.get(USER_KEY, "")
+        if not user and not key:
+            return None
+        if not user or not key:
+            missing = USER_ID if not user else USER_KEY
+            raise BackendRequestError(f"the request's secrets have {USER_ID} or {USER_KEY} but not {missing}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", user):
+            raise BackendRequestError(f"{USER_ID} {user!r} is not a valid cephx user name")
+        return cls(user.removeprefix("client."), key)
+
+
+@contextlib.contextmanager
+def client_config(cluster: CephCluster, credentials: Credentials) -> Iterator[list[str]]:
+    """Arguments that make a ceph CLI talk to the cluster as the user; their files exist until exit.
+
+    A ceph.conf of our own (only the monitors) keeps a node's /etc/ceph out of it; the key file is 0600
+    inside a 0700 directory, and both are removed afterwards.
+    """
+    directory = tempfile.mkdtemp(prefix="csi-luks-ceph-")  # 0700
+    try:
+        conf, keyfile = os.path.join(directory, "ceph.conf"), os.path.join(directory, "key")
+        with open(conf, "x") as f:
+            f.write(f"[global]\nmon host = {','.join(cluster.monitors)}\n")
+        fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(credentials.key)
+        yield ["--conf", conf, "--id", credentials.user, "--keyfile", keyfile]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

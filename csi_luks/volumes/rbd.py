@@ -1,0 +1,441 @@
+"""The RBD backend: each volume an RBD image, its metadata image-meta keys, attached with krbd.
+
+Everything goes through the `rbd` CLI with JSON output (the Python bindings only load in the system's own
+interpreter). Each call runs as the request's cephx user (`userID`/`userKey` from its secrets), with the
+key in a 0600 file that lives for the call (see ceph_clusters).
+
+A volume id names everything a later call needs, without a lookup table:
+
+    rbd-<len><clusterID>-<len><pool>-<len><radosNamespace>-<uuid>   (each <len> two hex digits)
+
+and the image is `csi-vol-<uuid>` in that pool and namespace. The uuid comes from the volume's name, so a
+retried CreateVolume finds its image.
+
+Crash safety: the image is complete (content copied, metadata written) only once its last metadata key,
+`csi-luks/volume-id`, names it. An image without it was never handed out; create() replaces it and
+get() does not see it, so a crash at any step is repaired by a retry and swept by a delete.
+
+A copy (snapshot, clone, restore) is a temporary snapshot of the source, `rbd deep cp` of it into the new
+image, and the snapshot's removal: the copy depends on nothing of the source afterwards.
+
+The node keeps a small record (the metadata minus the wrapped DEK) of each image it attached, under the
+state directory: NodePublish, NodeGetVolumeStats and NodeUnstage carry no credentials, and need only that.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from csi_luks.system.runner import CommandError, CommandResult, Runner
+from csi_luks.system.udev import DeviceWaitTimeout, block_device_events
+from csi_luks.volume_metadata import NAME, PREFIX
+from csi_luks.volumes.base import (
+    BackendRequestError,
+    BackendUnavailable,
+    VolumeBackend,
+    VolumeBackendError,
+    VolumeInfo,
+    VolumeInUse,
+    VolumeNotFound,
+)
+from csi_luks.volumes.ceph_clusters import (
+    USER_ID,
+    USER_KEY,
+    CephCluster,
+    CephClusters,
+    Credentials,
+    check_plain,
+    client_config,
+)
+from csi_luks.volumes.standalone import write_atomically
+
+log = logging.getLogger(__name__)
+
+PARAM_CLUSTER_ID, PARAM_POOL = "clusterID", "pool"
+PARAM_DATA_POOL, PARAM_IMAGE_FEATURES = "dataPool", "imageFeatures"
+# Fixed forever: every existing volume id was derived from it.
+_NAMESPACE = uuid.UUID("0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21")
+_OWNER = PREFIX + "volume-id"  # written last: the image is complete
+_DEK = PREFIX + "dek"  # not kept in the node's record of an attachment
+_IMAGE_PREFIX = "csi-vol-"
+_COPY_SNAPSHOT_PREFIX = "csi-copy-"
+_FEATURES = re.compile(r"[a-z-]+(,[a-z-]+)*")
+_MiB = 1024 * 1024
+# errno values the rbd CLI exits with.
+_EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ETIMEDOUT = 1, 2, 13, 16, 17, 110
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image is: cluster, pool, RADOS namespace, name."""
+
+    cluster_id: str
+    pool: str
+    namespace: str
+    image: str
+
+    @property
+    def spec(self) -> str:
+        return "/".join(p for p in (self.pool, self.namespace, self.image) if p)
+
+    def snapshot(self, name: str) -> str:
+        return f"{self.spec}@{name}"
+
+
+def encode_volume_id(ref: ImageRef) -> str:
+    fields = (ref.cluster_id, ref.pool, ref.namespace)
+    uid = ref.image.removeprefix(_IMAGE_PREFIX)
+    return "rbd-" + "-".join(f"{len(f):02x}{f}" for f in fields) + "-" + uid
+
+
+def decode_volume_id(volume_id: str) -> ImageRef:
+    """The image a volume id names; VolumeNotFound for an id this backend cannot have made."""
+    rest = volume_id.removeprefix("rbd-")
+    fields = []
+    try:
+        if rest == volume_id:
+            raise ValueError
+        for _ in range(3):
+            length = int(rest[:2], 16)
+            value, rest = rest[2 : 2 + length], rest[2 + length :]
+            if len(value) != length or not rest.startswith("-"):
+                raise ValueError
+            fields.append(value)
+            rest = rest[1:]
+        uid = str(uuid.UUID(rest))
+        if uid != rest:
+            raise ValueError
+    except ValueError:
+        raise VolumeNotFound(f"{volume_id!r} is not an RBD volume id of csi-luks") from None
+    return ImageRef(fields[0], fields[1], fields[2], _IMAGE_PREFIX + uid)
+
+
+class _Rbd:
+    """The rbd CLI for one cluster as one user."""
+
+    def __init__(self, runner: Runner, connection: list[str], secret: str, timeout: float) -> None:
+        self.runner = runner
+        self.connection = connection
+        self.secret = secret
+        self.timeout = timeout
+
+    def run(self, *argv: str) -> CommandResult:
+        try:
+            return self.runner.run(
+                ["rbd", *self.connection, *argv], secrets=[self.secret], timeout=self.timeout
+            )
+        except CommandError as exc:
+            raise _translate(exc, argv) from None
+
+    def json(self, *argv: str) -> Any:
+        return json.loads(self.run(*argv, "--format", "json").stdout or "null")
+
+    def metadata(self, ref: ImageRef) -> dict[str, str] | None:
+        """The image's metadata; None if there is no such image."""
+        try:
+            raw = self.json("image-meta", "list", ref.spec)
+        except VolumeNotFound:
+            return None
+        return {str(k): str(v) for k, v in (raw or {}).items()}
+
+    def size(self, ref: ImageRef) -> int:
+        return int(self.json("info", ref.spec)["size"])
+
+    def remove_image(self, ref: ImageRef) -> None:
+        with contextlib.suppress(VolumeNotFound):
+            self.run("snap", "purge", "--no-progress", ref.spec)
+        with contextlib.suppress(VolumeNotFound):
+            self.run("rm", "--no-progress", ref.spec)
+
+    def remove_snapshot(self, ref: ImageRef, name: str) -> None:
+        with contextlib.suppress(VolumeNotFound):
+            self.run("snap", "rm", "--no-progress", ref.snapshot(name))
+
+
+def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
+    what = f"rbd {' '.join(argv[:2])}"
+    detail = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else str(exc)
+    code = exc.returncode
+    if code == _ENOENT or "No such file or directory" in exc.stderr:
+        return VolumeNotFound(f"{what}: {detail}")
+    if code == _EBUSY or "still has watchers" in exc.stderr:
+        return VolumeInUse(f"{what}: the image is in use (mapped or open elsewhere): {detail}")
+    if code in (_EPERM, _EACCES):
+        return BackendRequestError(f"{what}: the cephx user is not allowed: {detail}")
+    if code == _ETIMEDOUT or code < 0 or "timed out" in exc.stderr:
+        return BackendUnavailable(f"{what}: the Ceph cluster did not answer: {detail}")
+    return VolumeBackendError(f"{what} failed ({code}): {detail}")
+
+
+class RbdBackend(VolumeBackend):
+    """Volumes as RBD images; see the module docstring."""
+
+    parameter_keys = (PARAM_CLUSTER_ID, PARAM_POOL, PARAM_DATA_POOL, PARAM_IMAGE_FEATURES)
+    can_list = False  # ListVolumes and GetCapacity carry no credentials
+
+    def __init__(
+        self,
+        clusters: CephClusters,
+        state_dir: str | os.PathLike[str],
+        runner: Runner | None = None,
+        credentials: Credentials | None = None,
+        timeout: float = 60.0,
+        map_timeout: float = 60.0,
+    ) -> None:
+        self.clusters = clusters
+        self.state_dir = Path(state_dir)
+        self.runner = runner or Runner()
+        self.credentials = credentials
+        self.timeout = timeout
+        self.map_timeout = map_timeout
+
+    def for_request(self, secrets: Mapping[str, str]) -> RbdBackend:
+        credentials = Credentials.from_secrets(secrets)
+        if credentials is None:
+            return self
+        bound = RbdBackend(self.clusters, self.state_dir, self.runner, credentials, self.timeout)
+        bound.map_timeout = self.map_timeout
+        return bound
+
+    # --- placement -----------------------------------------------------------------------------------
+
+    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
+        image = _IMAGE_PREFIX + str(uuid.uuid5(_NAMESPACE, name))
+        if like is not None:
+            return encode_volume_id(replace(decode_volume_id(like), image=image))
+        cluster_id = parameters.get(PARAM_CLUSTER_ID, "")
+        pool = parameters.get(PARAM_POOL, "")
+        if not cluster_id or not pool:
+            raise BackendRequestError(
+                f"the RBD backend needs the StorageClass parameters {PARAM_CLUSTER_ID} and {PARAM_POOL}"
+            )
+        cluster = self.clusters.get(cluster_id)
+        return encode_volume_id(
+            ImageRef(cluster.cluster_id, check_plain(PARAM_POOL, pool), cluster.rados_namespace, image)
+        )
+
+    @contextlib.contextmanager
+    def _session(self, ref: ImageRef) -> Iterator[_Rbd]:
+        if self.credentials is None:
+            raise BackendRequestError(
+                f"this call on {encode_volume_id(ref)} needs the cephx user in the request's secrets "
+                f"({USER_ID}, {USER_KEY}): set the StorageClass's csi.storage.k8s.io/*-secret-name"
+            )
+        cluster: CephCluster = self.clusters.get(ref.cluster_id)
+        with client_config(cluster, self.credentials) as connection:
+            yield _Rbd(self.runner, connection, self.credentials.key, self.timeout)
+
+    # --- volumes -------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        volume_id: str,
+        name: str,
+        size_bytes: int,
+        metadata: Mapping[str, str],
+        source_id: str | None = None,
+        parameters: Mapping[str, str] | None = None,
+    ) -> VolumeInfo:
+        ref = decode_volume_id(volume_id)
+        options = _image_options(parameters or {})
+        with self._session(ref) as rbd:
+            existing = rbd.metadata(ref)
+            if existing is not None and existing.get(_OWNER) == volume_id:
+                return self._info(volume_id, rbd.size(ref), existing)
+            if existing is not None:
+                # A create that stopped before its last step: never handed out, so nobody's data.
+                log.warning("volume %s: replacing the incomplete image %s left by an interrupted create",
+                            volume_id, ref.spec)  # fmt: skip
+                rbd.remove_image(ref)
+            size_mib = max(1, math.ceil(size_bytes / _MiB))
+            if source_id is None:
+                rbd.run("create", "--size", f"{size_mib}M", *options, ref.spec)
+            else:
+                self._copy(rbd, decode_volume_id(source_id), ref, options)
+                if rbd.size(ref) < size_bytes:
+                    rbd.run("resize", "--no-progress", "--size", f"{size_mib}M", ref.spec)
+            # A deep copy brings the source's metadata (its DEK among it): only ours may stay.
+            for key in rbd.metadata(ref) or {}:
+                if key.startswith(PREFIX) and key not in metadata:
+                    rbd.run("image-meta", "remove", ref.spec, key)
+            for key, value in metadata.items():
+                rbd.run("image-meta", "set", ref.spec, key, value)
+            rbd.run("image-meta", "set", ref.spec, _OWNER, volume_id)
+            log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
+                     f", a copy of {source_id}" if source_id else "")  # fmt: skip
+            return self._info(volume_id, rbd.size(ref), {**metadata, _OWNER: volume_id})
+
+    @staticmethod
+    def _copy(rbd: _Rbd, source: ImageRef, target: ImageRef, options: list[str]) -> None:
+        if source.cluster_id != target.cluster_id:
+            raise BackendRequestError(
+                f"cannot copy {source.spec} of cluster {source.cluster_id} into cluster {target.cluster_id}"
+            )
+        snapshot = _COPY_SNAPSHOT_PREFIX + target.image
+        rbd.remove_snapshot(source, snapshot)  # left by an interrupted copy
+        rbd.run("snap", "create", "--no-progress", source.snapshot(snapshot))
+        try:
+            rbd.run("deep", "copy", "--no-progress", *options, source.snapshot(snapshot), target.spec)
+        finally:
+            rbd.remove_snapshot(source, snapshot)
+        # The copy brings the source's snapshots along (other copies in flight): it keeps none.
+        rbd.run("snap", "purge", "--no-progress", target.spec)
+
+    def get(self, volume_id: str) -> VolumeInfo:
+        ref = decode_volume_id(volume_id)
+        if self.credentials is None:
+            # Node calls without credentials: what this node recorded when it attached the image.
+            record = self._attachment_record(volume_id)
+            if record is not None:
+                return record
+        with self._session(ref) as rbd:
+            metadata = rbd.metadata(ref)
+            if metadata is None or metadata.get(_OWNER) != volume_id:
+                raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
+            return self._info(volume_id, rbd.size(ref), metadata)
+
+    @staticmethod
+    def _info(volume_id: str, size: int, metadata: Mapping[str, str]) -> VolumeInfo:
+        visible = {k: v for k, v in metadata.items() if k != _OWNER}
+        return VolumeInfo(volume_id, visible.get(NAME, ""), size, visible)
+
+    def list(self) -> list[VolumeInfo]:
+        raise BackendRequestError("the RBD backend cannot list volumes: listing calls carry no credentials")
+
+    def delete(self, volume_id: str) -> None:
+        try:
+            ref = decode_volume_id(volume_id)
+        except VolumeNotFound:
+            return  # not an id of ours: nothing of it exists
+        if self.find_attachment(volume_id) is not None:
+            raise VolumeInUse(f"volume {volume_id} is mapped on this machine")
+        with self._session(ref) as rbd:
+            rbd.remove_image(ref)
+
+    def resize(self, volume_id: str, size_bytes: int) -> int:
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            size = rbd.size(ref)
+            if size < size_bytes:
+                rbd.run("resize", "--no-progress", "--size", f"{math.ceil(size_bytes / _MiB)}M", ref.spec)
+                size = rbd.size(ref)
+            return size
+
+    def set_metadata(self, volume_id: str, key: str, value: str) -> None:
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            rbd.run("image-meta", "set", ref.spec, key, value)
+        record = self._attachment_record(volume_id)
+        if record is not None and key != _DEK:
+            self._write_record(
+                VolumeInfo(volume_id, record.name, record.size_bytes, {**record.metadata, key: value})
+            )
+
+    def remove_metadata(self, volume_id: str, key: str) -> None:
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            if rbd.metadata(ref) is None:
+                raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
+            with contextlib.suppress(VolumeNotFound):  # a missing key is already removed
+                rbd.run("image-meta", "remove", ref.spec, key)
+
+    # --- attachments ---------------------------------------------------------------------------------
+
+    def attach(self, volume_id: str) -> str:
+        ref = decode_volume_id(volume_id)
+        device = self.find_attachment(volume_id)
+        if device is None:
+            info = self.get(volume_id)
+            with self._session(ref) as rbd, block_device_events() as wait:
+                device = rbd.run("device", "map", "--device-type", "krbd", ref.spec).stdout.strip()
+                try:
+                    wait(device, self.map_timeout)
+                except DeviceWaitTimeout as exc:
+                    raise BackendUnavailable(
+                        f"volume {volume_id}: rbd map gave {device}, but {exc}"
+                    ) from None
+            log.info("volume %s: image %s mapped at %s", volume_id, ref.spec, device)
+            self._write_record(info)
+        return device
+
+    def find_attachment(self, volume_id: str) -> str | None:
+        try:
+            ref = decode_volume_id(volume_id)
+        except VolumeNotFound:
+            return None
+        for mapping in self._mappings():
+            if (mapping.get("pool"), mapping.get("namespace") or "", mapping.get("name")) == (
+                ref.pool, ref.namespace, ref.image,
+            ) and mapping.get("snap", "-") in ("-", ""):  # fmt: skip
+                return str(mapping["device"])
+        return None
+
+    def _mappings(self) -> builtins.list[dict[str, Any]]:
+        # Reads sysfs: needs neither the cluster nor credentials.
+        try:
+            out = self.runner.run(["rbd", "device", "list", "--format", "json"], timeout=self.timeout).stdout
+        except CommandError as exc:
+            raise _translate(exc, ("device", "list")) from None
+        listed = json.loads(out or "[]")
+        return [m for m in listed if isinstance(m, dict)]
+
+    def detach(self, volume_id: str) -> None:
+        device = self.find_attachment(volume_id)
+        if device is not None:
+            try:
+                self.runner.run(["rbd", "device", "unmap", device], timeout=self.timeout)
+            except CommandError as exc:
+                raise _translate(exc, ("device", "unmap")) from None
+            log.info("volume %s: %s unmapped", volume_id, device)
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(volume_id).unlink()
+
+    def refresh_attachment_size(self, volume_id: str) -> None:
+        """Nothing to do: krbd learns of a resize from the image header's watch notification."""
+
+    def free_bytes(self) -> int | None:
+        return None
+
+    # --- the node's record of its attachments --------------------------------------------------------
+
+    def _record_path(self, volume_id: str) -> Path:
+        return self.state_dir / "rbd-attachments" / f"{volume_id}.json"
+
+    def _write_record(self, info: VolumeInfo) -> None:
+        path = self._record_path(info.volume_id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kept = {k: v for k, v in info.metadata.items() if k != _DEK}
+        write_atomically(
+            path, json.dumps({"name": info.name, "size": info.size_bytes, "metadata": kept}).encode()
+        )
+
+    def _attachment_record(self, volume_id: str) -> VolumeInfo | None:
+        try:
+            raw = json.loads(self._record_path(volume_id).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return VolumeInfo(volume_id, str(raw["name"]), int(raw["size"]), dict(raw["metadata"]))
+
+
+def _image_options(parameters: Mapping[str, str]) -> list[str]:
+    options = []
+    features = parameters.get(PARAM_IMAGE_FEATURES, "")
+    if features:
+        if not _FEATURES.fullmatch(features):
+            raise BackendRequestError(f"{PARAM_IMAGE_FEATURES} {features!r}: expected a comma-separated list")
+        options += ["--image-feature", features]
+    data_pool = parameters.get(PARAM_DATA_POOL, "")
+    if data_pool:
+        options += ["--data-pool", check_plain(PARAM_DATA_POOL, data_pool)]
+    return options
