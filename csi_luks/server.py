@@ -242,7 +242,10 @@ class PluginServer:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            signalled.wait()
+            # A timed wait: a signal that the kernel delivers to one of gRPC's threads does not wake a
+            # main thread blocked for good in a lock, and Python runs handlers only in the main thread.
+            while not signalled.wait(timeout=0.5):
+                pass
         finally:
             self.stop()
             for sig, handler in previous.items():
