@@ -44,6 +44,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
     (volumes.VolumeInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (volumes.BackendPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (volumes.BackendRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.KMSUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),

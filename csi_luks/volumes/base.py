@@ -27,6 +27,10 @@ class BackendUnavailable(VolumeBackendError):
     """The storage behind the backend cannot be reached (cluster down, state directory missing)."""
 
 
+class BackendPermissionDenied(VolumeBackendError):
+    """The storage refused the request's credentials (a wrong cephx key, missing caps)."""
+
+
 class BackendRequestError(VolumeBackendError):
     """The request cannot be served as given: an unknown cluster, a bad parameter, no credentials."""
 

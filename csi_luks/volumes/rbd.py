@@ -41,6 +41,7 @@ from csi_luks.system.runner import CommandError, CommandResult, Runner
 from csi_luks.system.udev import DeviceWaitTimeout, block_device_events
 from csi_luks.volume_metadata import NAME, PREFIX
 from csi_luks.volumes.base import (
+    BackendPermissionDenied,
     BackendRequestError,
     BackendUnavailable,
     VolumeBackend,
@@ -72,6 +73,7 @@ _IMAGE_PREFIX = "csi-vol-"
 _COPY_SNAPSHOT_PREFIX = "csi-copy-"
 _FEATURES = re.compile(r"[a-z-]+(,[a-z-]+)*")
 _MiB = 1024 * 1024
+_SYSFS_RBD = "/sys/bus/rbd/devices"
 # errno values the rbd CLI exits with.
 _EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ETIMEDOUT = 1, 2, 13, 16, 17, 110
 
@@ -172,7 +174,7 @@ def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
     if code == _EBUSY or "still has watchers" in exc.stderr:
         return VolumeInUse(f"{what}: the image is in use (mapped or open elsewhere): {detail}")
     if code in (_EPERM, _EACCES):
-        return BackendRequestError(f"{what}: the cephx user is not allowed: {detail}")
+        return BackendPermissionDenied(f"{what}: the cephx user was refused: {detail}")
     if code == _ETIMEDOUT or code < 0 or "timed out" in exc.stderr:
         return BackendUnavailable(f"{what}: the Ceph cluster did not answer: {detail}")
     return VolumeBackendError(f"{what} failed ({code}): {detail}")
@@ -370,6 +372,11 @@ class RbdBackend(VolumeBackend):
         return device
 
     def find_attachment(self, volume_id: str) -> str | None:
+        mapping = self._mapping(volume_id)
+        return None if mapping is None else str(mapping["device"])
+
+    def _mapping(self, volume_id: str) -> dict[str, Any] | None:
+        """The kernel's mapping of the volume's image (rbd device list), if mapped here."""
         try:
             ref = decode_volume_id(volume_id)
         except VolumeNotFound:
@@ -378,7 +385,7 @@ class RbdBackend(VolumeBackend):
             if (mapping.get("pool"), mapping.get("namespace") or "", mapping.get("name")) == (
                 ref.pool, ref.namespace, ref.image,
             ) and mapping.get("snap", "-") in ("-", ""):  # fmt: skip
-                return str(mapping["device"])
+                return mapping
         return None
 
     def _mappings(self) -> builtins.list[dict[str, Any]]:
@@ -402,7 +409,10 @@ class RbdBackend(VolumeBackend):
             self._record_path(volume_id).unlink()
 
     def refresh_attachment_size(self, volume_id: str) -> None:
-        """Nothing to do: krbd learns of a resize from the image header's watch notification."""
+        """Make krbd re-read the image header now rather than on its (asynchronous) watch notification."""
+        mapping = self._mapping(volume_id)
+        if mapping is not None:
+            Path(_SYSFS_RBD, str(mapping["id"]), "refresh").write_text("1")
 
     def free_bytes(self) -> int | None:
         return None

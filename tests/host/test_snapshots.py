@@ -115,7 +115,9 @@ def test_copy_rules(plugin: RunningPlugin) -> None:
     before = {v.volume_id for v in plugin.backend.list()}
 
     def create(name: str, size: int | None, parameters: dict[str, str], **source: str) -> None:
-        plugin.copy(name, size, parameters, **source)
+        plugin.copy(
+            name, size, parameters, snapshot_id=source.get("snapshot_id"), volume_id=source.get("volume_id")
+        )
 
     # Encrypted <-> unencrypted: INVALID_ARGUMENT, both ways.
     assert (

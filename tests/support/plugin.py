@@ -13,7 +13,7 @@ import pytest
 
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.server import PluginServer
-from csi_luks.settings import Mode, Settings
+from csi_luks.settings import DEFAULT_CEPH_CONFIG, Backend, Mode, Settings
 from csi_luks.volumes.standalone import StandaloneBackend
 
 MiB = 1024 * 1024
@@ -63,6 +63,7 @@ class RunningPlugin:
         size: int = 64 * MiB,
         parameters: dict[str, str] | None = None,
         capability: csi_pb2.VolumeCapability | None = None,
+        secrets: dict[str, str] | None = None,
     ) -> csi_pb2.Volume:
         response = self.controller.CreateVolume(
             csi_pb2.CreateVolumeRequest(
@@ -72,14 +73,17 @@ class RunningPlugin:
                 parameters={"encrypted": "true", "encryptionKMSID": "local-1"}
                 if parameters is None
                 else parameters,
+                secrets=secrets or {},
             )
         )
         volume: csi_pb2.Volume = response.volume
         return volume
 
-    def snapshot(self, name: str, source_volume_id: str) -> csi_pb2.Snapshot:
+    def snapshot(
+        self, name: str, source_volume_id: str, secrets: dict[str, str] | None = None
+    ) -> csi_pb2.Snapshot:
         response = self.controller.CreateSnapshot(
-            csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=source_volume_id)
+            csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=source_volume_id, secrets=secrets or {})
         )
         snapshot: csi_pb2.Snapshot = response.snapshot
         return snapshot
@@ -91,6 +95,8 @@ class RunningPlugin:
         parameters: dict[str, str],
         snapshot_id: str | None = None,
         volume_id: str | None = None,
+        secrets: dict[str, str] | None = None,
+        capability: csi_pb2.VolumeCapability | None = None,
     ) -> csi_pb2.Volume:
         """CreateVolume from a snapshot or a volume; size None leaves the capacity range out."""
         source = (
@@ -104,9 +110,10 @@ class RunningPlugin:
         )
         request = csi_pb2.CreateVolumeRequest(
             name=name,
-            volume_capabilities=[mount_capability()],
+            volume_capabilities=[capability or mount_capability()],
             parameters=parameters,
             volume_content_source=source,
+            secrets=secrets or {},
         )
         if size is not None:
             request.capacity_range.required_bytes = size
@@ -135,12 +142,16 @@ def kms_entries(root: Path) -> dict[str, dict[str, str]]:
 
 @contextmanager
 def running_plugin(
-    root: Path, mode: Mode = Mode.ALL, state_dir: Path | None = None, kms_config_map: str | None = None
+    root: Path,
+    mode: Mode = Mode.ALL,
+    state_dir: Path | None = None,
+    kms_config_map: str | None = None,
+    ceph_config: Path | None = None,
 ) -> Iterator[RunningPlugin]:
     """Serve the plugin from root (socket, state dir, KMS config); stop it afterwards.
 
     With kms_config_map ("namespace/name") no KMS configuration file is written: the plugin reads the
-    ConfigMap instead.
+    ConfigMap instead. With ceph_config (a ceph-csi cluster list) volumes are RBD images.
     """
     root.mkdir(parents=True, exist_ok=True)
     kms_config = root / "kms-config.json"
@@ -153,6 +164,8 @@ def running_plugin(
         state_dir=str(state),
         kms_config=str(kms_config),
         kms_config_map=kms_config_map,
+        backend=Backend.RBD if ceph_config is not None else Backend.STANDALONE,
+        ceph_config=str(ceph_config or DEFAULT_CEPH_CONFIG),
         node_id="test-node",
         grace_period=5,
     )
