@@ -13,8 +13,8 @@ from tests.support.audit import AUDIT, ArgvAudit
 
 AUDIT.install()
 
-# Session fixtures of real servers (Kubernetes API server, OpenBao), started only by tests that use them.
-pytest_plugins = ["tests.support.kms_fixtures"]
+# Session fixtures of real servers (Kubernetes API server, OpenBao, Ceph), started only for tests using them.
+pytest_plugins = ["tests.support.kms_fixtures", "tests.support.ceph_fixtures"]
 
 _TIERS = {"unit": None, "host": None, "vm": "vm"}
 

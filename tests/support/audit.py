@@ -1,4 +1,4 @@
-"""Records the argv and environment of every cryptsetup process the test session spawns.
+"""Records the argv and environment of every cryptsetup and Ceph CLI process the test session spawns.
 
 It hooks Python's own `subprocess.Popen` audit event, below the project's runner, so a call that
 bypassed the runner would be recorded too.
@@ -12,6 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+# Ceph's programs that take cephx keys (through keyrings or keyfiles, never argv).
+CEPH_PROGRAMS = frozenset({"ceph", "rbd", "rados", "rbd-nbd", "ceph-authtool", "ceph-mon", "ceph-osd"})
+
 
 @dataclass(frozen=True)
 class Spawn:
@@ -23,6 +26,8 @@ class Spawn:
 class ArgvAudit:
     spawns: list[Spawn] = field(default_factory=list)
     passphrases: set[str] = field(default_factory=set)
+    ceph_spawns: list[Spawn] = field(default_factory=list)
+    ceph_keys: set[str] = field(default_factory=set)
 
     def install(self) -> None:
         sys.addaudithook(self._hook)
@@ -33,10 +38,14 @@ class ArgvAudit:
         executable, argv, _cwd, env = args
         words = [os.fsdecode(a) for a in (argv if isinstance(argv, list | tuple) else [argv])]
         program = os.path.basename(os.fsdecode(executable or words[0]))
-        if program != "cryptsetup":
+        if program == "cryptsetup":
+            calls = self.spawns
+        elif program in CEPH_PROGRAMS:
+            calls = self.ceph_spawns
+        else:
             return
         environment = os.environ if env is None else env
-        self.spawns.append(
+        calls.append(
             Spawn(
                 argv=tuple(words),
                 env=tuple((os.fsdecode(k), os.fsdecode(v)) for k, v in environment.items()),
@@ -52,11 +61,15 @@ class ArgvAudit:
     def register(self, passphrase: bytes | str) -> None:
         self.passphrases.add(passphrase.decode() if isinstance(passphrase, bytes) else passphrase)
 
+    def register_ceph_key(self, key: str) -> None:
+        """A cephx key (base64) that no recorded process may carry in its argv or environment."""
+        self.ceph_keys.add(key)
+
     def leaks(self) -> list[str]:
-        """Where a registered passphrase showed up; the passphrase itself is never printed."""
+        """Where a registered passphrase or cephx key showed up; the secret itself is never printed."""
         found = []
-        for spawn in self.spawns:
-            for secret in self.passphrases:
+        for spawn in self.spawns + self.ceph_spawns:
+            for secret in self.passphrases | self.ceph_keys:
                 if any(secret in word for word in spawn.argv):
                     found.append(
                         f"in argv of `{spawn.argv[0]} {spawn.argv[1] if len(spawn.argv) > 1 else ''}`"

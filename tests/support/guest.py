@@ -5,6 +5,10 @@ GuestItem to run boots one guest that runs pytest on all of them at once (CSI_LU
 guest writes a JSON report (outcome and failure text per node id, plus its argv audit) into a shared
 directory, and each GuestItem reports its own outcome from it. With CI=true a guest that cannot boot,
 or a test skipped inside it, is a failure: a skipped kernel tier is not a pass.
+
+When a proxied test uses the `ceph` fixture, the host builds a Ceph cluster before the guest boots
+(the `ceph` CLI is slow under TCG), stops it, and names its directory in CSI_LUKS_CEPH_DIR; the fixture
+inside the guest starts a copy of it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,14 @@ import pytest
 
 from csi_luks.system import vm
 from tests.support.audit import AUDIT
+from tests.support.ceph import CephError, build_cluster
 
 IN_GUEST = os.environ.get("CSI_LUKS_IN_GUEST") == "1"
 REPORT_ENV = "CSI_LUKS_GUEST_REPORT"
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "1800"))
+CEPH_ENV = "CSI_LUKS_CEPH_DIR"
+CEPH_BUILD_ERROR = "build-error.txt"  # in the CSI_LUKS_CEPH_DIR directory when the host build failed
 _TAIL = 6000
 
 
@@ -35,9 +43,10 @@ class GuestFailure(Exception):
 class GuestSession:
     """Boots the guest once, on first use, for every proxied node id."""
 
-    def __init__(self, nodeids: list[str], rootdir: Path) -> None:
+    def __init__(self, nodeids: list[str], rootdir: Path, *, needs_ceph: bool = False) -> None:
         self.nodeids = nodeids
         self.rootdir = rootdir
+        self.needs_ceph = needs_ceph
         self._report: dict[str, Any] | None = None
         self._error: str | None = None
         self.result: vm.GuestResult | None = None
@@ -57,6 +66,9 @@ class GuestSession:
             return
         workdir = Path(tempfile.mkdtemp(prefix="csi-luks-guest-"))
         report_file = workdir / "report.json"
+        env = {"CSI_LUKS_IN_GUEST": "1", REPORT_ENV: str(report_file), "CI": os.environ.get("CI", "")}
+        if self.needs_ceph:
+            env[CEPH_ENV] = str(_prebuild_ceph(workdir / "ceph"))
         command = " ".join(
             [
                 sys.executable,
@@ -74,7 +86,7 @@ class GuestSession:
                 command,
                 workdir,
                 cwd=str(self.rootdir),
-                env={"CSI_LUKS_IN_GUEST": "1", REPORT_ENV: str(report_file), "CI": os.environ.get("CI", "")},
+                env=env,
                 timeout=GUEST_TIMEOUT,
             )
         except vm.GuestUnavailable as exc:
@@ -98,6 +110,20 @@ class GuestSession:
             log = self.result.log[-_TAIL:] if self.result else ""
             raise GuestFailure(f"{nodeid} did not run in the guest; guest log tail:\n{log}")
         return outcomes[nodeid]
+
+
+def _prebuild_ceph(root: Path) -> Path:
+    """Build and stop a Ceph cluster for the guest; a failure is left in the directory for the fixture."""
+    started = time.monotonic()
+    try:
+        build_cluster(root).shutdown()
+    except (CephError, OSError) as exc:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / CEPH_BUILD_ERROR).write_text(f"the host could not build the guest's Ceph cluster: {exc}")
+        return root
+    took = time.monotonic() - started
+    sys.stderr.write(f"\n[guest] Ceph cluster for the VM built on the host in {took:.1f}s\n")
+    return root
 
 
 def _quote(word: str) -> str:
@@ -136,10 +162,14 @@ _SESSION = pytest.StashKey[GuestSession]()
 
 def proxy_guest_items(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On the host, swap every vm-marked test for a GuestItem that reports the guest's outcome."""
-    nodeids = [item.nodeid for item in items if item.get_closest_marker("vm")]
-    if not nodeids:
+    in_guest = [item for item in items if item.get_closest_marker("vm")]
+    if not in_guest:
         return
-    config.stash[_SESSION] = GuestSession(nodeids, config.rootpath)
+    # fixturenames is the closure of every fixture a test requests, so indirect use counts too.
+    needs_ceph = any("ceph" in getattr(item, "fixturenames", ()) for item in in_guest)
+    config.stash[_SESSION] = GuestSession(
+        [item.nodeid for item in in_guest], config.rootpath, needs_ceph=needs_ceph
+    )
     for index, item in enumerate(items):
         if item.get_closest_marker("vm"):
             assert item.parent is not None
@@ -180,6 +210,11 @@ class GuestReporter:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         report = {
             "outcomes": self.outcomes,
-            "audit": {"cryptsetup_calls": len(AUDIT.spawns), "leaks": AUDIT.leaks()},
+            "audit": {
+                "cryptsetup_calls": len(AUDIT.spawns),
+                "ceph_calls": len(AUDIT.ceph_spawns),
+                "ceph_keys": len(AUDIT.ceph_keys),
+                "leaks": AUDIT.leaks(),
+            },
         }
         Path(self.path).write_text(json.dumps(report, indent=1))

@@ -1,0 +1,52 @@
+"""The session's Ceph cluster: the `ceph` fixture.
+
+On the host it builds a new cluster (about 7 s). Inside the VM the `ceph` CLI takes seconds a call, so
+the host builds the cluster before the guest boots (see guest.py) and hands over its stopped directory;
+here it is copied to guest-local storage (9p is slow and the shared tree read-only) and started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import guest
+from tests.support.ceph import CephCluster, ceph_cluster, load_cluster
+
+__all__ = ["ceph"]
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    prebuilt = os.environ.get(guest.CEPH_ENV)
+    if not (guest.IN_GUEST and prebuilt):
+        with ceph_cluster(tmp_path_factory.mktemp("ceph")) as cluster:
+            yield cluster
+        return
+    error = Path(prebuilt) / guest.CEPH_BUILD_ERROR
+    if error.exists():
+        pytest.fail(error.read_text())
+    # The guest's /tmp is its own tmpfs; the handed-over directory lives on the shared 9p mount.
+    started = time.monotonic()
+    local = Path(tempfile.mkdtemp(prefix="ceph-", dir="/tmp")) / "cluster"
+    cluster = load_cluster(Path(prebuilt)).relocate(local)
+    copied = time.monotonic()
+    try:
+        cluster.start()
+        print(
+            f"ceph: the host-built cluster copied in {copied - started:.1f}s and started in the guest "
+            f"in {time.monotonic() - copied:.1f}s"
+        )
+        yield cluster
+    finally:
+        try:
+            cluster.shutdown()
+        finally:
+            # The guest's /tmp is gone after the run: keep its daemon logs beside the host's.
+            shutil.copytree(local / "log", Path(prebuilt) / "guest-log", dirs_exist_ok=True)
