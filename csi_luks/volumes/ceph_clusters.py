@@ -26,6 +26,7 @@ from typing import Any
 from csi_luks.volumes.base import BackendRequestError
 
 USER_ID, USER_KEY = "userID", "userKey"
+MOUNT_TIMEOUT, OP_TIMEOUT = 15, 30  # seconds
 # Cluster ids, pools and RADOS namespaces go into volume ids and image specs: keep them plain.
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _MONITOR = re.compile(r"[A-Za-z0-9.:\[\]_-]+")
@@ -131,7 +132,11 @@ def client_config(cluster: CephCluster, credentials: Credentials) -> Iterator[li
     try:
         conf, keyfile = os.path.join(directory, "ceph.conf"), os.path.join(directory, "key")
         with open(conf, "x") as f:
-            f.write(f"[global]\nmon host = {','.join(cluster.monitors)}\n")
+            # Bounded waits: an unreachable cluster fails the call (UNAVAILABLE) instead of hanging it.
+            f.write(
+                f"[global]\nmon host = {','.join(cluster.monitors)}\nclient mount timeout = {MOUNT_TIMEOUT}\n"
+                f"rados mon op timeout = {OP_TIMEOUT}\nrados osd op timeout = {OP_TIMEOUT}\n"
+            )
         fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(credentials.key)

@@ -151,6 +151,14 @@ class _Rbd:
             return None
         return {str(k): str(v) for k, v in (raw or {}).items()}
 
+    def set_meta(self, ref: ImageRef, key: str, value: str) -> None:
+        """Set a key; RBD refuses empty values, and an absent key reads as empty, so "" removes it."""
+        if value:
+            self.run("image-meta", "set", ref.spec, key, value)
+        else:
+            with contextlib.suppress(VolumeNotFound):
+                self.run("image-meta", "remove", ref.spec, key)
+
     def size(self, ref: ImageRef) -> int:
         return int(self.json("info", ref.spec)["size"])
 
@@ -173,6 +181,8 @@ def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
         return VolumeNotFound(f"{what}: {detail}")
     if code == _EBUSY or "still has watchers" in exc.stderr:
         return VolumeInUse(f"{what}: the image is in use (mapped or open elsewhere): {detail}")
+    if "failed to decode key" in exc.stderr:
+        return BackendRequestError(f"{what}: the request's {USER_KEY} is not a valid cephx key")
     if code in (_EPERM, _EACCES):
         return BackendPermissionDenied(f"{what}: the cephx user was refused: {detail}")
     if code == _ETIMEDOUT or code < 0 or "timed out" in exc.stderr:
@@ -272,8 +282,8 @@ class RbdBackend(VolumeBackend):
                 if key.startswith(PREFIX) and key not in metadata:
                     rbd.run("image-meta", "remove", ref.spec, key)
             for key, value in metadata.items():
-                rbd.run("image-meta", "set", ref.spec, key, value)
-            rbd.run("image-meta", "set", ref.spec, _OWNER, volume_id)
+                rbd.set_meta(ref, key, value)
+            rbd.set_meta(ref, _OWNER, volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a copy of {source_id}" if source_id else "")  # fmt: skip
             return self._info(volume_id, rbd.size(ref), {**metadata, _OWNER: volume_id})
@@ -337,7 +347,7 @@ class RbdBackend(VolumeBackend):
     def set_metadata(self, volume_id: str, key: str, value: str) -> None:
         ref = decode_volume_id(volume_id)
         with self._session(ref) as rbd:
-            rbd.run("image-meta", "set", ref.spec, key, value)
+            rbd.set_meta(ref, key, value)
         record = self._attachment_record(volume_id)
         if record is not None and key != _DEK:
             self._write_record(

@@ -1,0 +1,238 @@
+"""Controller on a real Ceph cluster through gRPC: RBD images, their metadata, snapshots, clones, restores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_luks.csi import csi_pb2
+from csi_luks.kms.local import LocalKMS
+from csi_luks.settings import Mode
+from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
+from csi_luks.volumes.rbd import decode_volume_id
+from tests.support.audit import AUDIT
+from tests.support.ceph import CephCluster
+from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, running_plugin
+
+DEK = "csi-luks/dek"
+
+
+@pytest.fixture(scope="module")
+def ceph_config(ceph: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ceph-config") / "config.json"
+    path.write_text(json.dumps([{"clusterID": "test-cluster", "monitors": [f"v1:{ceph.monitors}"]}]))
+    AUDIT.register_ceph_key(ceph.csi.key)
+    return path
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, ceph_config: Path) -> Iterator[RunningPlugin]:
+    with running_plugin(tmp_path, mode=Mode.CONTROLLER, ceph_config=ceph_config) as running:
+        yield running
+
+
+@pytest.fixture
+def secrets(ceph: CephCluster) -> dict[str, str]:
+    return {"userID": ceph.csi.id, "userKey": ceph.csi.key}
+
+
+def params(ceph: CephCluster, **extra: str) -> dict[str, str]:
+    return {"clusterID": "test-cluster", "pool": ceph.pool, **extra}
+
+
+def encrypted(ceph: CephCluster, kms_id: str = "local-1") -> dict[str, str]:
+    return params(ceph, encrypted="true", encryptionKMSID=kms_id)
+
+
+def spec(volume_id: str) -> str:
+    return decode_volume_id(volume_id).spec
+
+
+def image_meta(ceph: CephCluster, volume_id: str) -> dict[str, str]:
+    return dict(
+        json.loads(ceph.run("rbd", "image-meta", "list", "--format", "json", spec(volume_id)) or "{}")
+    )
+
+
+def image_size(ceph: CephCluster, volume_id: str) -> int:
+    return int(json.loads(ceph.run("rbd", "info", "--format", "json", spec(volume_id)))["size"])
+
+
+def exists(ceph: CephCluster, volume_id: str) -> bool:
+    images = json.loads(ceph.run("rbd", "ls", "--format", "json", ceph.pool) or "[]")
+    return decode_volume_id(volume_id).image in images
+
+
+def fill(ceph: CephCluster, volume_id: str) -> None:
+    """Write a pattern past the LUKS header area, as a workload's (encrypted) data would be."""
+    ceph.run("rbd", "bench", "--io-type", "write", "--io-size", "64K", "--io-total", "1M",
+             "--io-pattern", "seq", spec(volume_id))  # fmt: skip
+
+
+def digest(ceph: CephCluster, volume_id: str, length: int) -> str:
+    data = subprocess.run(
+        ["rbd", "export", "--no-progress", spec(volume_id), "-"],
+        env=ceph.env(), capture_output=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    return hashlib.sha256(data[:length]).hexdigest()
+
+
+def dek(plugin: RunningPlugin, ceph: CephCluster, volume_id: str, key_file: str) -> str:
+    wrapped = image_meta(ceph, volume_id)[DEK]
+    return LocalKMS("check", plugin.kms_config.parent / key_file).decrypt_dek(volume_id, wrapped)
+
+
+def test_create_keeps_state_in_image_metadata_and_delete_removes_the_image(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume = plugin.create("pvc-rbd-1", 32 * MiB, encrypted(ceph), secrets=secrets)
+    assert volume.volume_id.startswith("rbd-") and volume.capacity_bytes == 32 * MiB
+    assert volume == plugin.create("pvc-rbd-1", 32 * MiB, encrypted(ceph), secrets=secrets)  # idempotent
+    meta = image_meta(ceph, volume.volume_id)
+    assert meta["csi-luks/encrypted"] == "true" and meta["csi-luks/kms-id"] == "local-1"
+    assert meta[STATE] == "prepared" and meta["csi-luks/volume-id"] == volume.volume_id
+    assert dek(plugin, ceph, volume.volume_id, "kek-1") not in meta[DEK]  # only wrapped
+    assert image_size(ceph, volume.volume_id) >= 32 * MiB + LUKS_HEADER_BYTES
+
+    plain = plugin.create("pvc-rbd-plain", 8 * MiB, params(ceph, encrypted="false"), secrets=secrets)
+    assert image_meta(ceph, plain.volume_id)["csi-luks/encrypted"] == "false"
+    assert DEK not in image_meta(ceph, plain.volume_id)
+
+    for volume_id in (volume.volume_id, plain.volume_id):
+        for _ in range(2):  # a repeated delete is a no-op
+            plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
+        assert not exists(ceph, volume_id)
+
+
+def test_expand_grows_the_image(plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]) -> None:
+    volume = plugin.create("pvc-rbd-grow", 16 * MiB, encrypted(ceph), secrets=secrets)
+    response = plugin.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=48 * MiB),
+            secrets=secrets,
+        )
+    )
+    assert response.capacity_bytes == 48 * MiB and response.node_expansion_required
+    assert image_size(ceph, volume.volume_id) >= 48 * MiB + LUKS_HEADER_BYTES
+    assert image_meta(ceph, volume.volume_id)["csi-luks/capacity"] == str(48 * MiB)
+
+
+def test_snapshot_restore_and_clone_copy_content_and_rewrap_the_dek_across_kms_ids(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    source = plugin.create("pvc-rbd-src", 24 * MiB, encrypted(ceph), secrets=secrets).volume_id
+    ceph.run("rbd", "image-meta", "set", spec(source), STATE, "encrypted")  # as after its first NodeStage
+    fill(ceph, source)
+    length = image_size(ceph, source)
+    source_digest = digest(ceph, source, length)
+
+    snapshot = plugin.snapshot("snap-rbd-1", source, secrets=secrets)
+    assert snapshot.ready_to_use and snapshot.source_volume_id == source
+    assert decode_volume_id(snapshot.snapshot_id).pool == ceph.pool
+    restored = plugin.copy("pvc-rbd-restored", 64 * MiB, encrypted(ceph, "local-2"),
+                           snapshot_id=snapshot.snapshot_id, secrets=secrets).volume_id  # fmt: skip
+    clone = plugin.copy("pvc-rbd-clone", None, encrypted(ceph), volume_id=source, secrets=secrets).volume_id
+
+    # Content: a point-in-time copy; the restore grew to its own size.
+    for copy in (snapshot.snapshot_id, restored, clone):
+        assert digest(ceph, copy, length) == source_digest
+    assert image_size(ceph, restored) >= 64 * MiB + LUKS_HEADER_BYTES
+    # Keys: the same DEK, wrapped for each object's own KMS id (local-2 for the restore).
+    source_dek = dek(plugin, ceph, source, "kek-1")
+    assert dek(plugin, ceph, snapshot.snapshot_id, "kek-1") == source_dek
+    assert dek(plugin, ceph, clone, "kek-1") == source_dek
+    assert dek(plugin, ceph, restored, "kek-2") == source_dek
+    meta = image_meta(ceph, restored)
+    assert meta["csi-luks/kms-id"] == "local-2" and meta[STATE] == "encrypted"
+    assert meta["csi-luks/source"] == snapshot.snapshot_id
+    # The copies hold no snapshot, and the source kept none of the temporary ones.
+    for image in (source, snapshot.snapshot_id, restored, clone):
+        assert json.loads(ceph.run("rbd", "snap", "ls", "--format", "json", spec(image)) or "[]") == []
+
+    # Each outlives the others: delete the source and the snapshot, the restore is still whole.
+    for volume_id in (source, clone):
+        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
+    plugin.controller.DeleteSnapshot(
+        csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id, secrets=secrets)
+    )
+    assert not exists(ceph, snapshot.snapshot_id) and exists(ceph, restored)
+    assert dek(plugin, ceph, restored, "kek-2") == source_dek
+
+
+def test_copy_rules_and_credential_errors(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    source = plugin.create("pvc-rbd-rules", 8 * MiB, encrypted(ceph), secrets=secrets).volume_id
+    create = plugin.copy
+    assert code_of(
+        create, "pvc-x", None, params(ceph, encrypted="false"), volume_id=source, secrets=secrets
+    ) == (grpc.StatusCode.INVALID_ARGUMENT)
+    assert code_of(create, "pvc-y", 4 * MiB, encrypted(ceph), volume_id=source, secrets=secrets) == (
+        grpc.StatusCode.OUT_OF_RANGE
+    )
+    # No credentials, a wrong key, an unknown cluster: each says what to fix.
+    assert "userID, userKey" in details_of(plugin.create, "pvc-z", 8 * MiB, encrypted(ceph))
+    other_key = subprocess.run(
+        ["ceph-authtool", "--gen-print-key"], capture_output=True, text=True, check=True
+    )
+    wrong = {"userID": ceph.csi.id, "userKey": other_key.stdout.strip()}
+    AUDIT.register_ceph_key(wrong["userKey"])
+    assert (
+        code_of(plugin.create, "pvc-z", 8 * MiB, encrypted(ceph), secrets=wrong)
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    garbled = {"userID": ceph.csi.id, "userKey": "not a cephx key"}
+    assert "not a valid cephx key" in details_of(
+        plugin.create, "pvc-z", 8 * MiB, encrypted(ceph), secrets=garbled
+    )
+    details = details_of(
+        plugin.create, "pvc-z", 8 * MiB, params(ceph, clusterID="elsewhere"), secrets=secrets
+    )
+    assert "clusterID 'elsewhere'" in details and "test-cluster" in details
+    unknown = details_of(plugin.create, "pvc-z", 8 * MiB, params(ceph, colour="red"), secrets=secrets)
+    assert "colour" in unknown and "pool" in unknown
+
+
+def test_an_interrupted_create_is_replaced_and_invisible_until_complete(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume_id = plugin.server.backend.volume_id_for("pvc-rbd-crash", params(ceph))
+    # What a create that stopped after `rbd create` and one metadata key leaves behind.
+    ceph.run("rbd", "create", "--size", "4M", spec(volume_id))
+    ceph.run("rbd", "image-meta", "set", spec(volume_id), "csi-luks/name", "pvc-rbd-crash")
+    assert (
+        code_of(
+            plugin.controller.ControllerExpandVolume,
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=volume_id,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB),
+                secrets=secrets,
+            ),
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
+    volume = plugin.create("pvc-rbd-crash", 16 * MiB, encrypted(ceph), secrets=secrets)
+    assert volume.volume_id == volume_id and image_meta(ceph, volume_id)["csi-luks/volume-id"] == volume_id
+    assert image_size(ceph, volume_id) >= 16 * MiB + LUKS_HEADER_BYTES
+
+
+def test_listing_is_not_advertised(plugin: RunningPlugin) -> None:
+    capabilities = {
+        c.rpc.type
+        for c in plugin.controller.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest()
+        ).capabilities
+    }
+    rpc = csi_pb2.ControllerServiceCapability.RPC
+    assert rpc.CREATE_DELETE_SNAPSHOT in capabilities and rpc.CLONE_VOLUME in capabilities
+    assert rpc.LIST_VOLUMES not in capabilities and rpc.GET_CAPACITY not in capabilities
+    assert (
+        code_of(plugin.controller.ListVolumes, csi_pb2.ListVolumesRequest()) == grpc.StatusCode.UNIMPLEMENTED
+    )
