@@ -211,6 +211,7 @@ class RbdBackend(VolumeBackend):
         self.credentials = credentials
         self.timeout = timeout
         self.map_timeout = map_timeout
+        self._fetched: dict[str, VolumeInfo] = {}  # per request: for_request makes a new instance
 
     def for_request(self, secrets: Mapping[str, str]) -> RbdBackend:
         credentials = Credentials.from_secrets(secrets)
@@ -271,22 +272,29 @@ class RbdBackend(VolumeBackend):
                             volume_id, ref.spec)  # fmt: skip
                 rbd.remove_image(ref)
             size_mib = max(1, math.ceil(size_bytes / _MiB))
+            size = size_mib * _MiB
+            present: dict[str, str] = {}
             if source_id is None:
                 rbd.run("create", "--size", f"{size_mib}M", *options, ref.spec)
             else:
                 self._copy(rbd, decode_volume_id(source_id), ref, options)
-                if rbd.size(ref) < size_bytes:
+                size = rbd.size(ref)
+                if size < size_bytes:
                     rbd.run("resize", "--no-progress", "--size", f"{size_mib}M", ref.spec)
-            # A deep copy brings the source's metadata (its DEK among it): only ours may stay.
-            for key in rbd.metadata(ref) or {}:
-                if key.startswith(PREFIX) and key not in metadata:
-                    rbd.run("image-meta", "remove", ref.spec, key)
+                    size = size_mib * _MiB
+                # A deep copy brings the source's metadata (its DEK among it): only ours may stay.
+                present = rbd.metadata(ref) or {}
+                for key in present:
+                    if key.startswith(PREFIX) and key not in metadata:
+                        rbd.run("image-meta", "remove", ref.spec, key)
+            # Each key is one rbd call (seconds under emulation): skip what is already so.
             for key, value in metadata.items():
-                rbd.set_meta(ref, key, value)
+                if present.get(key, "") != value:
+                    rbd.set_meta(ref, key, value)
             rbd.set_meta(ref, _OWNER, volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a copy of {source_id}" if source_id else "")  # fmt: skip
-            return self._info(volume_id, rbd.size(ref), {**metadata, _OWNER: volume_id})
+            return self._info(volume_id, size, {**metadata, _OWNER: volume_id})
 
     @staticmethod
     def _copy(rbd: _Rbd, source: ImageRef, target: ImageRef, options: list[str]) -> None:
@@ -315,7 +323,9 @@ class RbdBackend(VolumeBackend):
             metadata = rbd.metadata(ref)
             if metadata is None or metadata.get(_OWNER) != volume_id:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
-            return self._info(volume_id, rbd.size(ref), metadata)
+            info = self._info(volume_id, rbd.size(ref), metadata)
+        self._fetched[volume_id] = info  # attach() in the same request records it without asking again
+        return info
 
     @staticmethod
     def _info(volume_id: str, size: int, metadata: Mapping[str, str]) -> VolumeInfo:
@@ -368,7 +378,7 @@ class RbdBackend(VolumeBackend):
         ref = decode_volume_id(volume_id)
         device = self.find_attachment(volume_id)
         if device is None:
-            info = self.get(volume_id)
+            info = self._fetched.get(volume_id) or self.get(volume_id)
             with self._session(ref) as rbd, block_device_events() as wait:
                 device = rbd.run("device", "map", "--device-type", "krbd", ref.spec).stdout.strip()
                 try:

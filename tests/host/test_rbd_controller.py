@@ -23,14 +23,6 @@ from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, runnin
 DEK = "csi-luks/dek"
 
 
-@pytest.fixture(scope="module")
-def ceph_config(ceph: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ceph-config") / "config.json"
-    path.write_text(json.dumps([{"clusterID": "test-cluster", "monitors": [f"v1:{ceph.monitors}"]}]))
-    AUDIT.register_ceph_key(ceph.csi.key)
-    return path
-
-
 @pytest.fixture
 def plugin(tmp_path: Path, ceph_config: Path) -> Iterator[RunningPlugin]:
     with running_plugin(tmp_path, mode=Mode.CONTROLLER, ceph_config=ceph_config) as running:
@@ -38,8 +30,8 @@ def plugin(tmp_path: Path, ceph_config: Path) -> Iterator[RunningPlugin]:
 
 
 @pytest.fixture
-def secrets(ceph: CephCluster) -> dict[str, str]:
-    return {"userID": ceph.csi.id, "userKey": ceph.csi.key}
+def secrets(ceph_secrets: dict[str, str]) -> dict[str, str]:
+    return ceph_secrets
 
 
 def params(ceph: CephCluster, **extra: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ here it is copied to guest-local storage (9p is slow and the shared tree read-on
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,9 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.support import guest
+from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster, ceph_cluster, load_cluster
 
-__all__ = ["ceph"]
+__all__ = ["ceph", "ceph_config", "ceph_secrets"]
+
+CLUSTER_ID = "test-cluster"  # the session cluster's id in the plugin's cluster configuration
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,19 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
         finally:
             # The guest's /tmp is gone after the run: keep its daemon logs beside the host's.
             shutil.copytree(local / "log", Path(prebuilt) / "guest-log", dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def ceph_config(ceph: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plugin's cluster configuration (ceph-csi's config.json) for the session cluster."""
+    path = tmp_path_factory.mktemp("ceph-config") / "config.json"
+    # "v1:": the test monitor listens on a random port, where a client would otherwise try msgr v2.
+    path.write_text(json.dumps([{"clusterID": CLUSTER_ID, "monitors": [f"v1:{ceph.monitors}"]}]))
+    AUDIT.register_ceph_key(ceph.csi.key)
+    return path
+
+
+@pytest.fixture
+def ceph_secrets(ceph: CephCluster) -> dict[str, str]:
+    """The CSI secrets of client.csi (the provisioner, node-stage and expand secrets)."""
+    return {"userID": ceph.csi.id, "userKey": ceph.csi.key}
