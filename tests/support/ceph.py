@@ -317,6 +317,8 @@ mon osd report timeout = 3600
 osd heartbeat grace = 600
 
 [mon]
+# Each map change waits this long to batch proposals (1 s by default): a pool init takes several.
+paxos propose interval = 0.1
 mon data = {root}/mon
 keyring = {root}/mon/keyring
 admin socket = {root}/run/$name.asok

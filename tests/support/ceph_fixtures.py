@@ -1,6 +1,6 @@
 """The session's Ceph cluster: the `ceph` fixture.
 
-On the host it builds a new cluster (about 7 s). Inside the VM the `ceph` CLI takes seconds a call, so
+On the host it builds a new cluster (about 1.2 s). Inside the VM the `ceph` CLI takes seconds a call, so
 the host builds the cluster before the guest boots (see guest.py) and hands over its stopped directory;
 here it is copied to guest-local storage (9p is slow and the shared tree read-only) and started.
 """
