@@ -26,7 +26,7 @@ from typing import Any
 from csi_luks.volumes.base import BackendRequestError
 
 USER_ID, USER_KEY = "userID", "userKey"
-MOUNT_TIMEOUT, OP_TIMEOUT = 15, 30  # seconds
+CONNECT_TIMEOUT, OP_TIMEOUT = 15.0, 30.0  # seconds
 # Cluster ids, pools and RADOS namespaces go into volume ids and image specs: keep them plain.
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _MONITOR = re.compile(r"[A-Za-z0-9.:\[\]_-]+")
@@ -122,7 +122,9 @@ class Credentials:
 
 
 @contextlib.contextmanager
-def client_config(cluster: CephCluster, credentials: Credentials) -> Iterator[list[str]]:
+def client_config(
+    cluster: CephCluster, credentials: Credentials, connect_timeout: float = CONNECT_TIMEOUT
+) -> Iterator[list[str]]:
     """Arguments that make a ceph CLI talk to the cluster as the user; their files exist until exit.
 
     A ceph.conf of our own (only the monitors) keeps a node's /etc/ceph out of it; the key file is 0600
@@ -134,8 +136,9 @@ def client_config(cluster: CephCluster, credentials: Credentials) -> Iterator[li
         with open(conf, "x") as f:
             # Bounded waits: an unreachable cluster fails the call (UNAVAILABLE) instead of hanging it.
             f.write(
-                f"[global]\nmon host = {','.join(cluster.monitors)}\nclient mount timeout = {MOUNT_TIMEOUT}\n"
-                f"rados mon op timeout = {OP_TIMEOUT}\nrados osd op timeout = {OP_TIMEOUT}\n"
+                f"[global]\nmon host = {','.join(cluster.monitors)}\n"
+                f"client mount timeout = {connect_timeout:g}\n"
+                f"rados mon op timeout = {OP_TIMEOUT:g}\nrados osd op timeout = {OP_TIMEOUT:g}\n"
             )
         fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:

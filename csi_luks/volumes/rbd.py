@@ -51,6 +51,7 @@ from csi_luks.volumes.base import (
     VolumeNotFound,
 )
 from csi_luks.volumes.ceph_clusters import (
+    CONNECT_TIMEOUT,
     USER_ID,
     USER_KEY,
     CephCluster,
@@ -204,6 +205,7 @@ class RbdBackend(VolumeBackend):
         credentials: Credentials | None = None,
         timeout: float = 60.0,
         map_timeout: float = 60.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.clusters = clusters
         self.state_dir = Path(state_dir)
@@ -211,15 +213,17 @@ class RbdBackend(VolumeBackend):
         self.credentials = credentials
         self.timeout = timeout
         self.map_timeout = map_timeout
+        self.connect_timeout = connect_timeout
         self._fetched: dict[str, VolumeInfo] = {}  # per request: for_request makes a new instance
 
     def for_request(self, secrets: Mapping[str, str]) -> RbdBackend:
         credentials = Credentials.from_secrets(secrets)
         if credentials is None:
             return self
-        bound = RbdBackend(self.clusters, self.state_dir, self.runner, credentials, self.timeout)
-        bound.map_timeout = self.map_timeout
-        return bound
+        return RbdBackend(
+            self.clusters, self.state_dir, self.runner, credentials, self.timeout, self.map_timeout,
+            self.connect_timeout,
+        )  # fmt: skip
 
     # --- placement -----------------------------------------------------------------------------------
 
@@ -246,7 +250,7 @@ class RbdBackend(VolumeBackend):
                 f"({USER_ID}, {USER_KEY}): set the StorageClass's csi.storage.k8s.io/*-secret-name"
             )
         cluster: CephCluster = self.clusters.get(ref.cluster_id)
-        with client_config(cluster, self.credentials) as connection:
+        with client_config(cluster, self.credentials, self.connect_timeout) as connection:
             yield _Rbd(self.runner, connection, self.credentials.key, self.timeout)
 
     # --- volumes -------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from csi_luks.csi import csi_pb2
 from csi_luks.kms.local import LocalKMS
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
-from csi_luks.volumes.rbd import decode_volume_id
+from csi_luks.volumes.base import BackendUnavailable
+from csi_luks.volumes.ceph_clusters import CephClusters
+from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, running_plugin
@@ -228,3 +232,51 @@ def test_listing_is_not_advertised(plugin: RunningPlugin) -> None:
     assert (
         code_of(plugin.controller.ListVolumes, csi_pb2.ListVolumesRequest()) == grpc.StatusCode.UNIMPLEMENTED
     )
+
+
+def test_rados_namespace_and_data_pool_place_the_image(ceph: CephCluster, tmp_path: Path) -> None:
+    ceph.create_pool("csi-data")
+    ceph.run("rbd", "namespace", "create", f"{ceph.pool}/tenant-a")
+    user = ceph.create_user(
+        "client.csi-ns",
+        {"mon": "profile rbd", "osd": f"profile rbd pool={ceph.pool}, profile rbd pool=csi-data"},
+    )
+    AUDIT.register_ceph_key(user.key)
+    config = tmp_path / "config.json"
+    monitors = [f"v1:{ceph.monitors}"]
+    config.write_text(
+        json.dumps([{"clusterID": "ns", "monitors": monitors, "rbd": {"radosNamespace": "tenant-a"}}])
+    )
+    backend = RbdBackend(CephClusters(config), tmp_path).for_request({"userID": user.id, "userKey": user.key})
+    parameters = {"clusterID": "ns", "pool": ceph.pool, "dataPool": "csi-data"}
+    volume_id = backend.volume_id_for("pvc-ns", parameters)
+    backend.create(volume_id, "pvc-ns", 8 * MiB, {"csi-luks/name": "pvc-ns"}, parameters=parameters)
+    ref = decode_volume_id(volume_id)
+    assert ref.namespace == "tenant-a" and ref.spec == f"{ceph.pool}/tenant-a/{ref.image}"
+    listed = json.loads(ceph.run("rbd", "ls", "--format", "json", "--namespace", "tenant-a", ceph.pool))
+    assert ref.image in listed and ref.image not in json.loads(
+        ceph.run("rbd", "ls", "--format", "json", ceph.pool)
+    )
+    assert json.loads(ceph.run("rbd", "info", "--format", "json", ref.spec))["data_pool"] == "csi-data"
+    backend.delete(volume_id)
+    assert ref.image not in json.loads(
+        ceph.run("rbd", "ls", "--format", "json", "--namespace", "tenant-a", ceph.pool)
+    )
+
+
+def test_an_unreachable_cluster_is_unavailable_within_the_connect_timeout(
+    ceph: CephCluster, tmp_path: Path
+) -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps([{"clusterID": "down", "monitors": [f"v1:127.0.0.1:{port}"]}]))
+    backend = RbdBackend(CephClusters(config), tmp_path, connect_timeout=2).for_request(
+        {"userID": ceph.csi.id, "userKey": ceph.csi.key}
+    )
+    volume_id = backend.volume_id_for("pvc-down", {"clusterID": "down", "pool": "rbd"})
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="did not answer"):
+        backend.get(volume_id)
+    assert time.monotonic() - started < 20
