@@ -1,4 +1,4 @@
-"""The RBD backend: each volume an RBD image, its metadata image-meta keys, attached with krbd.
+"""The RBD backend: each volume an RBD image, its metadata image-meta keys, attached with krbd or rbd-nbd.
 
 Everything goes through the `rbd` CLI with JSON output (the Python bindings only load in the system's own
 interpreter). Each call runs as the request's cephx user (`userID`/`userKey` from its secrets), with the
@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 
 PARAM_CLUSTER_ID, PARAM_POOL = "clusterID", "pool"
 PARAM_DATA_POOL, PARAM_IMAGE_FEATURES = "dataPool", "imageFeatures"
+# "rbd" (krbd, the default) or "rbd-nbd" (userspace librbd behind /dev/nbdN: newer image features than the
+# node's kernel knows, at the cost of a daemon per volume that must outlive plugin restarts).
+PARAM_MOUNTER, MOUNTER_KRBD, MOUNTER_NBD = "mounter", "rbd", "rbd-nbd"
+MOUNTER = PREFIX + "mounter"
+_KRBD, _NBD = "krbd", "nbd"  # rbd device --device-type
 # Fixed forever: every existing volume id was derived from it.
 _NAMESPACE = uuid.UUID("0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21")
 _OWNER = PREFIX + "volume-id"  # written last: the image is complete
@@ -194,7 +199,7 @@ def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
 class RbdBackend(VolumeBackend):
     """Volumes as RBD images; see the module docstring."""
 
-    parameter_keys = (PARAM_CLUSTER_ID, PARAM_POOL, PARAM_DATA_POOL, PARAM_IMAGE_FEATURES)
+    parameter_keys = (PARAM_CLUSTER_ID, PARAM_POOL, PARAM_DATA_POOL, PARAM_IMAGE_FEATURES, PARAM_MOUNTER)
     can_list = False  # ListVolumes and GetCapacity carry no credentials
 
     def __init__(
@@ -266,6 +271,13 @@ class RbdBackend(VolumeBackend):
     ) -> VolumeInfo:
         ref = decode_volume_id(volume_id)
         options = _image_options(parameters or {})
+        mounter = (parameters or {}).get(PARAM_MOUNTER) or MOUNTER_KRBD
+        if mounter not in (MOUNTER_KRBD, MOUNTER_NBD):
+            raise BackendRequestError(
+                f"{PARAM_MOUNTER} {mounter!r}: expected {MOUNTER_KRBD} or {MOUNTER_NBD}"
+            )
+        if mounter == MOUNTER_NBD:
+            metadata = {**metadata, MOUNTER: MOUNTER_NBD}  # the node maps it so at every stage
         with self._session(ref) as rbd:
             existing = rbd.metadata(ref)
             if existing is not None and existing.get(_OWNER) == volume_id:
@@ -383,15 +395,16 @@ class RbdBackend(VolumeBackend):
         device = self.find_attachment(volume_id)
         if device is None:
             info = self._fetched.get(volume_id) or self.get(volume_id)
+            kind = _NBD if info.metadata.get(MOUNTER) == MOUNTER_NBD else _KRBD
             with self._session(ref) as rbd, block_device_events() as wait:
-                device = rbd.run("device", "map", "--device-type", "krbd", ref.spec).stdout.strip()
+                device = rbd.run("device", "map", "--device-type", kind, ref.spec).stdout.strip()
                 try:
                     wait(device, self.map_timeout)
                 except DeviceWaitTimeout as exc:
                     raise BackendUnavailable(
                         f"volume {volume_id}: rbd map gave {device}, but {exc}"
                     ) from None
-            log.info("volume %s: image %s mapped at %s", volume_id, ref.spec, device)
+            log.info("volume %s: image %s mapped at %s (%s)", volume_id, ref.spec, device, kind)
             self._write_record(info)
         return device
 
@@ -400,7 +413,7 @@ class RbdBackend(VolumeBackend):
         return None if mapping is None else str(mapping["device"])
 
     def _mapping(self, volume_id: str) -> dict[str, Any] | None:
-        """The kernel's mapping of the volume's image (rbd device list), if mapped here."""
+        """The mapping of the volume's image on this machine (rbd device list), if any."""
         try:
             ref = decode_volume_id(volume_id)
         except VolumeNotFound:
@@ -413,19 +426,29 @@ class RbdBackend(VolumeBackend):
         return None
 
     def _mappings(self) -> builtins.list[dict[str, Any]]:
-        # Reads sysfs: needs neither the cluster nor credentials.
-        try:
-            out = self.runner.run(["rbd", "device", "list", "--format", "json"], timeout=self.timeout).stdout
-        except CommandError as exc:
-            raise _translate(exc, ("device", "list")) from None
-        listed = json.loads(out or "[]")
-        return [m for m in listed if isinstance(m, dict)]
+        """krbd and (if the nbd module is loaded) rbd-nbd mappings, each tagged with its device type."""
+        kinds = [_KRBD, _NBD] if os.path.isdir("/sys/module/nbd") else [_KRBD]
+        found = []
+        for kind in kinds:
+            # krbd: sysfs; rbd-nbd: its daemons. Neither needs the cluster or credentials.
+            argv = ["rbd", "device", "list", "--device-type", kind, "--format", "json"]
+            try:
+                out = self.runner.run(argv, timeout=self.timeout).stdout
+            except CommandError as exc:
+                raise _translate(exc, ("device", "list")) from None
+            for m in json.loads(out or "[]"):
+                if isinstance(m, dict):
+                    # The image is "name" in krbd's list and "image" in rbd-nbd's.
+                    found.append({**m, "name": m.get("name", m.get("image")), "type": kind})
+        return found
 
     def detach(self, volume_id: str) -> None:
-        device = self.find_attachment(volume_id)
-        if device is not None:
+        mapping = self._mapping(volume_id)
+        if mapping is not None:
+            device = str(mapping["device"])
             try:
-                self.runner.run(["rbd", "device", "unmap", device], timeout=self.timeout)
+                argv = ["rbd", "device", "unmap", "--device-type", mapping["type"], device]
+                self.runner.run(argv, timeout=self.timeout)
             except CommandError as exc:
                 raise _translate(exc, ("device", "unmap")) from None
             log.info("volume %s: %s unmapped", volume_id, device)
@@ -433,9 +456,12 @@ class RbdBackend(VolumeBackend):
             self._record_path(volume_id).unlink()
 
     def refresh_attachment_size(self, volume_id: str) -> None:
-        """Make krbd re-read the image header now rather than on its (asynchronous) watch notification."""
+        """Make krbd re-read the image header now rather than on its (asynchronous) watch notification.
+
+        rbd-nbd resizes its device itself when it sees the header change.
+        """
         mapping = self._mapping(volume_id)
-        if mapping is not None:
+        if mapping is not None and mapping["type"] == _KRBD:
             Path(_SYSFS_RBD, str(mapping["id"]), "refresh").write_text("1")
 
     def free_bytes(self) -> int | None:

@@ -192,6 +192,8 @@ def test_copy_rules_and_credential_errors(
         plugin.create, "pvc-z", 8 * MiB, params(ceph, clusterID="elsewhere"), secrets=secrets
     )
     assert "clusterID 'elsewhere'" in details and "test-cluster" in details
+    mounter = details_of(plugin.create, "pvc-z", 8 * MiB, params(ceph, mounter="fuse"), secrets=secrets)
+    assert "mounter 'fuse'" in mounter and "rbd-nbd" in mounter
     unknown = details_of(plugin.create, "pvc-z", 8 * MiB, params(ceph, colour="red"), secrets=secrets)
     assert "colour" in unknown and "pool" in unknown
 

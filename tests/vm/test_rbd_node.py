@@ -157,3 +157,21 @@ def test_node_expansion_grows_mapping_and_filesystem(
     assert fs.f_blocks * fs.f_frsize > 150 * MiB
     unstage(plugin, volume_id, staging)
     plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
+
+
+def test_rbd_nbd_mounter_maps_through_a_userspace_daemon(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str], tmp_path: Path
+) -> None:
+    staging = tmp_path / "staging"
+    nbd = {**parameters(ceph), "mounter": "rbd-nbd"}
+    volume_id = plugin.create("pvc-rbd-nbd", 64 * MiB, nbd, secrets=secrets).volume_id
+    stage(plugin, volume_id, staging, secrets)
+    device = plugin.server.backend.find_attachment(volume_id)
+    assert device is not None and device.startswith("/dev/nbd")
+    (staging / "data.bin").write_bytes(MARKER)
+    unstage(plugin, volume_id, staging)
+    assert plugin.server.backend.find_attachment(volume_id) is None and not mapped(volume_id)
+    stage(plugin, volume_id, staging, secrets)
+    assert (staging / "data.bin").read_bytes() == MARKER
+    unstage(plugin, volume_id, staging)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
