@@ -3,7 +3,7 @@ FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev \
+        cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev ceph-common rbd-nbd \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
