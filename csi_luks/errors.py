@@ -54,6 +54,9 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (kms.KMSTLSError, grpc.StatusCode.FAILED_PRECONDITION),
     # A Secret or ServiceAccount the KMS configuration names is missing: the cluster, not the call, is wrong.
     (kms.KMSObjectNotFound, grpc.StatusCode.FAILED_PRECONDITION),
+    # Vault answered the request with an error of its own (e.g. 400 "invalid role name"): the KMS's
+    # setup or configuration is wrong, not the plugin; INTERNAL would send the operator to our logs.
+    (kms.KMSRequestRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (kms.KMSConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.MissingSecret, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.DEKNotFound, grpc.StatusCode.FAILED_PRECONDITION),

@@ -37,6 +37,11 @@ class KMSTLSError(KMSError):
     """The KMS's TLS certificate does not verify (unknown CA, another name): fix the configuration."""
 
 
+class KMSRequestRefused(KMSError):
+    """The KMS answered with an error of its own (an unknown role, a bad request): its setup or the KMS
+    configuration must change; a retry of the same call will not pass."""
+
+
 class DEKNotFound(KMSError):
     """No DEK is stored for the volume."""
 

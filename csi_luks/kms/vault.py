@@ -30,8 +30,8 @@ from csi_luks.kms.base import (
     EncryptionKMS,
     KMSConfigError,
     KMSContext,
-    KMSError,
     KMSPermissionDenied,
+    KMSRequestRefused,
     KMSTLSError,
     KMSUnavailable,
     register,
@@ -237,7 +237,7 @@ class VaultConnection:
             ) from None
 
 
-class VaultRequestError(KMSError):
+class VaultRequestError(KMSRequestRefused):
     """Vault answered a request with an error of its own (bad request, bad ciphertext...)."""
 
 

@@ -9,7 +9,7 @@ import hvac.exceptions
 import pytest
 
 from csi_luks.encryption import volume_encryption
-from csi_luks.kms.base import DEKNotFound, KMSContext, KMSError, KMSPermissionDenied
+from csi_luks.kms.base import DEKNotFound, KMSContext, KMSPermissionDenied, KMSRequestRefused
 from csi_luks.kms.config import KMSConfig
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.kms_env import (
@@ -133,5 +133,5 @@ def test_kubernetes_auth_inside_the_namespace(
     )
     assert stored["data"]["data"]["passphrase"] == encryption.get_passphrase(volume_id)
     at_root = volume_encryption(config, "root-k8s", CONTEXT, backend)
-    with pytest.raises(KMSError, match='invalid role name "team-a-only"'):  # no such role at the root
+    with pytest.raises(KMSRequestRefused, match='invalid role name "team-a-only"'):  # no role at the root
         at_root.new_passphrase(new_volume(backend, "pvc-root"))

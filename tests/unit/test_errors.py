@@ -5,7 +5,7 @@ import pytest
 
 from csi_luks import luks
 from csi_luks.errors import CsiError, invalid_argument, status_for
-from csi_luks.kms.base import KMSTLSError, KMSUnavailable
+from csi_luks.kms.base import KMSRequestRefused, KMSTLSError, KMSUnavailable
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,7 @@ from csi_luks.kms.base import KMSTLSError, KMSUnavailable
         (luks.CryptsetupTimeout("open"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (KMSUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
         (KMSTLSError("certificate verify failed"), grpc.StatusCode.FAILED_PRECONDITION),
+        (KMSRequestRefused('invalid role name "x"'), grpc.StatusCode.FAILED_PRECONDITION),
         (invalid_argument("volume_id missing"), grpc.StatusCode.INVALID_ARGUMENT),
         (CsiError(grpc.StatusCode.ABORTED, "in flight"), grpc.StatusCode.ABORTED),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
