@@ -335,6 +335,8 @@ def kube_cluster(workdir: Path) -> Iterator[KubeCluster]:
                  "--service-cluster-ip-range=10.0.0.0/24",
                  # Nothing else runs on 127.0.0.1 to reconcile the `kubernetes` Service's endpoints.
                  "--endpoint-reconciler-type=none",
+                 # As kubeadm and managed clusters run it: CSI node plugins are privileged pods.
+                 "--allow-privileged=true",
                  f"--cert-dir={workdir / 'apiserver-certs'}"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
