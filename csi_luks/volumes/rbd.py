@@ -79,6 +79,9 @@ _IMAGE_PREFIX = "csi-vol-"
 _COPY_SNAPSHOT_PREFIX = "csi-copy-"
 _FEATURES = re.compile(r"[a-z-]+(,[a-z-]+)*")
 _MiB = 1024 * 1024
+# Copying or removing a large image takes as long as its data: no short deadline may cut it off (a cut
+# copy would be redone from scratch by every retry). The CO's retries meanwhile get ABORTED (in flight).
+BULK_TIMEOUT = 24 * 3600.0
 _SYSFS_RBD = "/sys/bus/rbd/devices"
 # errno values the rbd CLI exits with.
 _EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ETIMEDOUT = 1, 2, 13, 16, 17, 110
@@ -138,10 +141,10 @@ class _Rbd:
         self.secret = secret
         self.timeout = timeout
 
-    def run(self, *argv: str) -> CommandResult:
+    def run(self, *argv: str, timeout: float | None = None) -> CommandResult:
         try:
             return self.runner.run(
-                ["rbd", *self.connection, *argv], secrets=[self.secret], timeout=self.timeout
+                ["rbd", *self.connection, *argv], secrets=[self.secret], timeout=timeout or self.timeout
             )
         except CommandError as exc:
             raise _translate(exc, argv) from None
@@ -170,9 +173,9 @@ class _Rbd:
 
     def remove_image(self, ref: ImageRef) -> None:
         with contextlib.suppress(VolumeNotFound):
-            self.run("snap", "purge", "--no-progress", ref.spec)
+            self.run("snap", "purge", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
         with contextlib.suppress(VolumeNotFound):
-            self.run("rm", "--no-progress", ref.spec)
+            self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
 
     def remove_snapshot(self, ref: ImageRef, name: str) -> None:
         with contextlib.suppress(VolumeNotFound):
@@ -322,11 +325,14 @@ class RbdBackend(VolumeBackend):
         rbd.remove_snapshot(source, snapshot)  # left by an interrupted copy
         rbd.run("snap", "create", "--no-progress", source.snapshot(snapshot))
         try:
-            rbd.run("deep", "copy", "--no-progress", *options, source.snapshot(snapshot), target.spec)
+            rbd.run(
+                "deep", "copy", "--no-progress", *options, source.snapshot(snapshot), target.spec,
+                timeout=BULK_TIMEOUT,
+            )  # fmt: skip
         finally:
             rbd.remove_snapshot(source, snapshot)
         # The copy brings the source's snapshots along (other copies in flight): it keeps none.
-        rbd.run("snap", "purge", "--no-progress", target.spec)
+        rbd.run("snap", "purge", "--no-progress", target.spec, timeout=BULK_TIMEOUT)
 
     def get(self, volume_id: str) -> VolumeInfo:
         ref = decode_volume_id(volume_id)
