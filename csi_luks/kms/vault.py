@@ -408,11 +408,20 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
 class VaultTransitKMS(EncryptionKMS):
     """Wraps each DEK with a Transit key that never leaves Vault; the wrapped DEK lives in volume metadata."""
 
-    def __init__(self, kms_id: str, connection: VaultConnection, mount: str, key: str) -> None:
+    def __init__(
+        self, kms_id: str, connection: VaultConnection, mount: str, key: str, derived: bool = False
+    ) -> None:
         super().__init__(kms_id)
         self.connection = connection
         self.mount = mount
         self.key = key
+        # With a derived Transit key each volume's DEK is wrapped under a key derived from its id, so a
+        # wrapped DEK copied into another volume's metadata does not unwrap there. (Transit's
+        # associated_data would do it too, but rewrap does not take it.)
+        self.derived = derived
+
+    def _context(self, volume_id: str) -> str | None:
+        return base64.b64encode(volume_id.encode()).decode() if self.derived else None
 
     def encrypt_dek(self, volume_id: str, plain_dek: str) -> str:
         plaintext = base64.b64encode(plain_dek.encode()).decode()
@@ -420,7 +429,7 @@ class VaultTransitKMS(EncryptionKMS):
             "wrap DEK",
             volume_id,
             lambda c: c.secrets.transit.encrypt_data(
-                name=self.key, plaintext=plaintext, mount_point=self.mount
+                name=self.key, plaintext=plaintext, context=self._context(volume_id), mount_point=self.mount
             ),
         )
         return str(answer["data"]["ciphertext"])
@@ -431,7 +440,10 @@ class VaultTransitKMS(EncryptionKMS):
                 "unwrap DEK",
                 volume_id,
                 lambda c: c.secrets.transit.decrypt_data(
-                    name=self.key, ciphertext=encrypted_dek, mount_point=self.mount
+                    name=self.key,
+                    ciphertext=encrypted_dek,
+                    context=self._context(volume_id),
+                    mount_point=self.mount,
                 ),
             )
         except VaultRequestError as exc:
@@ -448,7 +460,10 @@ class VaultTransitKMS(EncryptionKMS):
             "rewrap DEK",
             volume_id,
             lambda c: c.secrets.transit.rewrap_data(
-                name=self.key, ciphertext=encrypted_dek, mount_point=self.mount
+                name=self.key,
+                ciphertext=encrypted_dek,
+                context=self._context(volume_id),
+                mount_point=self.mount,
             ),
         )
         return str(answer["data"]["ciphertext"])
@@ -496,4 +511,5 @@ def _build_transit(kms_id: str, entry: Mapping[str, str], context: KMSContext) -
         connection_for(VaultSettings.parse(kms_id, entry)),
         mount=entry.get("vaultTransitPath", "transit").strip("/"),
         key=key,
+        derived=_flag(kms_id, entry, "vaultTransitDerivedKey", False),
     )

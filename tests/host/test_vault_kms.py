@@ -15,6 +15,7 @@ from csi_luks.kms.base import (
     DEKNotFound,
     KMSContext,
     KMSPermissionDenied,
+    KMSRequestRefused,
     KMSUnavailable,
 )
 from csi_luks.kms.config import KMSConfig
@@ -59,6 +60,11 @@ def entries(bao: OpenBao, tokens: dict[str, Path], dead: str) -> dict[str, dict[
         "transit": {
             "encryptionKMSType": "vault-transit", "vaultAddress": bao.address,
             "vaultTokenFile": str(tokens["root"]), "vaultTransitKey": "csi-kek",
+        },
+        "transit-derived": {
+            "encryptionKMSType": "vault-transit", "vaultAddress": bao.address,
+            "vaultTokenFile": str(tokens["root"]), "vaultTransitKey": "derived-kek",
+            "vaultTransitDerivedKey": "true",
         },
         "transit-other": {
             "encryptionKMSType": "vault-transit", "vaultAddress": bao.address,
@@ -167,6 +173,36 @@ def test_transit_rotation_rewraps_without_changing_the_dek(
     assert rewrapped.startswith("vault:v2:")
     backend.set_metadata(volume_id, "csi-luks/dek", rewrapped)
     assert encryption.get_passphrase(volume_id) == before
+
+
+def test_a_derived_transit_key_binds_each_wrapped_dek_to_its_volume(
+    bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
+) -> None:
+    bao.client().secrets.transit.create_key(name="derived-kek", derived=True)
+    first, second = make_volume(backend, "pvc-derived-1"), make_volume(backend, "pvc-derived-2")
+    encryption = volume_encryption(config, "transit-derived", CONTEXT, backend)
+    encryption.new_passphrase(first)
+    encryption.new_passphrase(second)
+    passphrase = encryption.get_passphrase(first)
+    # The first volume's wrapped DEK, copied into the second volume's metadata, does not unwrap there.
+    backend.set_metadata(second, "csi-luks/dek", backend.get(first).metadata["csi-luks/dek"])
+    with pytest.raises(DEKDecryptError, match="derived-kek"):
+        encryption.get_passphrase(second)
+    # Rotation and rewrap keep working under the volume's own context.
+    bao.client().secrets.transit.rotate_key(name="derived-kek")
+    kms = encryption.kms
+    assert isinstance(kms, VaultTransitKMS)
+    rewrapped = kms.rewrap_dek(first, backend.get(first).metadata["csi-luks/dek"])
+    assert rewrapped.startswith("vault:v2:")
+    backend.set_metadata(first, "csi-luks/dek", rewrapped)
+    assert encryption.get_passphrase(first) == passphrase
+    # Without the flag the same key refuses to wrap at all: a derived key needs the context.
+    plain = volume_encryption(
+        KMSConfig(None, {"t": {**config.entry("transit-derived"), "vaultTransitDerivedKey": "false"}}),
+        "t", CONTEXT, backend,
+    )  # fmt: skip
+    with pytest.raises(KMSRequestRefused, match="context"):
+        plain.new_passphrase(make_volume(backend, "pvc-derived-3"))
 
 
 def test_a_dek_wrapped_by_another_key_does_not_unwrap(config: KMSConfig, backend: StandaloneBackend) -> None:
