@@ -162,8 +162,10 @@ def build_case(name: str, env: KmsEnv, tmp: Path) -> Case:
             },
             wrong_key_error=KMSPermissionDenied,
         )
-    if name == "vault-transit":
+    if name in ("vault-transit", "vault-transit-derived"):
         entry = {"encryptionKMSType": "vault-transit", **vault, "vaultTransitKey": "csi-kek"}
+        if name == "vault-transit-derived":
+            entry = {**entry, "vaultTransitKey": "derived-kek", "vaultTransitDerivedKey": "true"}
         return Case(
             Variant(entry, none),
             wraps=True,
@@ -202,6 +204,7 @@ NAMES = [
     "vault-kv1",
     "vault-kubernetes-auth",
     "vault-transit",
+    "vault-transit-derived",
     "vaulttokens",
     "vaulttenantsa",
 ]

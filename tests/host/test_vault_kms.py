@@ -178,7 +178,6 @@ def test_transit_rotation_rewraps_without_changing_the_dek(
 def test_a_derived_transit_key_binds_each_wrapped_dek_to_its_volume(
     bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
 ) -> None:
-    bao.client().secrets.transit.create_key(name="derived-kek", derived=True)
     first, second = make_volume(backend, "pvc-derived-1"), make_volume(backend, "pvc-derived-2")
     encryption = volume_encryption(config, "transit-derived", CONTEXT, backend)
     encryption.new_passphrase(first)

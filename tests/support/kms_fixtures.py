@@ -23,6 +23,7 @@ def session_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
         root.sys.enable_secrets_engine("transit", path="transit")
         root.secrets.transit.create_key(name="csi-kek")
         root.secrets.transit.create_key(name="other-kek")
+        root.secrets.transit.create_key(name="derived-kek", derived=True)  # vaultTransitDerivedKey
         yield server
 
 
