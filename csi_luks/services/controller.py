@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -95,59 +96,86 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise invalid_argument(f'{PARAM_KMS_ID} is set but {PARAM_ENCRYPTED} is not "true"')
         if encrypted:
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
-        source_id, source = self._content_source(backend, request)
-        if source is not None and source.encrypted != encrypted:
-            raise invalid_argument(
-                f"{'encrypted' if source.encrypted else 'unencrypted'} source {source_id} cannot become an "
-                f"{'encrypted' if encrypted else 'unencrypted'} volume: set {PARAM_ENCRYPTED} in the "
-                "StorageClass to match the source"
-            )
-        if source is not None and not request.HasField("capacity_range"):
-            capacity = source.capacity
-        else:
-            capacity = capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
-        if source is not None and capacity < source.capacity:
-            raise CsiError(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"the source {source_id} holds {source.capacity} bytes; a copy cannot be smaller "
-                f"({capacity} bytes)",
-            )
         volume_id = backend.volume_id_for(name, parameters)
         pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
 
         with self.locks.hold(volume_id, f"CreateVolume {name}"):
-            created = False
+            existing = self._info_or_none(backend, volume_id)
+            if existing is not None:
+                record = VolumeRecord.parse(existing.metadata)
+                if not (record.encrypted and record.state is None):
+                    # Complete: a retry is answered from the volume alone, even if its source is gone now.
+                    requested = _requested_source_id(request)
+                    if requested is not None and not request.HasField("capacity_range"):
+                        capacity = record.capacity
+                    else:
+                        capacity = capacity_from_range(
+                            request.capacity_range, request.HasField("capacity_range")
+                        )
+                    self._check_same(name, record, capacity, encrypted, kms_id, requested)
+                    return csi_pb2.CreateVolumeResponse(
+                        volume=self._volume(volume_id, record.capacity, record)
+                    )
             try:
-                info = backend.get(volume_id)
-            except VolumeNotFound:
-                metadata = {
-                    NAME: name,
-                    CAPACITY: str(capacity),
-                    ENCRYPTED: "true" if encrypted else "false",
-                    KMS_ID: kms_id,
-                    **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
-                }
-                if source is not None and source_id is not None:
-                    metadata.update(_copy_marks(source_id, source))
-                info = backend.create(
-                    volume_id,
-                    name,
-                    backing_bytes(capacity, encrypted),
-                    metadata,
-                    source_id=source_id,
-                    parameters=parameters,
+                source_id, source = self._content_source(backend, request)
+            except CsiError as exc:
+                if existing is not None and exc.code == grpc.StatusCode.NOT_FOUND:
+                    # An unfinished copy whose source is gone can never be finished: do not leak it.
+                    backend.delete(volume_id)
+                raise
+            if source is not None and source.encrypted != encrypted:
+                kinds = ("unencrypted", "encrypted")
+                raise invalid_argument(
+                    f"{kinds[source.encrypted]} source {source_id} cannot become an {kinds[encrypted]} "
+                    f"volume: set {PARAM_ENCRYPTED} in the StorageClass to match the source"
                 )
-                created = True
-            record = VolumeRecord.parse(info.metadata)
-            self._check_same(name, record, capacity, encrypted, kms_id, source_id)
-            if encrypted and record.state is None:
-                try:
-                    self._prepare_key(backend, volume_id, record, request.secrets)
-                except Exception:
-                    if created:  # leave no half-created volume behind
-                        backend.delete(volume_id)
-                    raise
-            return csi_pb2.CreateVolumeResponse(volume=self._volume(volume_id, record.capacity, record))
+            if source is not None and not request.HasField("capacity_range"):
+                capacity = source.capacity
+            else:
+                capacity = capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
+            if source is not None and capacity < source.capacity:
+                raise CsiError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"the source {source_id} holds {source.capacity} bytes; a copy cannot be smaller "
+                    f"({capacity} bytes)",
+                )
+            # The source stays locked while it is copied: deleting or expanding it meanwhile gets ABORTED.
+            with (
+                self.locks.hold(source_id, f"CreateVolume {name} from {source_id}")
+                if source_id
+                else nullcontext()
+            ):
+                created = False
+                info = existing
+                if info is None:
+                    metadata = {
+                        NAME: name,
+                        CAPACITY: str(capacity),
+                        ENCRYPTED: "true" if encrypted else "false",
+                        KMS_ID: kms_id,
+                        **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
+                    }
+                    if source is not None and source_id is not None:
+                        metadata.update(_copy_marks(source_id, source))
+                    info = backend.create(
+                        volume_id,
+                        name,
+                        backing_bytes(capacity, encrypted),
+                        metadata,
+                        source_id=source_id,
+                        parameters=parameters,
+                    )
+                    created = True
+                record = VolumeRecord.parse(info.metadata)
+                self._check_same(name, record, capacity, encrypted, kms_id, source_id)
+                if encrypted and record.state is None:
+                    try:
+                        self._prepare_key(backend, volume_id, record, request.secrets)
+                    except Exception:
+                        if created:  # leave no half-created volume behind
+                            backend.delete(volume_id)
+                        raise
+                return csi_pb2.CreateVolumeResponse(volume=self._volume(volume_id, record.capacity, record))
 
     def _content_source(
         self, backend: VolumeBackend, request: csi_pb2.CreateVolumeRequest
@@ -513,6 +541,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             ],
             next_token=next_token,
         )
+
+
+def _requested_source_id(request: csi_pb2.CreateVolumeRequest) -> str | None:
+    """The snapshot or volume id the request names as its content source, if any (not looked up)."""
+    if not request.HasField("volume_content_source"):
+        return None
+    content = request.volume_content_source
+    kind = content.WhichOneof("type")
+    if kind == "snapshot":
+        return content.snapshot.snapshot_id or None
+    if kind == "volume":
+        return content.volume.volume_id or None
+    return None
 
 
 def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:

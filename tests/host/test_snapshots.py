@@ -232,6 +232,39 @@ def test_a_crash_between_copy_and_key_is_finished_with_the_source_key(plugin: Ru
     assert plugin.backend.get(volume_id).metadata[STATE] == "encrypted"
 
 
+def test_an_unfinished_copy_whose_source_is_gone_is_removed(plugin: RunningPlugin) -> None:
+    source = plugin.create("pvc-src", 16 * MiB, LOCAL_1)
+    volume_id = plugin.backend.volume_id_for("pvc-orphan", {})
+    plugin.backend.create(
+        volume_id, "pvc-orphan", 16 * MiB + LUKS_HEADER_BYTES,
+        {"csi-luks/name": "pvc-orphan", "csi-luks/capacity": str(16 * MiB), "csi-luks/encrypted": "true",
+         "csi-luks/kms-id": "local-1", "csi-luks/source": source.volume_id},
+        source_id=source.volume_id,
+    )  # fmt: skip
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=source.volume_id))
+    assert code_of(plugin.copy, "pvc-orphan", None, LOCAL_1, volume_id=source.volume_id) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    assert plugin.backend.list() == []  # nothing leaked
+
+
+def test_a_finished_copy_is_returned_on_retry_after_its_source_is_gone(plugin: RunningPlugin) -> None:
+    source = plugin.create("pvc-src", 16 * MiB, LOCAL_1)
+    clone = plugin.copy("pvc-clone", None, LOCAL_1, volume_id=source.volume_id)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=source.volume_id))
+    # The CO lost the first answer and asks again: the same volume, not NOT_FOUND.
+    assert plugin.copy("pvc-clone", None, LOCAL_1, volume_id=source.volume_id) == clone
+
+
+def test_a_source_being_copied_is_locked(plugin: RunningPlugin) -> None:
+    source = plugin.create("pvc-src", 16 * MiB, LOCAL_1)
+    with plugin.server.locks.hold(source.volume_id, "a copy of it in flight"):
+        assert code_of(plugin.copy, "pvc-clone", None, LOCAL_1, volume_id=source.volume_id) == (
+            grpc.StatusCode.ABORTED
+        )
+    assert plugin.copy("pvc-clone", None, LOCAL_1, volume_id=source.volume_id).volume_id
+
+
 def test_capabilities_advertise_snapshots_and_clones(plugin: RunningPlugin) -> None:
     kinds = {
         c.rpc.type
