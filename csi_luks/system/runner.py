@@ -160,7 +160,9 @@ class Runner:
             stderr=redact(_text(proc.stderr), secret_list),
             duration=duration,
         )
-        log.debug("ran %s -> %d in %.2fs", real_argv, proc.returncode, duration)
+        log.debug(
+            "ran %s -> %d in %.2fs", redact(" ".join(real_argv), secret_list), proc.returncode, duration
+        )
         if check and proc.returncode != 0:
             raise CommandError(real_argv, proc.returncode, result.stdout, result.stderr)
         return result

@@ -77,8 +77,10 @@ _OWNER = PREFIX + "volume-id"  # written last: the image is complete
 _DEK = PREFIX + "dek"  # not kept in the node's record of an attachment
 _IMAGE_PREFIX = "csi-vol-"
 _COPY_SNAPSHOT_PREFIX = "csi-copy-"
-_FEATURES = re.compile(r"[a-z-]+(,[a-z-]+)*")
+# The image features a StorageClass may ask for (the rest are set by Ceph itself).
+_FEATURES = frozenset({"layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling"})
 _MiB = 1024 * 1024
+_PLAIN_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # as ceph_clusters.check_plain allows
 # Copying or removing a large image takes as long as its data: no short deadline may cut it off (a cut
 # copy would be redone from scratch by every retry). The CO's retries meanwhile get ABORTED (in flight).
 BULK_TIMEOUT = 24 * 3600.0
@@ -125,8 +127,12 @@ def decode_volume_id(volume_id: str) -> ImageRef:
             fields.append(value)
             rest = rest[1:]
         uid = str(uuid.UUID(rest))
-        if uid != rest:
-            raise ValueError
+        if (
+            uid != rest
+            or not all(_PLAIN_FIELD.fullmatch(f) for f in fields[:2])
+            or (fields[2] and not _PLAIN_FIELD.fullmatch(fields[2]))
+        ):
+            raise ValueError  # nothing but plain names reaches rbd's argv or a file path
     except ValueError:
         raise VolumeNotFound(f"{volume_id!r} is not an RBD volume id of csi-luks") from None
     return ImageRef(fields[0], fields[1], fields[2], _IMAGE_PREFIX + uid)
@@ -141,10 +147,11 @@ class _Rbd:
         self.secret = secret
         self.timeout = timeout
 
-    def run(self, *argv: str, timeout: float | None = None) -> CommandResult:
+    def run(self, *argv: str, timeout: float | None = None, hide: str = "") -> CommandResult:
+        """Run rbd as the user; `hide` (a wrapped DEK) is redacted from logs like the key."""
         try:
             return self.runner.run(
-                ["rbd", *self.connection, *argv], secrets=[self.secret], timeout=timeout or self.timeout
+                ["rbd", *self.connection, *argv], secrets=[self.secret, hide], timeout=timeout or self.timeout
             )
         except CommandError as exc:
             raise _translate(exc, argv) from None
@@ -163,7 +170,7 @@ class _Rbd:
     def set_meta(self, ref: ImageRef, key: str, value: str) -> None:
         """Set a key; RBD refuses empty values, and an absent key reads as empty, so "" removes it."""
         if value:
-            self.run("image-meta", "set", ref.spec, key, value)
+            self.run("image-meta", "set", ref.spec, key, value, hide=value if key == _DEK else "")
         else:
             with contextlib.suppress(VolumeNotFound):
                 self.run("image-meta", "remove", ref.spec, key)
@@ -192,8 +199,12 @@ def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
         return VolumeInUse(f"{what}: the image is in use (mapped or open elsewhere): {detail}")
     if "failed to decode key" in exc.stderr:
         return BackendRequestError(f"{what}: the request's {USER_KEY} is not a valid cephx key")
-    if code in (_EPERM, _EACCES):
-        return BackendPermissionDenied(f"{what}: the cephx user was refused: {detail}")
+    # Exit 1 is also rbd's code for a command-line error: only the errno text means EPERM.
+    if code == _EACCES or (code == _EPERM and "Operation not permitted" in exc.stderr):
+        return BackendPermissionDenied(
+            f"{what}: permission denied (the cephx user's key or caps, or for a map this process's "
+            f"privileges): {detail}"
+        )
     if code == _ETIMEDOUT or code < 0 or "timed out" in exc.stderr:
         return BackendUnavailable(f"{what}: the Ceph cluster did not answer: {detail}")
     return VolumeBackendError(f"{what} failed ({code}): {detail}")
@@ -286,6 +297,7 @@ class RbdBackend(VolumeBackend):
             if existing is not None and existing.get(_OWNER) == volume_id:
                 return self._info(volume_id, rbd.size(ref), existing)
             if existing is not None:
+                _refuse_if_owned_by_another(ref, volume_id, existing)
                 # A create that stopped before its last step: never handed out, so nobody's data.
                 log.warning("volume %s: replacing the incomplete image %s left by an interrupted create",
                             volume_id, ref.spec)  # fmt: skip
@@ -294,7 +306,13 @@ class RbdBackend(VolumeBackend):
             size = size_mib * _MiB
             present: dict[str, str] = {}
             if source_id is None:
-                rbd.run("create", "--size", f"{size_mib}M", *options, ref.spec)
+                try:
+                    rbd.run("create", "--size", f"{size_mib}M", *options, ref.spec)
+                except VolumeNotFound as exc:  # not the volume: where it was to go
+                    raise BackendRequestError(
+                        f"cannot create {ref.spec}: its pool, RADOS namespace or data pool does not exist "
+                        f"({exc})"
+                    ) from None
             else:
                 self._copy(rbd, decode_volume_id(source_id), ref, options)
                 size = rbd.size(ref)
@@ -365,6 +383,14 @@ class RbdBackend(VolumeBackend):
         if self.find_attachment(volume_id) is not None:
             raise VolumeInUse(f"volume {volume_id} is mapped on this machine")
         with self._session(ref) as rbd:
+            metadata = rbd.metadata(ref)
+            if metadata is None:
+                return
+            try:
+                _refuse_if_owned_by_another(ref, volume_id, metadata)
+            except VolumeInUse as exc:
+                log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
+                return  # this id names no volume of its own: it is deleted
             rbd.remove_image(ref)
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
@@ -398,20 +424,23 @@ class RbdBackend(VolumeBackend):
 
     def attach(self, volume_id: str) -> str:
         ref = decode_volume_id(volume_id)
+        # The record first (and on every stage, so a crash or a lost state dir is repaired by a retry):
+        # the node's credential-less calls rely on it.
+        info = self._fetched.get(volume_id) or self.get(volume_id)
+        self._write_record(info)
         device = self.find_attachment(volume_id)
         if device is None:
-            info = self._fetched.get(volume_id) or self.get(volume_id)
             kind = _NBD if info.metadata.get(MOUNTER) == MOUNTER_NBD else _KRBD
             with self._session(ref) as rbd, block_device_events() as wait:
                 device = rbd.run("device", "map", "--device-type", kind, ref.spec).stdout.strip()
                 try:
                     wait(device, self.map_timeout)
                 except DeviceWaitTimeout as exc:
+                    self.detach(volume_id)  # leave nothing half-attached behind
                     raise BackendUnavailable(
                         f"volume {volume_id}: rbd map gave {device}, but {exc}"
                     ) from None
             log.info("volume %s: image %s mapped at %s (%s)", volume_id, ref.spec, device, kind)
-            self._write_record(info)
         return device
 
     def find_attachment(self, volume_id: str) -> str | None:
@@ -456,7 +485,9 @@ class RbdBackend(VolumeBackend):
                 argv = ["rbd", "device", "unmap", "--device-type", mapping["type"], device]
                 self.runner.run(argv, timeout=self.timeout)
             except CommandError as exc:
-                raise _translate(exc, ("device", "unmap")) from None
+                error = _translate(exc, ("device", "unmap"))
+                if not isinstance(error, VolumeNotFound):  # gone meanwhile: detached all the same
+                    raise error from None
             log.info("volume %s: %s unmapped", volume_id, device)
         with contextlib.suppress(FileNotFoundError):
             self._record_path(volume_id).unlink()
@@ -494,12 +525,37 @@ class RbdBackend(VolumeBackend):
         return VolumeInfo(volume_id, str(raw["name"]), int(raw["size"]), dict(raw["metadata"]))
 
 
+def _refuse_if_owned_by_another(ref: ImageRef, volume_id: str, metadata: Mapping[str, str]) -> None:
+    """VolumeInUse if a complete volume with another id owns this very image.
+
+    An image whose owner key is missing, or names another image (the source's, brought by a deep copy),
+    is an unfinished create of this id. One owned by another id naming the same image (two clusterIDs for
+    one Ceph cluster) is somebody's volume: it is never replaced or deleted in this id's name.
+    """
+    owner = metadata.get(_OWNER)
+    if not owner or owner == volume_id:
+        return
+    try:
+        foreign = decode_volume_id(owner).image == ref.image
+    except VolumeNotFound:
+        foreign = True
+    if foreign:
+        raise VolumeInUse(
+            f"image {ref.spec} belongs to volume {owner}, not {volume_id} (two clusterIDs for one Ceph "
+            "cluster?)"
+        )
+
+
 def _image_options(parameters: Mapping[str, str]) -> list[str]:
     options = []
     features = parameters.get(PARAM_IMAGE_FEATURES, "")
     if features:
-        if not _FEATURES.fullmatch(features):
-            raise BackendRequestError(f"{PARAM_IMAGE_FEATURES} {features!r}: expected a comma-separated list")
+        unknown = sorted(set(features.split(",")) - _FEATURES)
+        if unknown:
+            raise BackendRequestError(
+                f"{PARAM_IMAGE_FEATURES} {features!r}: unknown {unknown}; "
+                f"known: {', '.join(sorted(_FEATURES))}"
+            )
         options += ["--image-feature", features]
     data_pool = parameters.get(PARAM_DATA_POOL, "")
     if data_pool:

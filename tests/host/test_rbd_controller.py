@@ -17,7 +17,7 @@ from csi_luks.csi import csi_pb2
 from csi_luks.kms.local import LocalKMS
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
-from csi_luks.volumes.base import BackendUnavailable
+from csi_luks.volumes.base import BackendRequestError, BackendUnavailable, VolumeInUse
 from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support.audit import AUDIT
@@ -282,3 +282,42 @@ def test_an_unreachable_cluster_is_unavailable_within_the_connect_timeout(
     with pytest.raises(BackendUnavailable, match="did not answer"):
         backend.get(volume_id)
     assert time.monotonic() - started < 20
+
+
+def test_an_image_owned_by_another_volume_id_is_never_replaced_or_deleted(
+    ceph: CephCluster, tmp_path: Path
+) -> None:
+    # Two clusterIDs naming one Ceph cluster: the same PV name maps to the same image under both.
+    config = tmp_path / "config.json"
+    monitors = [f"v1:{ceph.monitors}"]
+    config.write_text(
+        json.dumps([{"clusterID": "a", "monitors": monitors}, {"clusterID": "b", "monitors": monitors}])
+    )
+    backend = RbdBackend(CephClusters(config), tmp_path).for_request(
+        {"userID": ceph.csi.id, "userKey": ceph.csi.key}
+    )
+    via_a = backend.volume_id_for("pvc-alias", {"clusterID": "a", "pool": ceph.pool})
+    via_b = backend.volume_id_for("pvc-alias", {"clusterID": "b", "pool": ceph.pool})
+    assert via_a != via_b and decode_volume_id(via_a).spec == decode_volume_id(via_b).spec
+    backend.create(via_a, "pvc-alias", 4 * MiB, {"csi-luks/name": "pvc-alias"})
+    with pytest.raises(VolumeInUse, match=f"belongs to volume {via_a}"):
+        backend.create(via_b, "pvc-alias", 4 * MiB, {"csi-luks/name": "pvc-alias"})
+    backend.delete(via_b)  # this id names no volume of its own: nothing to delete
+    assert backend.get(via_a).metadata["csi-luks/name"] == "pvc-alias"
+    backend.delete(via_a)
+    assert not exists(ceph, via_a)
+
+
+def test_placement_errors_are_the_requests_fault(ceph: CephCluster, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps([{"clusterID": "c", "monitors": [f"v1:{ceph.monitors}"]}]))
+    backend = RbdBackend(CephClusters(config), tmp_path).for_request(
+        {"userID": ceph.csi.id, "userKey": ceph.csi.key}
+    )
+    missing_pool = {"clusterID": "c", "pool": "no-such-pool"}
+    volume_id = backend.volume_id_for("pvc-nowhere", missing_pool)
+    with pytest.raises(BackendRequestError, match="pool, RADOS namespace or data pool does not exist"):
+        backend.create(volume_id, "pvc-nowhere", 4 * MiB, {}, parameters=missing_pool)
+    features = {"clusterID": "c", "pool": ceph.pool, "imageFeatures": "layering,teleport"}
+    with pytest.raises(BackendRequestError, match="unknown \\['teleport'\\]"):
+        backend.create(backend.volume_id_for("pvc-f", features), "pvc-f", 4 * MiB, {}, parameters=features)

@@ -6,6 +6,12 @@ import pytest
 from csi_luks import luks
 from csi_luks.errors import CsiError, invalid_argument, status_for
 from csi_luks.kms.base import KMSRequestRefused, KMSTLSError, KMSUnavailable
+from csi_luks.volumes.base import (
+    BackendPermissionDenied,
+    BackendRequestError,
+    BackendUnavailable,
+    VolumeInUse,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +29,10 @@ from csi_luks.kms.base import KMSRequestRefused, KMSTLSError, KMSUnavailable
         (KMSRequestRefused('invalid role name "x"'), grpc.StatusCode.FAILED_PRECONDITION),
         (invalid_argument("volume_id missing"), grpc.StatusCode.INVALID_ARGUMENT),
         (CsiError(grpc.StatusCode.ABORTED, "in flight"), grpc.StatusCode.ABORTED),
+        (BackendRequestError("no such pool"), grpc.StatusCode.INVALID_ARGUMENT),
+        (BackendPermissionDenied("cephx refused"), grpc.StatusCode.PERMISSION_DENIED),
+        (BackendUnavailable("cluster down"), grpc.StatusCode.UNAVAILABLE),
+        (VolumeInUse("owned by another id"), grpc.StatusCode.FAILED_PRECONDITION),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
     ],
 )
