@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         "(env CSI_LUKS_KMS_CONFIG_MAP)",
     )
     serve.add_argument(
+        "--max-concurrent-copies",
+        type=int,
+        default=int(os.environ.get("CSI_LUKS_MAX_COPIES", "4")),
+        help="snapshots, clones and restores copying data at once; more are refused with "
+        "RESOURCE_EXHAUSTED and retried by the CO (env CSI_LUKS_MAX_COPIES; default 4)",
+    )
+    serve.add_argument(
         "--grace-period",
         type=float,
         default=30.0,
@@ -133,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode=args.mode,
                 socket_group=args.socket_group,
                 grace_period=args.grace_period,
+                max_copies=args.max_concurrent_copies,
                 backend=args.backend,
                 state_dir=args.state_dir,
                 ceph_config=args.ceph_config,

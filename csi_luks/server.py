@@ -165,6 +165,9 @@ class PluginServer:
             futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="csi"),
             interceptors=[_CallInterceptor()],
         )
+        self.controller = ControllerService(
+            self.backend, self.kms_config, self.locks, max_copies=self.settings.max_copies
+        )
         csi_pb2_grpc.add_IdentityServicer_to_server(
             IdentityService(
                 self.settings.driver_name, __version__, self._plugin_capabilities(), self.readiness
@@ -173,9 +176,7 @@ class PluginServer:
         )
         services = ["", "csi.v1.Identity"]
         if self.settings.mode.runs_controller:
-            csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerService(self.backend, self.kms_config, self.locks), server
-            )
+            csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
             services.append("csi.v1.Controller")
         if self.settings.mode.runs_node:
             csi_pb2_grpc.add_NodeServicer_to_server(

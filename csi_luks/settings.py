@@ -59,6 +59,7 @@ class Settings:
     socket_group: str | None = None  # group allowed on the socket (mode 0660); None: 0600, owner only
     grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM
     workers: int = 16
+    max_copies: int = 4  # snapshots/clones/restores copying at once; more get RESOURCE_EXHAUSTED (retried)
     backend: Backend = Backend.STANDALONE
     state_dir: str = DEFAULT_STATE_DIR  # standalone: volumes and metadata; rbd: the node's attachment records
     ceph_config: str = DEFAULT_CEPH_CONFIG  # rbd: the Ceph clusters, ceph-csi's config.json format
@@ -78,6 +79,8 @@ class Settings:
             raise ValueError("grace period must not be negative")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if not 1 <= self.max_copies < self.workers:
+            raise ValueError(f"max copies must be at least 1 and fewer than the {self.workers} workers")
         if self.kms_config_map is not None:
             self.kms_config_map_ref  # noqa: B018 - validates the form
 

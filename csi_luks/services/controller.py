@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -67,12 +68,30 @@ LISTING_CAPABILITIES = (RPC.LIST_VOLUMES, RPC.LIST_SNAPSHOTS, RPC.GET_CAPACITY)
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, backend: VolumeBackend, kms_config: KMSConfig, locks: OperationLocks) -> None:
+    def __init__(
+        self, backend: VolumeBackend, kms_config: KMSConfig, locks: OperationLocks, max_copies: int = 4
+    ) -> None:
         self.backend = backend
+        # A copy (snapshot, clone, restore) holds a gRPC worker for as long as the data takes: a bound keeps
+        # workers free for everything else (Probe included), and the CO retries what is refused.
+        self.max_copies = max_copies
+        self.copy_slots = threading.BoundedSemaphore(max_copies)
         # The backend's own StorageClass parameters are known too (RBD: clusterID, pool, ...).
         self.known_parameters = KNOWN_PARAMETERS + backend.parameter_keys
         self.kms_config = kms_config
         self.locks = locks
+
+    @contextmanager
+    def _copy_slot(self, what: str) -> Iterator[None]:
+        if not self.copy_slots.acquire(blocking=False):
+            raise CsiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_copies} copies are in flight already; {what} waits for a retry",
+            )
+        try:
+            yield
+        finally:
+            self.copy_slots.release()
 
     @staticmethod
     def _context(secrets: Mapping[str, str], record: VolumeRecord) -> KMSContext:
@@ -157,14 +176,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     }
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
-                    info = backend.create(
-                        volume_id,
-                        name,
-                        backing_bytes(capacity, encrypted),
-                        metadata,
-                        source_id=source_id,
-                        parameters=parameters,
-                    )
+                    with self._copy_slot(f"CreateVolume {name}") if source_id else nullcontext():
+                        info = backend.create(
+                            volume_id,
+                            name,
+                            backing_bytes(capacity, encrypted),
+                            metadata,
+                            source_id=source_id,
+                            parameters=parameters,
+                        )
                     created = True
                 record = VolumeRecord.parse(info.metadata)
                 self._check_same(name, record, capacity, encrypted, kms_id, source_id)
@@ -472,7 +492,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     **({PVC_NAMESPACE: source.pvc_namespace} if source.pvc_namespace else {}),
                     **_copy_marks(source_id, source),
                 }
-                info = backend.create(snapshot_id, name, source.backing_bytes, metadata, source_id=source_id)
+                with self._copy_slot(f"CreateSnapshot {name}"):
+                    info = backend.create(
+                        snapshot_id, name, source.backing_bytes, metadata, source_id=source_id
+                    )
                 created = True
             record = VolumeRecord.parse(info.metadata)
             if not record.is_snapshot or record.source != source_id:

@@ -265,6 +265,24 @@ def test_a_source_being_copied_is_locked(plugin: RunningPlugin) -> None:
     assert plugin.copy("pvc-clone", None, LOCAL_1, volume_id=source.volume_id).volume_id
 
 
+def test_copies_beyond_the_limit_are_refused_until_a_slot_frees(plugin: RunningPlugin) -> None:
+    source = plugin.create("pvc-src", 16 * MiB, LOCAL_1)
+    slots = plugin.server.controller.copy_slots
+    for _ in range(plugin.server.controller.max_copies):  # as many copies as allowed, all in flight
+        assert slots.acquire(blocking=False)
+    try:
+        assert code_of(plugin.copy, "pvc-clone", None, LOCAL_1, volume_id=source.volume_id) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        assert code_of(plugin.snapshot, "snap-busy", source.volume_id) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert plugin.create("pvc-plain-new", 16 * MiB, LOCAL_1).volume_id  # no copy: not limited
+    finally:
+        for _ in range(plugin.server.controller.max_copies):
+            slots.release()
+    clone = plugin.copy("pvc-clone", None, LOCAL_1, volume_id=source.volume_id)
+    assert plugin.backend.get(clone.volume_id).metadata["csi-luks/source"] == source.volume_id
+
+
 def test_capabilities_advertise_snapshots_and_clones(plugin: RunningPlugin) -> None:
     kinds = {
         c.rpc.type

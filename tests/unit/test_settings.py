@@ -41,3 +41,9 @@ def test_node_id_defaults_to_host_name() -> None:
 def test_modes() -> None:
     assert Mode.ALL.runs_controller and Mode.ALL.runs_node
     assert not Mode.NODE.runs_controller and not Mode.CONTROLLER.runs_node
+
+
+@pytest.mark.parametrize(("workers", "copies"), [(16, 0), (16, 16), (4, 5)])
+def test_copies_leave_workers_for_other_calls(workers: int, copies: int) -> None:
+    with pytest.raises(ValueError, match="max copies"):
+        Settings(endpoint="/tmp/csi.sock", workers=workers, max_copies=copies)
