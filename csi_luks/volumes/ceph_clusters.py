@@ -7,7 +7,8 @@ ConfigMap applies without a restart):
       "rbd": {"radosNamespace": "optional"}}]
 
 Credentials arrive in each request's secrets (`userID`, `userKey`). The key is written to a 0600 key file
-in a private 0700 directory for the length of one command batch and never appears in argv.
+in a private 0700 directory (on /dev/shm where there is one: RAM, not disk) for the length of one command
+batch and never appears in argv.
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ class Credentials:
         return cls(user.removeprefix("client."), key)
 
 
+def _key_dir_parent() -> str | None:
+    """The shared-memory tmpfs if usable, else the default temporary directory."""
+    shm = "/dev/shm"  # noqa: S108 - a private 0700 directory is made inside it
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 @contextlib.contextmanager
 def client_config(
     cluster: CephCluster, credentials: Credentials, connect_timeout: float = CONNECT_TIMEOUT
@@ -130,7 +137,8 @@ def client_config(
     A ceph.conf of our own (only the monitors) keeps a node's /etc/ceph out of it; the key file is 0600
     inside a 0700 directory, and both are removed afterwards.
     """
-    directory = tempfile.mkdtemp(prefix="csi-luks-ceph-")  # 0700
+    # 0700; in RAM where the machine has it, so the key is never written to a disk.
+    directory = tempfile.mkdtemp(prefix="csi-luks-ceph-", dir=_key_dir_parent())
     try:
         conf, keyfile = os.path.join(directory, "ceph.conf"), os.path.join(directory, "key")
         with open(conf, "x") as f:
