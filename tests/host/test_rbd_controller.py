@@ -222,12 +222,7 @@ def test_an_interrupted_create_is_replaced_and_invisible_until_complete(
 
 
 def test_listing_is_not_advertised(plugin: RunningPlugin) -> None:
-    capabilities = {
-        c.rpc.type
-        for c in plugin.controller.ControllerGetCapabilities(
-            csi_pb2.ControllerGetCapabilitiesRequest()
-        ).capabilities
-    }
+    capabilities = plugin.controller_capabilities()
     rpc = csi_pb2.ControllerServiceCapability.RPC
     assert rpc.CREATE_DELETE_SNAPSHOT in capabilities and rpc.CLONE_VOLUME in capabilities
     assert rpc.LIST_VOLUMES not in capabilities and rpc.GET_CAPACITY not in capabilities

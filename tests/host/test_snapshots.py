@@ -284,11 +284,6 @@ def test_copies_beyond_the_limit_are_refused_until_a_slot_frees(plugin: RunningP
 
 
 def test_capabilities_advertise_snapshots_and_clones(plugin: RunningPlugin) -> None:
-    kinds = {
-        c.rpc.type
-        for c in plugin.controller.ControllerGetCapabilities(
-            csi_pb2.ControllerGetCapabilitiesRequest()
-        ).capabilities
-    }
+    kinds = plugin.controller_capabilities()
     rpc = csi_pb2.ControllerServiceCapability.RPC
     assert {rpc.CREATE_DELETE_SNAPSHOT, rpc.LIST_SNAPSHOTS, rpc.CLONE_VOLUME} <= kinds

@@ -9,7 +9,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from csi_luks.encryption import volume_encryption
+from csi_luks.encryption import VolumeEncryption, volume_encryption
 from csi_luks.kms.base import (
     DEKDecryptError,
     DEKNotFound,
@@ -159,6 +159,18 @@ def test_transit_leaves_only_ciphertext_in_volume_metadata(
     assert stored.startswith("vault:v1:") and passphrase not in stored
 
 
+def rotate_and_rewrap(
+    bao: OpenBao, encryption: VolumeEncryption, backend: StandaloneBackend, key: str, volume_id: str
+) -> None:
+    """Rotate the Transit key, then store the volume's DEK re-wrapped under the new version."""
+    bao.client().secrets.transit.rotate_key(name=key)
+    kms = encryption.kms
+    assert isinstance(kms, VaultTransitKMS)
+    rewrapped = kms.rewrap_dek(volume_id, backend.get(volume_id).metadata["csi-luks/dek"])
+    assert rewrapped.startswith("vault:v2:")
+    backend.set_metadata(volume_id, "csi-luks/dek", rewrapped)
+
+
 def test_transit_rotation_rewraps_without_changing_the_dek(
     bao: OpenBao, config: KMSConfig, backend: StandaloneBackend
 ) -> None:
@@ -166,12 +178,7 @@ def test_transit_rotation_rewraps_without_changing_the_dek(
     encryption = volume_encryption(config, "transit", CONTEXT, backend)
     encryption.new_passphrase(volume_id)
     before = encryption.get_passphrase(volume_id)
-    bao.client().secrets.transit.rotate_key(name="csi-kek")
-    kms = encryption.kms
-    assert isinstance(kms, VaultTransitKMS)
-    rewrapped = kms.rewrap_dek(volume_id, backend.get(volume_id).metadata["csi-luks/dek"])
-    assert rewrapped.startswith("vault:v2:")
-    backend.set_metadata(volume_id, "csi-luks/dek", rewrapped)
+    rotate_and_rewrap(bao, encryption, backend, "csi-kek", volume_id)
     assert encryption.get_passphrase(volume_id) == before
 
 
@@ -188,12 +195,7 @@ def test_a_derived_transit_key_binds_each_wrapped_dek_to_its_volume(
     with pytest.raises(DEKDecryptError, match="derived-kek"):
         encryption.get_passphrase(second)
     # Rotation and rewrap keep working under the volume's own context.
-    bao.client().secrets.transit.rotate_key(name="derived-kek")
-    kms = encryption.kms
-    assert isinstance(kms, VaultTransitKMS)
-    rewrapped = kms.rewrap_dek(first, backend.get(first).metadata["csi-luks/dek"])
-    assert rewrapped.startswith("vault:v2:")
-    backend.set_metadata(first, "csi-luks/dek", rewrapped)
+    rotate_and_rewrap(bao, encryption, backend, "derived-kek", first)
     assert encryption.get_passphrase(first) == passphrase
     # Without the flag the same key refuses to wrap at all: a derived key needs the context.
     plain = volume_encryption(

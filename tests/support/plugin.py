@@ -79,6 +79,11 @@ class RunningPlugin:
         volume: csi_pb2.Volume = response.volume
         return volume
 
+    def controller_capabilities(self) -> set[int]:
+        """The RPC types ControllerGetCapabilities advertises."""
+        response = self.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
+        return {c.rpc.type for c in response.capabilities}
+
     def snapshot(
         self, name: str, source_volume_id: str, secrets: dict[str, str] | None = None
     ) -> csi_pb2.Snapshot:
