@@ -115,6 +115,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise invalid_argument(f'{PARAM_KMS_ID} is set but {PARAM_ENCRYPTED} is not "true"')
         if encrypted:
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
+        requested_source = _source_of(request)
         volume_id = backend.volume_id_for(name, parameters)
         pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
 
@@ -124,19 +125,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 record = VolumeRecord.parse(existing.metadata)
                 if not (record.encrypted and record.state is None):
                     # Complete: a retry is answered from the volume alone, even if its source is gone now.
-                    requested = _requested_source_id(request)
-                    if requested is not None and not request.HasField("capacity_range"):
-                        capacity = record.capacity
-                    else:
-                        capacity = capacity_from_range(
-                            request.capacity_range, request.HasField("capacity_range")
-                        )
+                    requested = requested_source[1] if requested_source else None
+                    capacity = _capacity(request, record.capacity if requested else None)
                     self._check_same(name, record, capacity, encrypted, kms_id, requested)
                     return csi_pb2.CreateVolumeResponse(
                         volume=self._volume(volume_id, record.capacity, record)
                     )
             try:
-                source_id, source = self._content_source(backend, request)
+                source_id, source = self._content_source(backend, requested_source)
             except CsiError as exc:
                 if existing is not None and exc.code == grpc.StatusCode.NOT_FOUND:
                     # An unfinished copy whose source is gone can never be finished: do not leak it.
@@ -148,10 +144,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"{kinds[source.encrypted]} source {source_id} cannot become an {kinds[encrypted]} "
                     f"volume: set {PARAM_ENCRYPTED} in the StorageClass to match the source"
                 )
-            if source is not None and not request.HasField("capacity_range"):
-                capacity = source.capacity
-            else:
-                capacity = capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
+            capacity = _capacity(request, source.capacity if source else None)
             if source is not None and capacity < source.capacity:
                 raise CsiError(
                     grpc.StatusCode.OUT_OF_RANGE,
@@ -198,21 +191,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 return csi_pb2.CreateVolumeResponse(volume=self._volume(volume_id, record.capacity, record))
 
     def _content_source(
-        self, backend: VolumeBackend, request: csi_pb2.CreateVolumeRequest
+        self, backend: VolumeBackend, source: tuple[str, str] | None
     ) -> tuple[str | None, VolumeRecord | None]:
         """The snapshot or volume to copy, if any, checked to exist and to be complete."""
-        if not request.HasField("volume_content_source"):
+        if source is None:
             return None, None
-        content = request.volume_content_source
-        kind = content.WhichOneof("type")
-        if kind == "snapshot":
-            source_id = require(content.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
-            record = self._find(backend, source_id, snapshot=True)
-        elif kind == "volume":
-            source_id = require(content.volume.volume_id, "volume_content_source.volume.volume_id")
-            record = self._find(backend, source_id, snapshot=False)
-        else:
-            raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
+        kind, source_id = source
+        record = self._find(backend, source_id, snapshot=kind == "snapshot")
         if record is None:
             raise not_found(f"{kind} {source_id} (the content source) does not exist")
         if record.encrypted and record.state is None:
@@ -566,17 +551,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
 
-def _requested_source_id(request: csi_pb2.CreateVolumeRequest) -> str | None:
-    """The snapshot or volume id the request names as its content source, if any (not looked up)."""
+def _source_of(request: csi_pb2.CreateVolumeRequest) -> tuple[str, str] | None:
+    """(kind, id) of the snapshot or volume the request names as its content source, checked for form only."""
     if not request.HasField("volume_content_source"):
         return None
     content = request.volume_content_source
     kind = content.WhichOneof("type")
     if kind == "snapshot":
-        return content.snapshot.snapshot_id or None
+        return kind, require(content.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
     if kind == "volume":
-        return content.volume.volume_id or None
-    return None
+        return kind, require(content.volume.volume_id, "volume_content_source.volume.volume_id")
+    raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
+
+
+def _capacity(request: csi_pb2.CreateVolumeRequest, copied: int | None) -> int:
+    """The requested capacity; a copy without a capacity range gets its source's (copied)."""
+    if copied is not None and not request.HasField("capacity_range"):
+        return copied
+    return capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
 
 
 def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:

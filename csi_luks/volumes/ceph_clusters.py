@@ -33,8 +33,12 @@ _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _MONITOR = re.compile(r"[A-Za-z0-9.:\[\]_-]+")
 
 
+def is_plain(value: str) -> bool:
+    return _PLAIN.fullmatch(value) is not None
+
+
 def check_plain(what: str, value: str) -> str:
-    if not _PLAIN.fullmatch(value):
+    if not is_plain(value):
         raise BackendRequestError(
             f"{what} {value!r} is not supported: use letters, digits, '.', '_' and '-' (at most 63)"
         )

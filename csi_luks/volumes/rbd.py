@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -59,6 +58,7 @@ from csi_luks.volumes.ceph_clusters import (
     Credentials,
     check_plain,
     client_config,
+    is_plain,
 )
 from csi_luks.volumes.standalone import write_atomically
 
@@ -80,7 +80,6 @@ _COPY_SNAPSHOT_PREFIX = "csi-copy-"
 # The image features a StorageClass may ask for (the rest are set by Ceph itself).
 _FEATURES = frozenset({"layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling"})
 _MiB = 1024 * 1024
-_PLAIN_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # as ceph_clusters.check_plain allows
 # Copying or removing a large image takes as long as its data: no short deadline may cut it off (a cut
 # copy would be redone from scratch by every retry). The CO's retries meanwhile get ABORTED (in flight).
 BULK_TIMEOUT = 24 * 3600.0
@@ -127,11 +126,7 @@ def decode_volume_id(volume_id: str) -> ImageRef:
             fields.append(value)
             rest = rest[1:]
         uid = str(uuid.UUID(rest))
-        if (
-            uid != rest
-            or not all(_PLAIN_FIELD.fullmatch(f) for f in fields[:2])
-            or (fields[2] and not _PLAIN_FIELD.fullmatch(fields[2]))
-        ):
+        if uid != rest or not all(is_plain(f) for f in fields[:2]) or (fields[2] and not is_plain(fields[2])):
             raise ValueError  # nothing but plain names reaches rbd's argv or a file path
     except ValueError:
         raise VolumeNotFound(f"{volume_id!r} is not an RBD volume id of csi-luks") from None
@@ -172,11 +167,23 @@ class _Rbd:
         if value:
             self.run("image-meta", "set", ref.spec, key, value, hide=value if key == _DEK else "")
         else:
-            with contextlib.suppress(VolumeNotFound):
-                self.run("image-meta", "remove", ref.spec, key)
+            self.remove_meta(ref, key)
+
+    def remove_meta(self, ref: ImageRef, key: str) -> None:
+        with contextlib.suppress(VolumeNotFound):  # a missing key is already removed
+            self.run("image-meta", "remove", ref.spec, key)
 
     def size(self, ref: ImageRef) -> int:
         return int(self.json("info", ref.spec)["size"])
+
+    def grow_to(self, ref: ImageRef, size_bytes: int) -> int:
+        """Grow the image to at least size_bytes (whole MiB); never shrink. Returns its size."""
+        size = self.size(ref)
+        if size < size_bytes:
+            size_mib = math.ceil(size_bytes / _MiB)
+            self.run("resize", "--no-progress", "--size", f"{size_mib}M", ref.spec)
+            size = size_mib * _MiB
+        return size
 
     def remove_image(self, ref: ImageRef) -> None:
         with contextlib.suppress(VolumeNotFound):
@@ -315,15 +322,12 @@ class RbdBackend(VolumeBackend):
                     ) from None
             else:
                 self._copy(rbd, decode_volume_id(source_id), ref, options)
-                size = rbd.size(ref)
-                if size < size_bytes:
-                    rbd.run("resize", "--no-progress", "--size", f"{size_mib}M", ref.spec)
-                    size = size_mib * _MiB
+                size = rbd.grow_to(ref, size_bytes)
                 # A deep copy brings the source's metadata (its DEK among it): only ours may stay.
                 present = rbd.metadata(ref) or {}
                 for key in present:
                     if key.startswith(PREFIX) and key not in metadata:
-                        rbd.run("image-meta", "remove", ref.spec, key)
+                        rbd.remove_meta(ref, key)
             # Each key is one rbd call (seconds under emulation): skip what is already so.
             for key, value in metadata.items():
                 if present.get(key, "") != value:
@@ -396,11 +400,7 @@ class RbdBackend(VolumeBackend):
     def resize(self, volume_id: str, size_bytes: int) -> int:
         ref = decode_volume_id(volume_id)
         with self._session(ref) as rbd:
-            size = rbd.size(ref)
-            if size < size_bytes:
-                rbd.run("resize", "--no-progress", "--size", f"{math.ceil(size_bytes / _MiB)}M", ref.spec)
-                size = rbd.size(ref)
-            return size
+            return rbd.grow_to(ref, size_bytes)
 
     def set_metadata(self, volume_id: str, key: str, value: str) -> None:
         ref = decode_volume_id(volume_id)
@@ -417,8 +417,7 @@ class RbdBackend(VolumeBackend):
         with self._session(ref) as rbd:
             if rbd.metadata(ref) is None:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
-            with contextlib.suppress(VolumeNotFound):  # a missing key is already removed
-                rbd.run("image-meta", "remove", ref.spec, key)
+            rbd.remove_meta(ref, key)
 
     # --- attachments ---------------------------------------------------------------------------------
 
