@@ -160,13 +160,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 created = False
                 info = existing
                 if info is None:
-                    metadata = {
-                        NAME: name,
-                        CAPACITY: str(capacity),
-                        ENCRYPTED: "true" if encrypted else "false",
-                        KMS_ID: kms_id,
-                        **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
-                    }
+                    metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
                     with self._copy_slot(f"CreateVolume {name}") if source_id else nullcontext():
@@ -197,12 +191,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if source is None:
             return None, None
         kind, source_id = source
+        return source_id, self._source_record(backend, kind, source_id, "the content source")
+
+    def _source_record(self, backend: VolumeBackend, kind: str, source_id: str, role: str) -> VolumeRecord:
+        """A snapshot or volume to copy: NOT_FOUND if missing, FAILED_PRECONDITION if not ready."""
         record = self._find(backend, source_id, snapshot=kind == "snapshot")
         if record is None:
-            raise not_found(f"{kind} {source_id} (the content source) does not exist")
+            raise not_found(f"{kind} {source_id} ({role}) does not exist")
         if record.encrypted and record.state is None:
             raise failed_precondition(f"{kind} {source_id} is not ready: its key was never prepared")
-        return source_id, record
+        return record
 
     def _info_or_none(self, backend: VolumeBackend, object_id: str) -> VolumeInfo | None:
         try:
@@ -462,19 +460,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             created = False
             info = self._info_or_none(backend, snapshot_id)
             if info is None:
-                source = self._find(backend, source_id, snapshot=False)
-                if source is None:
-                    raise not_found(f"volume {source_id} (the snapshot's source) does not exist")
-                if source.encrypted and source.state is None:
-                    raise failed_precondition(f"volume {source_id} is not ready: its key was never prepared")
+                source = self._source_record(backend, "volume", source_id, "the snapshot's source")
                 metadata = {
-                    NAME: name,
-                    CAPACITY: str(source.capacity),
-                    ENCRYPTED: "true" if source.encrypted else "false",
-                    KMS_ID: source.kms_id,
+                    **_new_metadata(
+                        name, source.capacity, source.encrypted, source.kms_id, source.pvc_namespace
+                    ),
                     KIND: KIND_SNAPSHOT,
                     CREATED: str(time.time_ns()),
-                    **({PVC_NAMESPACE: source.pvc_namespace} if source.pvc_namespace else {}),
                     **_copy_marks(source_id, source),
                 }
                 with self._copy_slot(f"CreateSnapshot {name}"):
@@ -569,6 +561,19 @@ def _capacity(request: csi_pb2.CreateVolumeRequest, copied: int | None) -> int:
     if copied is not None and not request.HasField("capacity_range"):
         return copied
     return capacity_from_range(request.capacity_range, request.HasField("capacity_range"))
+
+
+def _new_metadata(
+    name: str, capacity: int, encrypted: bool, kms_id: str, pvc_namespace: str | None
+) -> dict[str, str]:
+    """What a new volume or snapshot records about itself."""
+    return {
+        NAME: name,
+        CAPACITY: str(capacity),
+        ENCRYPTED: "true" if encrypted else "false",
+        KMS_ID: kms_id,
+        **({PVC_NAMESPACE: pvc_namespace} if pvc_namespace else {}),
+    }
 
 
 def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:
