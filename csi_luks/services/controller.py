@@ -129,7 +129,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     capacity = _capacity(request, record.capacity if requested else None)
                     self._check_same(name, record, capacity, encrypted, kms_id, requested)
                     return csi_pb2.CreateVolumeResponse(
-                        volume=self._volume(volume_id, record.capacity, record)
+                        volume=self._volume(volume_id, record.capacity, record, _echoed_source(request))
                     )
             try:
                 source_id, source = self._content_source(backend, requested_source)
@@ -182,7 +182,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                         if created:  # leave no half-created volume behind
                             backend.delete(volume_id)
                         raise
-                return csi_pb2.CreateVolumeResponse(volume=self._volume(volume_id, record.capacity, record))
+                return csi_pb2.CreateVolumeResponse(
+                    volume=self._volume(volume_id, record.capacity, record, _echoed_source(request))
+                )
 
     def _content_source(
         self, backend: VolumeBackend, source: tuple[str, str] | None
@@ -269,11 +271,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             )
 
     @staticmethod
-    def _volume(volume_id: str, capacity: int, record: VolumeRecord) -> csi_pb2.Volume:
+    def _volume(
+        volume_id: str,
+        capacity: int,
+        record: VolumeRecord,
+        content_source: csi_pb2.VolumeContentSource | None = None,
+    ) -> csi_pb2.Volume:
         volume_context = {PARAM_ENCRYPTED: "true" if record.encrypted else "false"}
         if record.encrypted:
             volume_context[PARAM_KMS_ID] = record.kms_id
-        return csi_pb2.Volume(volume_id=volume_id, capacity_bytes=capacity, volume_context=volume_context)
+        return csi_pb2.Volume(
+            volume_id=volume_id,
+            capacity_bytes=capacity,
+            volume_context=volume_context,
+            content_source=content_source,
+        )
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
@@ -554,6 +566,12 @@ def _source_of(request: csi_pb2.CreateVolumeRequest) -> tuple[str, str] | None:
     if kind == "volume":
         return kind, require(content.volume.volume_id, "volume_content_source.volume.volume_id")
     raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
+
+
+def _echoed_source(request: csi_pb2.CreateVolumeRequest) -> csi_pb2.VolumeContentSource | None:
+    """The content source a CreateVolume answer must carry: the request's own (CSI spec; external-provisioner
+    deletes a volume provisioned for a PVC dataSource whose answer lacks it)."""
+    return request.volume_content_source if request.HasField("volume_content_source") else None
 
 
 def _capacity(request: csi_pb2.CreateVolumeRequest, copied: int | None) -> int:

@@ -91,6 +91,20 @@ def test_snapshot_restore_and_clone_carry_content_and_dek(plugin: RunningPlugin)
     assert dek_of(plugin, again.volume_id, "kek-1") == source_dek
 
 
+def test_every_answer_to_a_copy_carries_its_content_source(plugin: RunningPlugin) -> None:
+    # external-provisioner deletes a volume made for a PVC dataSource whose answer lacks content_source.
+    source = plugin.create("pvc-src", 16 * MiB, LOCAL_1)
+    assert not source.HasField("content_source")
+    snapshot = plugin.snapshot("snap-src", source.volume_id)
+    for _ in range(2):  # the first call, then the CO's retry (answered from the finished volume)
+        restored = plugin.copy("pvc-restored", None, LOCAL_1, snapshot_id=snapshot.snapshot_id)
+        assert restored.content_source.WhichOneof("type") == "snapshot"
+        assert restored.content_source.snapshot.snapshot_id == snapshot.snapshot_id
+        clone = plugin.copy("pvc-clone", None, LOCAL_2, volume_id=source.volume_id)
+        assert clone.content_source.WhichOneof("type") == "volume"
+        assert clone.content_source.volume.volume_id == source.volume_id
+
+
 def test_a_copy_of_a_never_staged_volume_stays_prepared(plugin: RunningPlugin) -> None:
     source = plugin.create("pvc-fresh", 16 * MiB, LOCAL_1)
     clone = plugin.copy("pvc-fresh-clone", None, LOCAL_2, volume_id=source.volume_id)
