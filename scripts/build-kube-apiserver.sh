@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver for the tests from Debian's own `kubernetes` source package, and installs etcd.
-# No package registry ships a kube-apiserver binary, but bookworm's source package (1.20.2, with vendor/)
-# builds offline with Debian's Go. The binary is cached outside the checkout, keyed by the source version:
-#   ${CSI_LUKS_CACHE:-/var/cache/csi-luks}/kube-apiserver-<version>
-# Usage: scripts/build-kube-apiserver.sh [--print-path]
-#   The last line on stdout is the binary's path; --print-path prints it without building anything.
-# Idempotent: exits at once when the cached binary exists. A build takes ~5 minutes on 2 cores, < 2 GB.
+# Builds the Kubernetes programs the tests run from Debian's own `kubernetes` source package, and installs
+# etcd: kube-apiserver (KMS and manifest tests), and for the e2e tier's one-node cluster in the VM
+# kube-controller-manager, kube-scheduler and kubelet, plus kubectl. No package registry ships them, but
+# bookworm's source package (1.20.2, with vendor/) builds offline with Debian's Go. The binaries are cached
+# outside the checkout, keyed by the source version:
+#   ${CSI_LUKS_CACHE:-/var/cache/csi-luks}/<program>-<version>
+# Usage: scripts/build-kube-apiserver.sh [--print-path [PROGRAM]]
+#   The last line on stdout is kube-apiserver's path; --print-path prints a program's path (kube-apiserver
+#   by default) without building anything.
+# Idempotent: exits at once when every cached binary exists. A cold build of all five takes ~12 minutes on
+# 2 cores (kube-apiserver alone ~5), < 3 GB.
 set -euo pipefail
 
 # Pinned, so that the cache path is known without apt and a build is reproducible. A Debian point release
 # that replaces this version makes `apt-get source` fail below: then update the pin.
 version="1.20.5+really1.20.2-1.1+deb12u1"
 cache="${CSI_LUKS_CACHE:-/var/cache/csi-luks}"
+programs=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 binary="$cache/kube-apiserver-$version"
 
 if [ "${1:-}" = "--print-path" ]; then
-    echo "$binary"
+    echo "$cache/${2:-kube-apiserver}-$version"
     exit 0
 fi
+have_all() {
+    local p
+    for p in "${programs[@]}"; do [ -x "$cache/$p-$version" ] || return 1; done
+}
 
 # The cached binary is used as is; etcd is still installed if it is missing (a machine may keep its cache
 # but not its packages).
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-if [ -x "$binary" ] && have_pkg etcd-server; then
+if have_all && have_pkg etcd-server; then
     echo "$binary"
     exit 0
 fi
@@ -114,10 +123,10 @@ DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommen
 # Debian enables etcd as a system service; the tests start their own, on their own ports.
 if systemctl is-enabled etcd >/dev/null 2>&1; then $sudo systemctl disable --now etcd || true; fi
 
-if [ ! -x "$binary" ]; then
+if ! have_all; then
     rm -rf "$cache"/build.*  # leftovers of failed builds; the lock keeps out any running one
     work="$(mktemp -d "$cache/build.XXXXXX")"
-    echo "build-kube-apiserver: building kube-apiserver from Debian's source (about 5 minutes, once); log: $log" >&4
+    echo "build-kube-apiserver: building ${programs[*]} from Debian's source (about 12 minutes, once); log: $log" >&4
     cd "$work"
     start=$SECONDS
     apt-get source -q "kubernetes=$version"
@@ -129,12 +138,14 @@ if [ ! -x "$binary" ]; then
     # must not carry -mod=...; GOPROXY=off makes any attempt to download fail loudly. The Go caches live in
     # the work dir so that they go away with it.
     env GOPROXY=off GOFLAGS= GOPATH="$work/gopath" GOCACHE="$work/gocache" HOME="$work" CGO_ENABLED=0 \
-        make WHAT=cmd/kube-apiserver
-    built="$src/_output/bin/kube-apiserver"
-    "$built" --version
-    cp "$built" "$binary.tmp"
-    mv "$binary.tmp" "$binary"  # atomic: a reader never sees a half-copied binary
-    echo "built in $((SECONDS - start)) s: $(du -h "$binary" | cut -f1) $binary"
+        make WHAT="${programs[*]/#/cmd/}"
+    for p in "${programs[@]}"; do
+        built="$src/_output/bin/$p"
+        if [ "$p" = kubectl ]; then "$built" version --client; else "$built" --version; fi
+        cp "$built" "$cache/$p-$version.tmp"
+        mv "$cache/$p-$version.tmp" "$cache/$p-$version"  # atomic: a reader never sees a half-copied binary
+    done
+    echo "built in $((SECONDS - start)) s: $(du -ch "$cache"/*-"$version" | tail -n 1 | cut -f1)"
     cd /
     rm -rf "$work"
     work=""
