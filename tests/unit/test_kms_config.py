@@ -87,15 +87,41 @@ def test_an_atomically_replaced_file_is_picked_up(path: Path, tmp_path: Path) ->
     assert config.ids() == ["new"]
 
 
-def test_a_broken_edit_fails_until_fixed(path: Path) -> None:
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": ' + "9" * 5000 + "}", "JSON parsing refuses"),
+        ('{"a": {"encryptionKMSType": 1}}', "must be a string"),
+    ],
+)
+def test_a_broken_edit_keeps_the_last_good_configuration(
+    path: Path, broken: str, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
     write(path, {"a": {"encryptionKMSType": "local"}}, mtime_ns=10**18)
     config = KMSConfig.from_file(path)
-    write(path, "{not json", mtime_ns=10**18 + 1)
+    write(path, broken, mtime_ns=10**18 + 1)
     for _ in range(2):
-        with pytest.raises(KMSConfigError, match="not valid JSON"):
-            config.entry("a")
+        assert config.entry("a") == {"encryptionKMSType": "local"}
+    assert problem in caplog.text and "last good" in caplog.text and str(path) in caplog.text
     write(path, {"a": {"encryptionKMSType": "secrets"}}, mtime_ns=10**18 + 2)
     assert config.entry("a") == {"encryptionKMSType": "secrets"}
+
+
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": ' + "9" * 5000 + "}", "JSON parsing refuses"),
+    ],
+)
+def test_a_hostile_file_fails_at_start_up_with_a_configuration_error(
+    path: Path, broken: str, problem: str
+) -> None:
+    write(path, broken)
+    with pytest.raises(KMSConfigError, match=problem):
+        KMSConfig.from_file(path)
 
 
 def test_a_broken_file_fails_at_start_up(path: Path) -> None:

@@ -1,0 +1,137 @@
+"""Hostile and malformed requests over gRPC (issue 11): each is refused with a precise code before it
+touches a file or a command, or handled without harm; none answers INTERNAL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+
+from csi_luks.csi import csi_pb2
+from csi_luks.settings import Mode
+from tests.support.audit import AUDIT
+from tests.support.ceph import CephCluster
+from tests.support.plugin import (
+    MiB,
+    RunningPlugin,
+    mount_capability,
+    running_plugin,
+)
+
+LOCAL_1 = {"encrypted": "true", "encryptionKMSID": "local-1"}
+SECRETS_CLASS = {"encrypted": "true", "encryptionKMSID": ""}
+PASSPHRASE = {"encryptionPassphrase": "the-shared-class-passphrase"}
+PiB = 1024**5
+INT64_MAX = 2**63 - 1
+CAP = mount_capability()
+# Ids no backend makes: paths out of the state directory, absolute paths, NUL, newlines, huge ones.
+HOSTILE_IDS = ["../../precious", "/some/dir/config", "sa-\x00x", "a\nb", "..", "x" * 10_000]
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Iterator[RunningPlugin]:
+    with running_plugin(tmp_path / "plugin", mode=Mode.ALL) as running:
+        yield running
+
+
+def cryptsetup_calls() -> int:
+    return len(AUDIT.spawns)
+
+
+def unknown_standalone_id(plugin: RunningPlugin) -> str:
+    return plugin.backend.volume_id_for("never-created", {})
+
+
+def node_requests(volume_id: str, path: str) -> list[tuple[str, Message]]:
+    return [
+        ("NodeStageVolume", csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=path, volume_capability=CAP)),
+        ("NodeUnstageVolume", csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=path)),
+        ("NodePublishVolume", csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id, staging_target_path=path, target_path=path + "/t", volume_capability=CAP)),
+        ("NodeUnpublishVolume", csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=path)),
+        ("NodeGetVolumeStats", csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path)),
+        ("NodeExpandVolume", csi_pb2.NodeExpandVolumeRequest(volume_id=volume_id, volume_path=path)),
+    ]  # fmt: skip
+
+
+def controller_requests(object_id: str) -> list[tuple[str, Message]]:
+    return [
+        ("ControllerExpandVolume", csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=object_id, capacity_range=csi_pb2.CapacityRange(required_bytes=MiB))),
+        ("ValidateVolumeCapabilities", csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=object_id, volume_capabilities=[CAP])),
+        ("CreateSnapshot", csi_pb2.CreateSnapshotRequest(name="snap-hostile", source_volume_id=object_id)),
+        ("CreateVolume", csi_pb2.CreateVolumeRequest(
+            name="restore-hostile", volume_capabilities=[CAP], parameters=LOCAL_1,
+            volume_content_source=csi_pb2.VolumeContentSource(
+                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=object_id)))),
+        ("CreateVolume", csi_pb2.CreateVolumeRequest(
+            name="clone-hostile", volume_capabilities=[CAP], parameters=LOCAL_1,
+            volume_content_source=csi_pb2.VolumeContentSource(
+                volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=object_id)))),
+    ]  # fmt: skip
+
+
+def call(plugin: RunningPlugin, method: str, request: Message) -> grpc.StatusCode:
+    service = plugin.node if method.startswith("Node") else plugin.controller
+    try:
+        getattr(service, method)(request)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def rbd_node(tmp_path: Path) -> Iterator[RunningPlugin]:
+    """An RBD node plugin; no cluster is needed for calls that carry no credentials."""
+    clusters = tmp_path / "ceph-config.json"
+    clusters.write_text(json.dumps([{"clusterID": "c1", "monitors": ["127.0.0.1:6789"]}]))
+    with running_plugin(tmp_path / "plugin", mode=Mode.NODE, ceph_config=clusters) as running:
+        yield running
+
+
+@pytest.fixture
+def rbd_plugin(tmp_path: Path, ceph_config: Path) -> Iterator[RunningPlugin]:
+    with running_plugin(tmp_path / "rbd", mode=Mode.ALL, ceph_config=ceph_config) as running:
+        yield running
+
+
+def rbd_images(ceph: CephCluster) -> list[str]:
+    return sorted(json.loads(ceph.run("rbd", "ls", "--format", "json", ceph.pool) or "[]"))
+
+
+def rbd_parameters(ceph: CephCluster) -> dict[str, str]:
+    return {"clusterID": "test-cluster", "pool": ceph.pool, **LOCAL_1}
+
+
+def expand(plugin: RunningPlugin, volume_id: str, size: int, secrets: dict[str, str] | None = None) -> int:
+    request = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=size), secrets=secrets
+    )
+    capacity: int = plugin.controller.ControllerExpandVolume(request).capacity_bytes
+    return capacity
+
+
+# --- item 7: a broken KMS configuration edit keeps the last good one ----------------------------------
+
+
+@pytest.mark.parametrize("broken", ["[" * 100_000 + "]" * 100_000, '{"a": ' + "9" * 5000 + "}"])
+def test_a_hostile_kms_configuration_edit_keeps_the_last_good_one(
+    plugin: RunningPlugin, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = plugin.kms_config.read_text()
+    plugin.kms_config.write_text(broken)
+    os.utime(plugin.kms_config, ns=(10**18, 10**18))  # a change the plugin notices, whatever the clock
+    with caplog.at_level(logging.ERROR):
+        volume = plugin.create("pvc-after-edit", 16 * MiB)
+        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert "KMS configuration" in caplog.text and "last good" in caplog.text
+    plugin.kms_config.write_text(good)
