@@ -8,6 +8,7 @@ unstages what its predecessor staged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -22,6 +23,7 @@ from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.quoting import quoted
 from csi_luks.services.validation import require, validate_capability
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
@@ -230,10 +232,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         target = require(request.target_path, "target_path")
         with self.locks.hold(volume_id, "NodeUnpublishVolume"):
             self.filesystems.unmount(target)
-            if os.path.isdir(target):
-                os.rmdir(target)
-            elif os.path.lexists(target):
-                os.unlink(target)
+            _remove_publish_target(target)
             return csi_pb2.NodeUnpublishVolumeResponse()
 
     # --- expand and stats ----------------------------------------------------------------------------
@@ -311,3 +310,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
+
+
+def _remove_publish_target(target: str) -> None:
+    """Remove what NodePublish makes at a target: a directory (empty once unmounted), or the empty file a
+    block device is bound onto. Anything else there is somebody's data, never ours to delete."""
+    try:
+        found = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(found.st_mode):
+        try:
+            os.rmdir(target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.warning("NodeUnpublish: %s is a directory with content that we did not publish; left as is",
+                        quoted(target))  # fmt: skip
+    elif stat.S_ISREG(found.st_mode) and found.st_size == 0:
+        os.unlink(target)
+    else:
+        log.warning("NodeUnpublish: %s is not what a publish makes; left as is", quoted(target))

@@ -135,3 +135,32 @@ def test_a_hostile_kms_configuration_edit_keeps_the_last_good_one(
         plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
     assert "KMS configuration" in caplog.text and "last good" in caplog.text
     plugin.kms_config.write_text(good)
+
+
+# --- item 6: NodeUnpublish removes only what a publish made -------------------------------------------
+
+
+def test_unpublish_of_a_target_never_published_keeps_the_users_files(
+    plugin: RunningPlugin, tmp_path: Path
+) -> None:
+    volume_id = unknown_standalone_id(plugin)
+
+    def unpublish(target: Path) -> None:
+        plugin.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+        )
+
+    data_file = tmp_path / "data-file"
+    data_file.write_text("user data")
+    full_dir = tmp_path / "full-dir"
+    full_dir.mkdir()
+    (full_dir / "inside").write_text("user data")
+    empty_dir = tmp_path / "empty-dir"
+    empty_dir.mkdir()
+    empty_file = tmp_path / "block-target"
+    empty_file.touch()
+    for target in (data_file, full_dir, empty_dir, empty_file, tmp_path / "missing"):
+        unpublish(target)
+    assert data_file.read_text() == "user data"
+    assert (full_dir / "inside").read_text() == "user data"
+    assert not empty_dir.exists() and not empty_file.exists()  # what a publish leaves: removed
