@@ -42,6 +42,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.DeviceBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.KeySlotError, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
+    # The size itself is the problem (CSI: OUT_OF_RANGE), not a shortage that a retry could outwait.
+    (volumes.CapacityOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (volumes.VolumeInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (volumes.BackendPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),

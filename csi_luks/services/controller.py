@@ -151,6 +151,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"the source {source_id} holds {source.capacity} bytes; a copy cannot be smaller "
                     f"({capacity} bytes)",
                 )
+            backend.check_capacity(backing_bytes(capacity, encrypted))
             # The source stays locked while it is copied: deleting or expanding it meanwhile gets ABORTED.
             with (
                 self.locks.hold(source_id, f"CreateVolume {name} from {source_id}")
@@ -338,6 +339,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             record = VolumeRecord.parse(self._get(backend, volume_id).metadata)
             capacity = capacity_from_range(request.capacity_range, True, current=record.capacity)
             if capacity > record.capacity:
+                backend.check_capacity(backing_bytes(capacity, record.encrypted))
                 backend.resize(volume_id, backing_bytes(capacity, record.encrypted))
                 backend.set_metadata(volume_id, CAPACITY, str(capacity))
                 log.info("volume %s grown to %d bytes", volume_id, capacity)

@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+MAX_BYTES = 2**63 - 1  # off_t, and CSI's int64 capacities
+
 
 class VolumeBackendError(Exception):
     """A backend operation failed."""
@@ -17,6 +19,10 @@ class VolumeBackendError(Exception):
 
 class VolumeNotFound(VolumeBackendError):
     """No volume with that id exists."""
+
+
+class CapacityOutOfRange(VolumeBackendError):
+    """A size the backend cannot hold (a file larger than its file system allows, an image beyond RBD's)."""
 
 
 class VolumeInUse(VolumeBackendError):
@@ -63,6 +69,14 @@ class VolumeBackend(ABC):
         parameters are the StorageClass's (where to place the volume); like is an existing object whose
         placement the new one shares (a snapshot lives beside its source volume).
         """
+
+    def check_capacity(self, size_bytes: int) -> None:
+        """CapacityOutOfRange if a volume of size_bytes (backing store) cannot exist; nothing is made.
+
+        The default: sizes are signed 64-bit in every system call and tool on the way.
+        """
+        if size_bytes > MAX_BYTES:
+            raise CapacityOutOfRange(f"{size_bytes} bytes is more than any volume can hold ({MAX_BYTES})")
 
     @abstractmethod
     def create(

@@ -43,6 +43,7 @@ from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
     BackendUnavailable,
+    CapacityOutOfRange,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
@@ -76,6 +77,9 @@ _NAMESPACE = uuid.UUID("0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21")
 _OWNER = PREFIX + "volume-id"  # written last: the image is complete
 _DEK = PREFIX + "dek"  # not kept in the node's record of an attachment
 _IMAGE_PREFIX = "csi-vol-"
+# What rbd accepts: an image with the object-map feature (on by default) tracks at most 256 Mi objects,
+# 4 MiB each by default, so 1 PiB. Checked before any call, whatever the features.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024 * 4 * 1024 * 1024
 _COPY_SNAPSHOT_PREFIX = "csi-copy-"
 # The image features a StorageClass may ask for (the rest are set by Ceph itself).
 _FEATURES = frozenset({"layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling"})
@@ -267,6 +271,14 @@ class RbdBackend(VolumeBackend):
         return encode_volume_id(
             ImageRef(cluster.cluster_id, check_plain(PARAM_POOL, pool), cluster.rados_namespace, image)
         )
+
+    def check_capacity(self, size_bytes: int) -> None:
+        super().check_capacity(size_bytes)
+        if size_bytes > MAX_IMAGE_BYTES:
+            raise CapacityOutOfRange(
+                f"{size_bytes} bytes is more than an RBD image can hold here ({MAX_IMAGE_BYTES}: 256 Mi "
+                "objects of 4 MiB, the object map's limit)"
+            )
 
     @contextlib.contextmanager
     def _session(self, ref: ImageRef) -> Iterator[_Rbd]:

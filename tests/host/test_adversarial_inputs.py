@@ -15,11 +15,13 @@ from google.protobuf.message import Message
 
 from csi_luks.csi import csi_pb2
 from csi_luks.settings import Mode
+from csi_luks.volume_metadata import LUKS_HEADER_BYTES
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.plugin import (
     MiB,
     RunningPlugin,
+    code_of,
     mount_capability,
     running_plugin,
 )
@@ -164,3 +166,49 @@ def test_unpublish_of_a_target_never_published_keeps_the_users_files(
     assert data_file.read_text() == "user data"
     assert (full_dir / "inside").read_text() == "user data"
     assert not empty_dir.exists() and not empty_file.exists()  # what a publish leaves: removed
+
+
+# --- items 3 and 4: capacities beyond what the backend can hold ---------------------------------------
+
+
+@pytest.mark.parametrize("size", [PiB, INT64_MAX])
+def test_a_capacity_the_backend_cannot_hold_is_refused_and_leaves_nothing(
+    plugin: RunningPlugin, size: int
+) -> None:
+    code = code_of(plugin.create, "pvc-too-big", size)
+    assert code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    volumes = plugin.state_dir / "volumes"
+    assert not volumes.exists() or not os.listdir(volumes)
+
+
+def test_a_refused_expand_leaves_the_volume_as_it_was(plugin: RunningPlugin) -> None:
+    volume = plugin.create("pvc-expand", 64 * MiB)
+    image = plugin.backend.image_path(volume.volume_id)
+    size_before, meta_before = image.stat().st_size, plugin.backend.get(volume.volume_id).metadata
+    for size in (PiB, INT64_MAX):
+        code = code_of(expand, plugin, volume.volume_id, size)
+        assert code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert image.stat().st_size == size_before
+    assert plugin.backend.get(volume.volume_id).metadata == meta_before
+    assert json.loads((image.parent / "meta.json").read_text())["size"] == size_before
+    assert expand(plugin, volume.volume_id, 128 * MiB) == 128 * MiB
+    assert image.stat().st_size == 128 * MiB + LUKS_HEADER_BYTES
+
+
+def test_rbd_capacities_beyond_an_image_are_refused_and_leave_nothing(
+    rbd_plugin: RunningPlugin, ceph: CephCluster, ceph_secrets: dict[str, str]
+) -> None:
+    parameters = rbd_parameters(ceph)
+    before = rbd_images(ceph)
+    for size in (2 * PiB, INT64_MAX):
+        code = code_of(rbd_plugin.create, "pvc-rbd-huge", size, parameters, secrets=ceph_secrets)
+        assert code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert rbd_images(ceph) == before
+    volume = rbd_plugin.create("pvc-rbd-adv", 16 * MiB, parameters, secrets=ceph_secrets)
+    code = code_of(expand, rbd_plugin, volume.volume_id, 2 * PiB, ceph_secrets)
+    assert code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert expand(rbd_plugin, volume.volume_id, 32 * MiB, ceph_secrets) == 32 * MiB
+    rbd_plugin.controller.DeleteVolume(
+        csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=ceph_secrets)
+    )
+    assert rbd_images(ceph) == before

@@ -10,6 +10,7 @@ from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
     BackendUnavailable,
+    CapacityOutOfRange,
     VolumeInUse,
 )
 
@@ -33,6 +34,7 @@ from csi_luks.volumes.base import (
         (BackendPermissionDenied("cephx refused"), grpc.StatusCode.PERMISSION_DENIED),
         (BackendUnavailable("cluster down"), grpc.StatusCode.UNAVAILABLE),
         (VolumeInUse("owned by another id"), grpc.StatusCode.FAILED_PRECONDITION),
+        (CapacityOutOfRange("1 PiB"), grpc.StatusCode.OUT_OF_RANGE),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
     ],
 )
