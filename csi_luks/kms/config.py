@@ -32,7 +32,14 @@ from csi_luks.kms import metadata as _metadata  # noqa: F401
 from csi_luks.kms import secrets as _secrets  # noqa: F401
 from csi_luks.kms import vault as _vault  # noqa: F401
 from csi_luks.kms import vault_tenant as _vault_tenant  # noqa: F401
-from csi_luks.kms.base import EncryptionKMS, KMSConfigError, KMSContext, factory_for, tenant_keys_for
+from csi_luks.kms.base import (
+    EncryptionKMS,
+    KMSConfigError,
+    KMSContext,
+    factory_for,
+    shares_one_passphrase,
+    tenant_keys_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,10 @@ class KMSConfig:
             f"unknown encryptionKMSID {kms_id!r} in {self._where}; known ids: {known} "
             '(an empty id means the "secrets" type)'
         )
+
+    def shares_one_passphrase(self, kms_id: str) -> bool:
+        """Whether the id's volumes all open with the request's one passphrase (no per-volume DEK)."""
+        return shares_one_passphrase(self.entry(kms_id)[TYPE_KEY])
 
     def build(self, kms_id: str, context: KMSContext) -> EncryptionKMS:
         entry = self.entry(kms_id)

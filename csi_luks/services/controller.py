@@ -144,6 +144,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"{kinds[source.encrypted]} source {source_id} cannot become an {kinds[encrypted]} "
                     f"volume: set {PARAM_ENCRYPTED} in the StorageClass to match the source"
                 )
+            if (
+                source is not None
+                and encrypted
+                and self.kms_config.shares_one_passphrase(kms_id)
+                and not self.kms_config.shares_one_passphrase(source.kms_id)
+            ):
+                # The copy carries the source's LUKS header, which opens only with the source's own DEK;
+                # a secrets-type class opens every volume with its one passphrase and stores no DEK.
+                raise invalid_argument(
+                    f"source {source_id} has a DEK of its own (KMS {source.kms_id!r}), which a class of the "
+                    f'"secrets" type cannot keep: the copy could never be opened; use a class whose '
+                    f"{PARAM_KMS_ID} names a KMS"
+                )
             capacity = _capacity(request, source.capacity if source else None)
             if source is not None and capacity < source.capacity:
                 raise CsiError(

@@ -14,14 +14,16 @@ import pytest
 from google.protobuf.message import Message
 
 from csi_luks.csi import csi_pb2
+from csi_luks.kms.local import LocalKMS
 from csi_luks.settings import Mode
-from csi_luks.volume_metadata import LUKS_HEADER_BYTES
+from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.plugin import (
     MiB,
     RunningPlugin,
     code_of,
+    details_of,
     mount_capability,
     running_plugin,
 )
@@ -212,3 +214,39 @@ def test_rbd_capacities_beyond_an_image_are_refused_and_leave_nothing(
         csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=ceph_secrets)
     )
     assert rbd_images(ceph) == before
+
+
+# --- item 2: a copy must open with its class's key ----------------------------------------------------
+
+
+def test_an_encrypted_snapshot_cannot_be_restored_into_a_secrets_class(plugin: RunningPlugin) -> None:
+    source = plugin.create("pvc-kms", 16 * MiB, LOCAL_1)
+    plugin.backend.set_metadata(source.volume_id, STATE, "encrypted")
+    snapshot = plugin.snapshot("snap-kms", source.volume_id)
+    before = {v.volume_id for v in plugin.backend.list()}
+    for source_kind in ({"snapshot_id": snapshot.snapshot_id}, {"volume_id": source.volume_id}):
+        code = code_of(plugin.copy, "restored", None, SECRETS_CLASS, secrets=PASSPHRASE, **source_kind)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "secrets" in details_of(
+        plugin.copy, "restored", None, SECRETS_CLASS, secrets=PASSPHRASE, snapshot_id=snapshot.snapshot_id
+    )
+    assert {v.volume_id for v in plugin.backend.list()} == before
+
+
+def test_a_secrets_class_snapshot_restored_into_a_kms_class_keeps_the_shared_passphrase(
+    plugin: RunningPlugin,
+) -> None:
+    source = plugin.create("pvc-shared", 16 * MiB, SECRETS_CLASS, secrets=PASSPHRASE)
+    plugin.backend.set_metadata(source.volume_id, STATE, "encrypted")
+    snapshot = plugin.snapshot("snap-shared", source.volume_id, secrets=PASSPHRASE)
+    before = {v.volume_id for v in plugin.backend.list()}
+    # Without the passphrase the DEK cannot be known: refused, nothing left.
+    code = code_of(plugin.copy, "restored-kms", None, LOCAL_1, snapshot_id=snapshot.snapshot_id)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {v.volume_id for v in plugin.backend.list()} == before
+    restored = plugin.copy(
+        "restored-kms", None, LOCAL_1, snapshot_id=snapshot.snapshot_id, secrets=PASSPHRASE
+    )
+    wrapped = plugin.backend.get(restored.volume_id).metadata["csi-luks/dek"]
+    dek = LocalKMS("check", plugin.kms_config.parent / "kek-1").decrypt_dek(restored.volume_id, wrapped)
+    assert dek == PASSPHRASE["encryptionPassphrase"]  # the copied header opens with it
