@@ -17,6 +17,7 @@ from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
+from csi_luks.quoting import quoted
 from csi_luks.services.validation import (
     capability_problem,
     capacity_from_range,
@@ -49,7 +50,6 @@ PARAM_ENCRYPTED = "encrypted"
 PARAM_KMS_ID = "encryptionKMSID"
 PARAM_PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 KNOWN_PARAMETERS = (PARAM_ENCRYPTED, PARAM_KMS_ID)
-_SNAPSHOT_NAME_PREFIX = "snapshot:"  # snapshot ids come from their names, apart from volumes' names
 _PAGE_AFTER = "after:"  # ListVolumes tokens: "after:<last volume id returned>"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC.Type
@@ -123,6 +123,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             existing = self._info_or_none(backend, volume_id)
             if existing is not None:
                 record = VolumeRecord.parse(existing.metadata)
+                if record.is_snapshot:
+                    # Only a snapshot made while snapshot ids came from "snapshot:" + name can be here.
+                    raise CsiError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"the id of volume name {quoted(name)}, {volume_id}, belongs to snapshot "
+                        f"{quoted(record.name)}; use another name",
+                    )
                 if not (record.encrypted and record.state is None):
                     # Complete: a retry is answered from the volume alone, even if its source is gone now.
                     requested = requested_source[1] if requested_source else None
@@ -316,8 +323,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 return csi_pb2.DeleteVolumeResponse()
             record = VolumeRecord.parse(info.metadata)
             if record.is_snapshot:
-                log.warning("DeleteVolume of %s, which is a snapshot: nothing deleted", volume_id)
-                return csi_pb2.DeleteVolumeResponse()
+                # Not OK: the caller would think a snapshot it still holds is gone. The argument is wrong
+                # whatever the state, so INVALID_ARGUMENT rather than FAILED_PRECONDITION.
+                raise invalid_argument(
+                    f"{volume_id} is a snapshot, not a volume: delete it with DeleteSnapshot"
+                )
             if backend.find_attachment(volume_id):
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -479,7 +489,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         source_id = require(request.source_volume_id, "source_volume_id")
         if request.parameters:
             raise invalid_argument(f"CreateSnapshot takes no parameters, got {sorted(request.parameters)}")
-        snapshot_id = backend.volume_id_for(_SNAPSHOT_NAME_PREFIX + name, {}, like=source_id)
+        snapshot_id = backend.volume_id_for(name, {}, like=source_id, snapshot=True)
         with (
             self.locks.hold(snapshot_id, f"CreateSnapshot {name}"),
             self.locks.hold(source_id, f"CreateSnapshot {name} of {source_id}"),
@@ -542,8 +552,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 backend.delete(snapshot_id)  # sweep what a crash in CreateSnapshot left
                 return csi_pb2.DeleteSnapshotResponse()
             if not record.is_snapshot:
-                log.warning("DeleteSnapshot of %s, which is a volume: nothing deleted", snapshot_id)
-                return csi_pb2.DeleteSnapshotResponse()
+                raise invalid_argument(
+                    f"{snapshot_id} is a volume, not a snapshot: delete it with DeleteVolume"
+                )
             self._delete(backend, snapshot_id, record, request.secrets)
             log.info("snapshot %s deleted", snapshot_id)
             return csi_pb2.DeleteSnapshotResponse()

@@ -63,11 +63,14 @@ class VolumeBackend(ABC):
         return self
 
     @abstractmethod
-    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
-        """The deterministic id a CreateVolume of this name gets (idempotency by name).
+    def volume_id_for(
+        self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
+    ) -> str:
+        """The deterministic id a CreateVolume (or with snapshot, a CreateSnapshot) of this name gets.
 
         parameters are the StorageClass's (where to place the volume); like is an existing object whose
-        placement the new one shares (a snapshot lives beside its source volume).
+        placement the new one shares (a snapshot lives beside its source volume). Volume and snapshot ids
+        never coincide, whatever the names.
         """
 
     def check_capacity(self, size_bytes: int) -> None:

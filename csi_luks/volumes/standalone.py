@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 # Fixed forever: every existing volume id was derived from it.
 _NAMESPACE = uuid.UUID("6f1c1e52-4b0e-4c8e-9f5e-3f1d2a7c9b10")
-# Matched with fullmatch ("$" would accept a trailing newline).
-_ID = re.compile(r"sa-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_VOLUME_PREFIX, _SNAPSHOT_PREFIX = "sa-", "sa-snap-"  # disjoint: a name never gives both kinds one id
+# Matched with fullmatch ("$" would accept a trailing newline). Snapshots made before the prefixes were
+# split have volume-form ids, which stay valid.
+_ID = re.compile(r"sa-(snap-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 IMAGE, META, LOCK = "volume.img", "meta.json", ".lock"
 # A deleted volume's directory is renamed to this prefix, then removed; never a volume id (leading dot).
 _TRASH = ".deleted-"
@@ -156,7 +158,7 @@ class StandaloneBackend(VolumeBackend):
     def _dir(self, volume_id: str) -> Path:
         # Never build a path from an id we did not make: "../../etc" is simply not a volume.
         if not _ID.fullmatch(volume_id):
-            raise VolumeNotFound(f"{volume_id!r} is not a standalone volume id")
+            raise VolumeNotFound(f"{volume_id!r} is not a standalone volume or snapshot id")
         return self._volumes / volume_id
 
     def image_path(self, volume_id: str) -> Path:
@@ -285,8 +287,10 @@ class StandaloneBackend(VolumeBackend):
 
     # --- the interface -------------------------------------------------------------------------------
 
-    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
-        return f"sa-{uuid.uuid5(_NAMESPACE, name)}"
+    def volume_id_for(
+        self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
+    ) -> str:
+        return f"{_SNAPSHOT_PREFIX if snapshot else _VOLUME_PREFIX}{uuid.uuid5(_NAMESPACE, name)}"
 
     def check_capacity(self, size_bytes: int) -> None:
         """Thin provisioning: a sparse image may promise more than the free space, but never more than

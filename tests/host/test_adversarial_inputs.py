@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from csi_luks.csi import csi_pb2
 from csi_luks.kms.local import LocalKMS
 from csi_luks.settings import Mode
-from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
+from csi_luks.volume_metadata import CAPACITY, KIND, KIND_SNAPSHOT, LUKS_HEADER_BYTES, STATE
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.plugin import (
@@ -250,3 +250,60 @@ def test_a_secrets_class_snapshot_restored_into_a_kms_class_keeps_the_shared_pas
     wrapped = plugin.backend.get(restored.volume_id).metadata["csi-luks/dek"]
     dek = LocalKMS("check", plugin.kms_config.parent / "kek-1").decrypt_dek(restored.volume_id, wrapped)
     assert dek == PASSPHRASE["encryptionPassphrase"]  # the copied header opens with it
+
+
+# --- item 5: volume and snapshot ids live in disjoint namespaces --------------------------------------
+
+
+def test_volume_and_snapshot_names_never_share_an_id(plugin: RunningPlugin) -> None:
+    source = plugin.create("pvc-src", 16 * MiB)
+    snapshot = plugin.snapshot("y", source.volume_id)
+    volume = plugin.create("snapshot:y", 16 * MiB)
+    assert volume.volume_id != snapshot.snapshot_id
+    volume_x = plugin.create("snapshot:x", 16 * MiB)
+    snapshot_x = plugin.snapshot("x", source.volume_id)
+    assert snapshot_x.snapshot_id != volume_x.volume_id
+    assert snapshot_x.source_volume_id == source.volume_id
+
+    # Deleting an object with the other kind's call refuses, and says why.
+    request = csi_pb2.DeleteVolumeRequest(volume_id=snapshot.snapshot_id)
+    assert code_of(plugin.controller.DeleteVolume, request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "snapshot" in details_of(plugin.controller.DeleteVolume, request)
+    request_s = csi_pb2.DeleteSnapshotRequest(snapshot_id=volume.volume_id)
+    assert code_of(plugin.controller.DeleteSnapshot, request_s) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "volume" in details_of(plugin.controller.DeleteSnapshot, request_s)
+    plugin.backend.get(snapshot.snapshot_id)
+    plugin.backend.get(volume.volume_id)
+
+
+def test_a_snapshot_with_an_id_of_the_old_scheme_is_not_handed_out_as_a_volume(plugin: RunningPlugin) -> None:
+    # Snapshots made before the namespaces were split have ids derived from "snapshot:" + name.
+    legacy_id = plugin.backend.volume_id_for("snapshot:old", {})
+    plugin.backend.create(legacy_id, "old", 16 * MiB, {KIND: KIND_SNAPSHOT, CAPACITY: str(16 * MiB)})
+    assert (
+        code_of(plugin.create, "snapshot:old", 16 * MiB, {"encrypted": "false"})
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
+    listed = plugin.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(snapshot_id=legacy_id))
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [legacy_id]  # and it still resolves
+
+
+def test_rbd_volume_and_snapshot_names_never_share_an_id(
+    rbd_plugin: RunningPlugin, ceph: CephCluster, ceph_secrets: dict[str, str]
+) -> None:
+    parameters = rbd_parameters(ceph)
+    before = rbd_images(ceph)
+    volume = rbd_plugin.create("pvc-rbd-kinds", 16 * MiB, parameters, secrets=ceph_secrets)
+    snapshot = rbd_plugin.snapshot("adv", volume.volume_id, secrets=ceph_secrets)
+    named_like_it = rbd_plugin.create("snapshot:adv", 16 * MiB, parameters, secrets=ceph_secrets)
+    assert named_like_it.volume_id != snapshot.snapshot_id
+    delete = csi_pb2.DeleteVolumeRequest(volume_id=snapshot.snapshot_id, secrets=ceph_secrets)
+    assert code_of(rbd_plugin.controller.DeleteVolume, delete) == grpc.StatusCode.INVALID_ARGUMENT
+    for object_id in (named_like_it.volume_id, volume.volume_id):
+        rbd_plugin.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=object_id, secrets=ceph_secrets)
+        )
+    rbd_plugin.controller.DeleteSnapshot(
+        csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id, secrets=ceph_secrets)
+    )
+    assert rbd_images(ceph) == before

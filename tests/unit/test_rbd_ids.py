@@ -38,6 +38,7 @@ def clusters(tmp_path: Path) -> CephClusters:
         ImageRef("ceph-1", "rbd", "", "csi-vol-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21"),
         ImageRef("a-b-c", "pool-with-dashes", "ns-1", "csi-vol-00000000-0000-5000-8000-000000000000"),
         ImageRef("x" * 63, "p" * 63, "n" * 63, "csi-vol-00000000-0000-5000-8000-000000000000"),
+        ImageRef("ceph-1", "rbd", "", "csi-snap-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21"),
     ],
 )
 def test_volume_ids_round_trip(ref: ImageRef) -> None:
@@ -73,10 +74,12 @@ def test_ids_are_deterministic_placed_by_parameters_and_snapshots_sit_beside_the
     assert one != backend.volume_id_for("pvc-1", {"clusterID": "ceph-1", "pool": "other"})
     tenant = decode_volume_id(backend.volume_id_for("pvc-1", {"clusterID": "tenant-cluster", "pool": "rbd"}))
     assert tenant.namespace == "ns-a"  # from the cluster configuration
-    snapshot = decode_volume_id(backend.volume_id_for("snapshot:s", {}, like=one))
-    assert (snapshot.cluster_id, snapshot.pool) == ("ceph-1", "rbd") and snapshot.image != decode_volume_id(
-        one
-    ).image
+    snapshot_id = backend.volume_id_for("pvc-1", {}, like=one, snapshot=True)
+    snapshot = decode_volume_id(snapshot_id)
+    assert (snapshot.cluster_id, snapshot.pool) == ("ceph-1", "rbd")
+    # Named alike, apart all the same: ids and images of the two kinds never coincide.
+    assert snapshot_id.startswith("rbd-snap-") and snapshot.image.startswith("csi-snap-")
+    assert snapshot.image.removeprefix("csi-snap-") == decode_volume_id(one).image.removeprefix("csi-vol-")
 
 
 @pytest.mark.parametrize(
