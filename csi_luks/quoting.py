@@ -12,3 +12,9 @@ def quoted(value: str, limit: int = QUOTE_LIMIT) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def quoted_list(values: list[str], most: int = 5) -> str:
+    """Like repr() of the list, of its first `most` values quoted, saying how many more there are."""
+    more = [f"... {len(values) - most} more"] if len(values) > most else []
+    return "[" + ", ".join([quoted(v) for v in values[:most]] + more) + "]"

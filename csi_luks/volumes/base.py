@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from csi_luks.quoting import quoted
+
 MAX_BYTES = 2**63 - 1  # off_t, and CSI's int64 capacities
 
 
@@ -19,6 +21,10 @@ class VolumeBackendError(Exception):
 
 class VolumeNotFound(VolumeBackendError):
     """No volume with that id exists."""
+
+
+class MalformedId(VolumeNotFound):
+    """An id this backend never makes (so nothing of it exists): never made into a path or an argument."""
 
 
 class CapacityOutOfRange(VolumeBackendError):
@@ -72,6 +78,20 @@ class VolumeBackend(ABC):
         placement the new one shares (a snapshot lives beside its source volume). Volume and snapshot ids
         never coincide, whatever the names.
         """
+
+    def check_id(self, object_id: str) -> None:
+        """MalformedId unless object_id has the form of an id this backend makes (volume or snapshot).
+
+        Every RPC passes its ids through this before anything builds a path or a command from them.
+        The default allows only printable names without path separators; backends check their grammar.
+        """
+        if (
+            not object_id.isprintable()
+            or "/" in object_id
+            or object_id in (".", "..")
+            or len(object_id) > 256
+        ):
+            raise MalformedId(f"{quoted(object_id)} is not a volume or snapshot id of this backend")
 
     def check_capacity(self, size_bytes: int) -> None:
         """CapacityOutOfRange if a volume of size_bytes (backing store) cannot exist; nothing is made.

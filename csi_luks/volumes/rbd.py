@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from csi_luks.quoting import quoted
 from csi_luks.system.runner import CommandError, CommandResult, Runner
 from csi_luks.system.udev import DeviceWaitTimeout, block_device_events
 from csi_luks.volume_metadata import NAME, PREFIX
@@ -44,6 +45,7 @@ from csi_luks.volumes.base import (
     BackendRequestError,
     BackendUnavailable,
     CapacityOutOfRange,
+    MalformedId,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
@@ -122,7 +124,7 @@ def encode_volume_id(ref: ImageRef) -> str:
 
 
 def decode_volume_id(volume_id: str) -> ImageRef:
-    """The image a volume or snapshot id names; VolumeNotFound for an id this backend cannot have made."""
+    """The image a volume or snapshot id names; MalformedId for an id this backend cannot have made."""
     # The snapshot prefix first: it starts with the volume one.
     id_prefix, image_prefix = next(
         (p for p in (_SNAPSHOT_PREFIXES, _VOLUME_PREFIXES) if volume_id.startswith(p[0])), ("", "")
@@ -143,7 +145,7 @@ def decode_volume_id(volume_id: str) -> ImageRef:
         if uid != rest or not all(is_plain(f) for f in fields[:2]) or (fields[2] and not is_plain(fields[2])):
             raise ValueError  # nothing but plain names reaches rbd's argv or a file path
     except ValueError:
-        raise VolumeNotFound(f"{volume_id!r} is not an RBD volume or snapshot id of csi-luks") from None
+        raise MalformedId(f"{quoted(volume_id)} is not an RBD volume or snapshot id of csi-luks") from None
     return ImageRef(fields[0], fields[1], fields[2], image_prefix + uid)
 
 
@@ -283,6 +285,9 @@ class RbdBackend(VolumeBackend):
         return encode_volume_id(
             ImageRef(cluster.cluster_id, check_plain(PARAM_POOL, pool), cluster.rados_namespace, image)
         )
+
+    def check_id(self, object_id: str) -> None:
+        decode_volume_id(object_id)
 
     def check_capacity(self, size_bytes: int) -> None:
         super().check_capacity(size_bytes)
@@ -501,6 +506,7 @@ class RbdBackend(VolumeBackend):
         return found
 
     def detach(self, volume_id: str) -> None:
+        decode_volume_id(volume_id)
         mapping = self._mapping(volume_id)
         if mapping is not None:
             device = str(mapping["device"])
@@ -530,6 +536,7 @@ class RbdBackend(VolumeBackend):
     # --- the node's record of its attachments --------------------------------------------------------
 
     def _record_path(self, volume_id: str) -> Path:
+        decode_volume_id(volume_id)  # a path is built only from an id of ours: never "../x" or "/etc/x"
         return self.state_dir / "rbd-attachments" / f"{volume_id}.json"
 
     def _write_record(self, info: VolumeInfo) -> None:

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_luks.quoting import quoted
 from csi_luks.system.loop import LoopDevices
 from csi_luks.system.runner import CommandError, Runner
 from csi_luks.volumes.base import (
     BackendUnavailable,
     CapacityOutOfRange,
+    MalformedId,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
@@ -157,8 +159,7 @@ class StandaloneBackend(VolumeBackend):
 
     def _dir(self, volume_id: str) -> Path:
         # Never build a path from an id we did not make: "../../etc" is simply not a volume.
-        if not _ID.fullmatch(volume_id):
-            raise VolumeNotFound(f"{volume_id!r} is not a standalone volume or snapshot id")
+        self.check_id(volume_id)
         return self._volumes / volume_id
 
     def image_path(self, volume_id: str) -> Path:
@@ -291,6 +292,10 @@ class StandaloneBackend(VolumeBackend):
         self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
     ) -> str:
         return f"{_SNAPSHOT_PREFIX if snapshot else _VOLUME_PREFIX}{uuid.uuid5(_NAMESPACE, name)}"
+
+    def check_id(self, object_id: str) -> None:
+        if not _ID.fullmatch(object_id):
+            raise MalformedId(f"{quoted(object_id)} is not a standalone volume or snapshot id")
 
     def check_capacity(self, size_bytes: int) -> None:
         """Thin provisioning: a sparse image may promise more than the free space, but never more than

@@ -307,3 +307,123 @@ def test_rbd_volume_and_snapshot_names_never_share_an_id(
         csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id, secrets=ceph_secrets)
     )
     assert rbd_images(ceph) == before
+
+
+# --- items 1 and 8: ids are checked against the backend's grammar before any path or command ----------
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_IDS)
+def test_hostile_ids_are_refused_before_any_file_or_command(
+    plugin: RunningPlugin, tmp_path: Path, hostile: str
+) -> None:
+    before = cryptsetup_calls()
+    requests = node_requests(hostile, str(tmp_path / "staging")) + controller_requests(hostile)
+    for method, request in requests:
+        code = call(plugin, method, request)
+        assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), (method, code)
+    assert cryptsetup_calls() == before
+    # Deleting what cannot exist succeeds without touching anything (csi-sanity: DeleteVolume and
+    # DeleteSnapshot of a non-existent id are OK).
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=hostile))
+    plugin.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=hostile))
+    listed = plugin.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(snapshot_id=hostile))
+    assert not listed.entries
+    listed = plugin.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(source_volume_id=hostile))
+    assert not listed.entries
+
+
+def test_a_well_formed_unknown_id_keeps_its_answers(plugin: RunningPlugin, tmp_path: Path) -> None:
+    unknown = unknown_standalone_id(plugin)
+    staging = str(tmp_path / "staging")
+    # (NodeUnstage of it closes a mapping by name: device-mapper's answer, covered in the VM tier.)
+    plugin.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=unknown, target_path=staging)
+    )
+    stats = csi_pb2.NodeGetVolumeStatsRequest(volume_id=unknown, volume_path=staging)
+    assert code_of(plugin.node.NodeGetVolumeStats, stats) == grpc.StatusCode.NOT_FOUND
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=unknown))
+    plugin.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=unknown))
+
+
+def test_rbd_node_unstage_never_deletes_files_outside_the_state_dir(
+    rbd_node: RunningPlugin, tmp_path: Path
+) -> None:
+    state = rbd_node.state_dir
+    (state / "rbd-attachments").mkdir(parents=True)
+    precious = state / ".." / "precious.json"
+    precious.write_text("keep me")
+    elsewhere = tmp_path / "some" / "dir"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text("keep me too")
+    before = cryptsetup_calls()
+    for volume_id in ("../../precious", str(elsewhere / "config")):
+        request = csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(tmp_path / "s")
+        )
+        code = code_of(rbd_node.node.NodeUnstageVolume, request)
+        assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    assert precious.read_text() == "keep me"
+    assert (elsewhere / "config.json").read_text() == "keep me too"
+    assert cryptsetup_calls() == before
+
+
+def test_rbd_hostile_ids(rbd_plugin: RunningPlugin, tmp_path: Path, ceph_secrets: dict[str, str]) -> None:
+    for hostile in HOSTILE_IDS:
+        for method, request in node_requests(hostile, str(tmp_path / "staging")) + controller_requests(
+            hostile
+        ):
+            code = call(rbd_plugin, method, request)
+            assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), (method, code)
+        rbd_plugin.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=hostile, secrets=ceph_secrets)
+        )
+
+
+# --- item 8: malformed fields -------------------------------------------------------------------------
+
+
+def test_nul_bytes_in_paths_are_invalid_arguments(plugin: RunningPlugin, tmp_path: Path) -> None:
+    volume = plugin.create("pvc-nul", 16 * MiB)
+    for method, request in node_requests(volume.volume_id, str(tmp_path) + "/bad\x00path"):
+        assert call(plugin, method, request) == grpc.StatusCode.INVALID_ARGUMENT, method
+
+
+def test_an_access_mode_csi_does_not_define_is_an_invalid_argument(
+    plugin: RunningPlugin, tmp_path: Path
+) -> None:
+    undefined = csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=99),  # type: ignore[arg-type]
+    )
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-mode", volume_capabilities=[undefined], parameters=LOCAL_1
+    )
+    assert code_of(plugin.controller.CreateVolume, request) == grpc.StatusCode.INVALID_ARGUMENT
+    volume = plugin.create("pvc-mode-2", 16 * MiB)
+    stage = csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume.volume_id, staging_target_path=str(tmp_path / "s"), volume_capability=undefined
+    )
+    assert code_of(plugin.node.NodeStageVolume, stage) == grpc.StatusCode.INVALID_ARGUMENT
+    validate = plugin.controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id, volume_capabilities=[undefined])
+    )
+    assert not validate.HasField("confirmed") and "99" in validate.message
+
+
+def test_huge_request_fields_do_not_hide_the_answer(plugin: RunningPlugin) -> None:
+    huge = "x" * 10_000
+    request = csi_pb2.NodeGetVolumeStatsRequest(volume_id=huge, volume_path="/tmp")
+    assert code_of(plugin.node.NodeGetVolumeStats, request) == grpc.StatusCode.NOT_FOUND
+    assert len(details_of(plugin.node.NodeGetVolumeStats, request)) < 1000
+    create = csi_pb2.CreateVolumeRequest(name="pvc-huge", volume_capabilities=[CAP], parameters={huge: "1"})
+    assert code_of(plugin.controller.CreateVolume, create) == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(details_of(plugin.controller.CreateVolume, create)) < 1000
+    create = csi_pb2.CreateVolumeRequest(
+        name="pvc-huge", volume_capabilities=[CAP], parameters={"encrypted": huge}
+    )
+    assert code_of(plugin.controller.CreateVolume, create) == grpc.StatusCode.INVALID_ARGUMENT
+    token = csi_pb2.ListSnapshotsRequest(starting_token=huge)
+    assert code_of(plugin.controller.ListSnapshots, token) == grpc.StatusCode.ABORTED
+    # A name that is long is a name: the volume is made, and a conflicting repeat is reported in full.
+    plugin.create(huge, 16 * MiB)
+    assert code_of(plugin.create, huge, 32 * MiB) == grpc.StatusCode.ALREADY_EXISTS

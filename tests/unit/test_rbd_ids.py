@@ -58,6 +58,9 @@ def test_volume_ids_round_trip(ref: ImageRef) -> None:
         # Well formed, but a field that would reach rbd's argv as an option, or a path as "..".
         "rbd-06ceph-1-06--conf-00-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21",
         "rbd-02..-03rbd-00-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21",
+        "rbd-snap-",
+        "../../precious",
+        "rbd-06ceph-1-03rbd-00-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21\n",
     ],
 )
 def test_foreign_ids_are_not_found(volume_id: str) -> None:
