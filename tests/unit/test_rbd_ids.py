@@ -148,3 +148,21 @@ def test_calls_without_credentials_say_which_secrets_are_missing(
     volume_id = backend.volume_id_for("pvc", {"clusterID": "ceph-1", "pool": "rbd"})
     with pytest.raises(BackendRequestError, match="userID, userKey"):
         backend.get(volume_id)
+
+
+@pytest.mark.parametrize("foreign", ["../../precious", "/elsewhere/config"])
+def test_detach_never_builds_a_path_from_a_foreign_id(
+    clusters: CephClusters, tmp_path: Path, foreign: str
+) -> None:
+    state = tmp_path / "state"
+    (state / "rbd-attachments").mkdir(parents=True)
+    # Where "<state>/rbd-attachments/<id>.json" lands for these ids.
+    precious = tmp_path / "precious.json"
+    precious.write_text("keep me")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("keep me too")
+    volume_id = foreign if foreign.startswith("..") else str(elsewhere / "config")
+    with pytest.raises(VolumeNotFound):
+        RbdBackend(clusters, state).detach(volume_id)
+    assert precious.read_text() == "keep me" and (elsewhere / "config.json").read_text() == "keep me too"
