@@ -82,6 +82,7 @@ class KMSConfig:
         self.config_map = config_map
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
+        self._config_map_good: dict[str, dict[str, str]] | None = None  # the last good read of the ConfigMap
         if path is None:
             self._snapshot = _Snapshot(
                 None,
@@ -147,7 +148,7 @@ class KMSConfig:
 
     def _entries(self) -> dict[str, dict[str, str]]:
         if self.config_map is not None and self.path is not None and _stat(self.path) is None:
-            return _from_config_map(*self.config_map)
+            return self._config_map_entries(*self.config_map)
         with self._lock:
             if self.path is not None:
                 signature = _stat(self.path)
@@ -160,6 +161,18 @@ class KMSConfig:
         assert snapshot.entries is not None  # noqa: S101 - error and entries are exclusive
         return snapshot.entries
 
+    def _config_map_entries(self, namespace: str, name: str) -> dict[str, dict[str, str]]:
+        """The ConfigMap's entries (read at every call); after an edit that breaks it, the last good ones."""
+        try:
+            entries = _from_config_map(namespace, name)
+        except KMSConfigError as exc:
+            if self._config_map_good is None:
+                raise
+            _log_kept(exc, self._config_map_good, f"ConfigMap {namespace}/{name}")
+            return self._config_map_good
+        self._config_map_good = entries
+        return entries
+
     def _replacement(self, loaded: _Snapshot) -> _Snapshot:
         """What a newly read file leaves in use: itself, or after a broken edit the last good entries."""
         if loaded.error is None:
@@ -168,11 +181,7 @@ class KMSConfig:
         if last_good is None:
             log.error("%s", loaded.error)
             return loaded
-        # As promised for edits: a mistake in one must not take every KMS id down with it.
-        log.error(
-            "%s; the last good KMS configuration (ids %s) stays in use until the file is fixed",
-            loaded.error, sorted(last_good),
-        )  # fmt: skip
+        _log_kept(loaded.error, last_good, "the file")
         return _Snapshot(loaded.signature, last_good, None)
 
     @staticmethod
@@ -193,6 +202,14 @@ class KMSConfig:
             return _Snapshot(signature, None, exc)
         log.info("KMS configuration %s loaded: ids %s", path, sorted(entries))
         return _Snapshot(signature, entries, None)
+
+
+def _log_kept(error: KMSConfigError, last_good: Mapping[str, object], source: str) -> None:
+    # As promised for edits: a mistake in one must not take every KMS id down with it.
+    log.error(
+        "%s; the last good KMS configuration (ids %s) stays in use until %s is fixed",
+        error, sorted(last_good), source,
+    )  # fmt: skip
 
 
 def _signature(st: os.stat_result) -> _Signature:

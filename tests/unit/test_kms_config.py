@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from csi_luks import kube
 from csi_luks.kms.base import KMSConfigError, KMSContext, known_types
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.local import LocalKMS
@@ -299,3 +300,17 @@ def test_only_tenant_types_take_tenant_overrides() -> None:
     }
     for kms_type in ("secrets", "local", "metadata", "vault", "vault-transit"):
         assert tenant_keys_for(kms_type) == frozenset(), kms_type
+
+
+def test_a_broken_config_map_edit_keeps_the_last_good_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = {"a": json.dumps({"encryptionKMSType": "local"})}
+    monkeypatch.setattr(kube, "read_config_map", lambda name, namespace, purpose: dict(data))
+    config = KMSConfig.from_file(tmp_path / "absent.json", config_map=("csi-luks", "kms"))
+    assert config.entry("a") == {"encryptionKMSType": "local"}
+    data["a"] = '{"encryptionKMSType": ' + "[" * 100_000
+    assert config.entry("a") == {"encryptionKMSType": "local"}
+    assert "nested too deeply" in caplog.text and "ConfigMap csi-luks/kms is fixed" in caplog.text
+    data["a"] = json.dumps({"encryptionKMSType": "secrets"})
+    assert config.entry("a") == {"encryptionKMSType": "secrets"}
