@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from csi_luks import __version__
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
-from csi_luks.errors import status_for
+from csi_luks.errors import capped, status_for
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup
@@ -65,6 +65,7 @@ class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 response = inner(request, context)
             except Exception as exc:
                 code, message = status_for(exc)
+                message = capped(message)
                 elapsed = time.monotonic() - started
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("[%d] %s failed after %.3fs: %s", request_id, method, elapsed, message)
