@@ -2,7 +2,8 @@
 
 No registry reachable here ships them: `../shared/tools/build-csi-tools.sh` builds them offline into a
 cache outside the checkout. The host builds what a session needs before a guest boots (a build takes
-minutes and the guest sees the host's files read-only) and hands the paths to the guest in CSI_TOOLS_ENV.
+minutes, and the guest hides /var/cache, where the builds are cached, under a tmpfs), copies them into the
+guest's work directory and names them in CSI_TOOLS_ENV.
 A checkout without ../shared has none of this: tests skip with HOW_TO_GET, unless CI=true, where they fail.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -53,15 +55,24 @@ def build(names: list[str]) -> dict[str, str]:
     return paths
 
 
-def handover(names: list[str]) -> str:
-    """The CSI_TOOLS_ENV value the host gives the guest: the built paths, or the reason there are none."""
-    given = os.environ.get(CSI_TOOLS_ENV)
-    if given:  # programs the user named: used as they are
-        return given
+def handover(names: list[str], directory: Path) -> str:
+    """The CSI_TOOLS_ENV value the host gives the guest: the programs copied into directory (which the
+    guest can read), or the reason there are none."""
     try:
-        return json.dumps(build(names))
+        given = os.environ.get(CSI_TOOLS_ENV)
+        built = json.loads(given) if given else build(names)  # programs the user named, or our builds
     except CsiToolsUnavailable as exc:
         return json.dumps({"error": str(exc)})
+    directory.mkdir(parents=True, exist_ok=True)
+    handed = {}
+    for name, path in built.items():
+        copy = directory / name
+        if Path(path).is_dir():  # the snapshot CRDs
+            shutil.copytree(path, copy)
+        else:
+            shutil.copy2(path, copy)
+        handed[name] = str(copy)
+    return json.dumps(handed)
 
 
 def tool(name: str) -> Path:

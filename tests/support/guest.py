@@ -38,7 +38,11 @@ IN_GUEST = os.environ.get("CSI_LUKS_IN_GUEST") == "1"
 REPORT_ENV = "CSI_LUKS_GUEST_REPORT"
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "3000"))
+# Half of it is the guest's /tmp (a tmpfs), where the tests keep volumes: csi-sanity asks for 1 GiB ones.
+GUEST_MEMORY = os.environ.get("CSI_LUKS_GUEST_MEMORY", "4G")
 CEPH_ENV = "CSI_LUKS_CEPH_DIR"
+# A directory the guest's tests may copy logs into, to read on the host while (or after) the guest runs.
+ARTIFACTS_ENV = "CSI_LUKS_GUEST_ARTIFACTS"
 CEPH_BUILD_ERROR = "build-error.txt"  # in the CSI_LUKS_CEPH_DIR directory when the host build failed
 _TAIL = 6000
 
@@ -86,11 +90,17 @@ class GuestSession:
             return
         workdir = Path(tempfile.mkdtemp(prefix="csi-luks-guest-"))
         report_file = workdir / "report.json"
-        env = {"CSI_LUKS_IN_GUEST": "1", REPORT_ENV: str(report_file), "CI": os.environ.get("CI", "")}
+        env = {
+            "CSI_LUKS_IN_GUEST": "1",
+            REPORT_ENV: str(report_file),
+            ARTIFACTS_ENV: str(workdir / "artifacts"),
+            "CI": os.environ.get("CI", ""),
+        }
         if self.needs_ceph:
             env[CEPH_ENV] = str(_prebuild_ceph(workdir / "ceph"))
         if self.needs_csi_tools:
-            env[csi_tools.CSI_TOOLS_ENV] = csi_tools.handover([])  # every tool: cached builds are instant
+            # Every tool: cached builds are instant.
+            env[csi_tools.CSI_TOOLS_ENV] = csi_tools.handover([], workdir / "csi-tools")
         command = " ".join(
             [
                 sys.executable,
@@ -109,6 +119,7 @@ class GuestSession:
                 workdir,
                 cwd=str(self.rootdir),
                 env=env,
+                memory=GUEST_MEMORY,
                 timeout=GUEST_TIMEOUT,
             )
         except vm.GuestUnavailable as exc:
