@@ -20,6 +20,54 @@ from csi_luks.settings import (
 )
 
 
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    """Where volumes and the KMS configuration are: shared by serve and the operator commands."""
+    parser.add_argument(
+        "--backend",
+        type=Backend,
+        choices=list(Backend),
+        default=Backend(os.environ.get("CSI_LUKS_BACKEND", "standalone")),
+        help="where volumes live: standalone (loop files) or rbd (Ceph RBD images) (env CSI_LUKS_BACKEND)",
+    )
+    parser.add_argument(
+        "--ceph-config",
+        default=os.environ.get("CSI_LUKS_CEPH_CONFIG", DEFAULT_CEPH_CONFIG),
+        help="rbd backend: the Ceph clusters, a JSON list as ceph-csi's config.json "
+        f"(env CSI_LUKS_CEPH_CONFIG; {DEFAULT_CEPH_CONFIG})",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=os.environ.get("CSI_LUKS_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"the standalone backend's directory of volumes (env CSI_LUKS_STATE_DIR; {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--kms-config",
+        default=os.environ.get("CSI_LUKS_KMS_CONFIG", DEFAULT_KMS_CONFIG),
+        help=f"KMS configuration file, a JSON object keyed by KMS id (env CSI_LUKS_KMS_CONFIG; "
+        f"{DEFAULT_KMS_CONFIG})",
+    )
+    parser.add_argument(
+        "--kms-config-map",
+        default=os.environ.get("CSI_LUKS_KMS_CONFIG_MAP") or None,
+        metavar="NAMESPACE/NAME",
+        help="ConfigMap read through the Kubernetes API while the --kms-config file does not exist "
+        "(env CSI_LUKS_KMS_CONFIG_MAP)",
+    )
+
+
+def _operator_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=help)
+    _storage_options(command)
+    command.add_argument(
+        "--secrets-file",
+        help="a JSON object of the secrets a CSI request would carry (rbd: userID and userKey; the "
+        "metadata type without secretName: encryptionPassphrase)",
+    )
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csi-luks", description=__doc__)
     parser.add_argument(
@@ -59,37 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CSI_LUKS_SOCKET_GROUP") or None,
         help="group (name or gid) allowed on the socket, which becomes 0660; default 0600, owner only",
     )
-    serve.add_argument(
-        "--backend",
-        type=Backend,
-        choices=list(Backend),
-        default=Backend(os.environ.get("CSI_LUKS_BACKEND", "standalone")),
-        help="where volumes live: standalone (loop files) or rbd (Ceph RBD images) (env CSI_LUKS_BACKEND)",
-    )
-    serve.add_argument(
-        "--ceph-config",
-        default=os.environ.get("CSI_LUKS_CEPH_CONFIG", DEFAULT_CEPH_CONFIG),
-        help="rbd backend: the Ceph clusters, a JSON list as ceph-csi's config.json "
-        f"(env CSI_LUKS_CEPH_CONFIG; {DEFAULT_CEPH_CONFIG})",
-    )
-    serve.add_argument(
-        "--state-dir",
-        default=os.environ.get("CSI_LUKS_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"the standalone backend's directory of volumes (env CSI_LUKS_STATE_DIR; {DEFAULT_STATE_DIR})",
-    )
-    serve.add_argument(
-        "--kms-config",
-        default=os.environ.get("CSI_LUKS_KMS_CONFIG", DEFAULT_KMS_CONFIG),
-        help=f"KMS configuration file, a JSON object keyed by KMS id (env CSI_LUKS_KMS_CONFIG; "
-        f"{DEFAULT_KMS_CONFIG})",
-    )
-    serve.add_argument(
-        "--kms-config-map",
-        default=os.environ.get("CSI_LUKS_KMS_CONFIG_MAP") or None,
-        metavar="NAMESPACE/NAME",
-        help="ConfigMap read through the Kubernetes API while the --kms-config file does not exist "
-        "(env CSI_LUKS_KMS_CONFIG_MAP)",
-    )
+    _storage_options(serve)
     serve.add_argument(
         "--max-concurrent-copies",
         type=int,
@@ -104,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default 30)",
     )
 
+    header = _operator_command(sub, "header", "LUKS header backups")
+    header.add_argument("action", choices=["backup", "restore"])
+    header.add_argument("volume_id", metavar="VOLUME_ID")
+    header.add_argument(
+        "--force", action="store_true", help="restore even if the current header opens with the KMS's DEK"
+    )
     sub.add_parser("version", help="print the version")
     sub.add_parser(
         "demo",
@@ -152,6 +176,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"csi-luks: {exc}", file=sys.stderr)
             return 2
         return 0
+    return _operator(args)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from csi_luks.kms.base import KMSError
+    from csi_luks.operations import commands
+    from csi_luks.operations.tool import EXIT_USAGE, Tool
+
+    try:
+        tool = Tool.from_arguments(
+            args.backend.value, args.state_dir, args.ceph_config, args.kms_config, args.kms_config_map,
+            args.secrets_file,
+        )  # fmt: skip
+    except (ValueError, OSError, KMSError) as exc:
+        print(f"csi-luks: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "header":
+        if args.action == "backup":
+            return commands.header_backup(tool, [args.volume_id])
+        return commands.header_restore(tool, args.volume_id, args.force)
     raise AssertionError(f"unhandled command {args.command}")
 
 

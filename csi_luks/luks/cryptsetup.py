@@ -238,6 +238,28 @@ class Cryptsetup:
         )
         log.info("wiped key slot %d of %s", slot, device)
 
+    def header_backup(self, device: str, file: str) -> None:
+        """Write the device's LUKS header and key-slot area to file, which must not exist yet.
+
+        The copy holds the key slots as they are on disk (each wrapped by its passphrase): no secret
+        is in it that the device does not already hold.
+        """
+        self._run(
+            "luksHeaderBackup", ["luksHeaderBackup", "--batch-mode", device, "--header-backup-file", file]
+        )
+        log.info("backed up the LUKS header of %s", device)
+
+    def header_restore(self, device: str, file: str) -> None:
+        """Write a header backup back onto device (replacing its header and key slots)."""
+        self._run(
+            "luksHeaderRestore", ["luksHeaderRestore", "--batch-mode", device, "--header-backup-file", file]
+        )
+        log.info("restored the LUKS header of %s", device)
+
+    def active_slots(self, device: str) -> list[int]:
+        """The key slots in use, in order."""
+        return sorted(self.dump(device).keyslots)
+
     def dump(self, device: str) -> LuksHeader:
         """The device's LUKS2 header (no secrets: volume key and slot material are not dumped)."""
         meta = self._run("luksDump", ["luksDump", "--dump-json-metadata", device]).stdout

@@ -22,6 +22,7 @@ from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.services.validation import require, validate_capability
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
@@ -134,12 +135,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if found.is_luks:
                 # A crash between luksFormat and the metadata write: the header is ours, finish the step.
                 log.warning("volume %s: LUKS header present but state was prepared; repairing", volume_id)
+                refresh_header_backup(self.cryptsetup, backend, volume_id, device)
                 backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
             elif found.empty:
                 label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
                 self.cryptsetup.format(
                     device, encryption.get_passphrase(volume_id), FormatOptions(label=label)
                 )
+                refresh_header_backup(self.cryptsetup, backend, volume_id, device)
                 backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
                 log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
             else:
