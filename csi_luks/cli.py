@@ -122,12 +122,19 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default 30)",
     )
 
+    rotate = _operator_command(sub, "rotate", "rotate the DEK of volumes, staged or not (crash safe)")
+    rotate.add_argument("volume_ids", nargs="+", metavar="VOLUME_ID")
     header = _operator_command(sub, "header", "LUKS header backups")
     header.add_argument("action", choices=["backup", "restore"])
     header.add_argument("volume_id", metavar="VOLUME_ID")
     header.add_argument(
         "--force", action="store_true", help="restore even if the current header opens with the KMS's DEK"
     )
+    rewrap = _operator_command(
+        sub, "rewrap", "re-wrap vault-transit DEKs under the Transit key's newest version"
+    )
+    rewrap.add_argument("--kms-id", action="append", default=[], help="only volumes of this KMS id")
+
     sub.add_parser("version", help="print the version")
     sub.add_parser(
         "demo",
@@ -192,10 +199,14 @@ def _operator(args: argparse.Namespace) -> int:
     except (ValueError, OSError, KMSError) as exc:
         print(f"csi-luks: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "rotate":
+        return commands.rotate(tool, args.volume_ids)
     if args.command == "header":
         if args.action == "backup":
             return commands.header_backup(tool, [args.volume_id])
         return commands.header_restore(tool, args.volume_id, args.force)
+    if args.command == "rewrap":
+        return commands.rewrap(tool, args.kms_id)
     raise AssertionError(f"unhandled command {args.command}")
 
 

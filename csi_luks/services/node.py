@@ -23,6 +23,7 @@ from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
 from csi_luks.operations.header_backup import refresh_header_backup
+from csi_luks.operations.rotation import KeyRotation
 from csi_luks.services.validation import require, validate_capability
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
@@ -150,13 +151,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     f"volume {volume_id} should be empty before its first use, but {device} holds "
                     f"{found.type or found.partition_table}; refusing to format it (no data was touched)"
                 )
-        elif record.state is EncryptionState.ENCRYPTED:
+        elif record.state in (EncryptionState.ENCRYPTED, EncryptionState.ROTATING):
             if not found.is_luks:
                 raise failed_precondition(
                     f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
                     f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
                     "it: restore the header from a backup"
                 )
+            if record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
+                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
         else:
             raise failed_precondition(
                 f"volume {volume_id} is marked encrypted but its key was never prepared (CreateVolume did "
