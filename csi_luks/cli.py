@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     rewrap.add_argument("--kms-id", action="append", default=[], help="only volumes of this KMS id")
 
+    status = _operator_command(sub, "status", "check every volume's KMS entry, DEK, header and header backup")
+    status.add_argument("volume_ids", nargs="*", metavar="VOLUME_ID", help="default: every volume")
+    status.add_argument("--output", choices=["table", "json"], default="table")
+
     sub.add_parser("version", help="print the version")
     sub.add_parser(
         "demo",
@@ -207,6 +211,10 @@ def _operator(args: argparse.Namespace) -> int:
         return commands.header_restore(tool, args.volume_id, args.force)
     if args.command == "rewrap":
         return commands.rewrap(tool, args.kms_id)
+    if args.command == "status":
+        from csi_luks.operations.status import report
+
+        return report(tool, args.volume_ids, args.output)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -151,6 +151,15 @@ class Cryptsetup:
             raise LuksError("verify passphrase: cryptsetup did not name the unlocked key slot")
         return int(match.group(1))
 
+    def slot_of(self, device: str, passphrase: Passphrase | None) -> int | None:
+        """The key slot the passphrase opens; None when none does, or there is no passphrase or header."""
+        if passphrase is None:
+            return None
+        try:
+            return self.verify_passphrase(device, passphrase)
+        except (WrongPassphrase, NotLuksDevice):
+            return None
+
     def open(self, device: str, name: str, passphrase: Passphrase, options: OpenOptions | None = None) -> str:
         """Map device as /dev/mapper/NAME and return that path. Idempotent for the same device.
 

@@ -34,7 +34,7 @@ import signal
 from dataclasses import dataclass, field
 
 from csi_luks.encryption import VolumeEncryption
-from csi_luks.luks import Cryptsetup, WrongPassphrase
+from csi_luks.luks import Cryptsetup
 from csi_luks.operations import OperationRefused
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
@@ -126,20 +126,12 @@ class KeyRotation:
             raise OperationRefused(f"volume {volume_id} has no rotation under way")
         return self._finish(volume_id, device)
 
-    def _opens(self, device: str, dek: str | None) -> int | None:
-        if dek is None:
-            return None
-        try:
-            return self.cryptsetup.verify_passphrase(device, dek)
-        except WrongPassphrase:
-            return None
-
     def _finish(self, volume_id: str, device: str) -> RotationResult:
         current = self.encryption.get_passphrase(volume_id)
         pending = self.encryption.get_pending_passphrase(volume_id)
-        current_slot = self._opens(device, current)
+        current_slot = self.cryptsetup.slot_of(device, current)
         if pending is not None and pending != current:
-            pending_slot = self._opens(device, pending)
+            pending_slot = self.cryptsetup.slot_of(device, pending)
             if pending_slot is None:
                 if current_slot is None:
                     raise OperationRefused(
@@ -154,7 +146,7 @@ class KeyRotation:
                     self.cryptsetup.add_key(device, current, pending, free)
                     refresh_header_backup(self.cryptsetup, self.backend, volume_id, device)
             with _Step("test-key"):
-                pending_slot = self._opens(device, pending)
+                pending_slot = self.cryptsetup.slot_of(device, pending)
                 if pending_slot is None:
                     raise OperationRefused(
                         f"volume {volume_id}: the new DEK was added but does not open {device}; the "

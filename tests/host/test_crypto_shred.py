@@ -14,8 +14,8 @@ from csi_luks.errors import status_for
 from csi_luks.kms.base import KMSUnavailable
 from csi_luks.volumes.base import VolumeNotFound
 from csi_luks.volumes.standalone import StandaloneBackend
-from tests.support.openbao import ROOT_TOKEN, OpenBao, free_port
-from tests.support.operations import Volumes
+from tests.support.openbao import OpenBao, free_port
+from tests.support.operations import Volumes, vault_login
 
 
 class _WatchedBackend(StandaloneBackend):
@@ -39,8 +39,7 @@ class _WatchedBackend(StandaloneBackend):
 
 
 def _vault_entries(root: Path, address: str) -> dict[str, dict[str, str]]:
-    (root / "token").write_text(ROOT_TOKEN)
-    vault = {"vaultAddress": address, "vaultTokenFile": str(root / "token"), "vaultRetryDeadline": "1"}
+    vault = vault_login(root, address)
     return {
         "local-1": {"encryptionKMSType": "local", "keyFile": str(root / "kek")},
         "vault-kv": {"encryptionKMSType": "vault", "vaultPassphrasePath": "shred/", **vault},

@@ -17,16 +17,15 @@ from csi_luks.operations.header_backup import header_backup_matches
 from csi_luks.operations.rotation import CRASH_POINT_ENV, CRASH_POINTS
 from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK
 from csi_luks.volume_metadata import EncryptionState
-from tests.support.openbao import ROOT_TOKEN, OpenBao
-from tests.support.operations import Volumes
+from tests.support.openbao import OpenBao
+from tests.support.operations import Volumes, vault_login
 from tests.support.plugin import code_of, details_of, running_plugin
 
 KMS_IDS = ("local-1", "metadata-1", "vault-kv")
 
 
 def _entries(root: Path, bao: OpenBao) -> dict[str, dict[str, str]]:
-    (root / "token").write_text(ROOT_TOKEN)
-    vault = {"vaultAddress": bao.address, "vaultTokenFile": str(root / "token"), "vaultRetryDeadline": "2"}
+    vault = vault_login(root, bao.address, "2")
     return {
         "local-1": {"encryptionKMSType": "local", "keyFile": str(root / "kek")},
         "metadata-1": {"encryptionKMSType": "metadata"},  # the KEK passphrase: the request's secrets

@@ -11,13 +11,24 @@ from pathlib import Path
 from csi_luks.csi import csi_pb2
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
-from csi_luks.luks import FormatOptions, NotLuksDevice, WrongPassphrase
+from csi_luks.luks import FormatOptions
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.tool import Tool
 from csi_luks.services.controller import ControllerService
 from csi_luks.volume_metadata import STATE, EncryptionState
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.openbao import ROOT_TOKEN
 from tests.support.plugin import MiB, mount_capability
+
+
+def vault_login(root: Path, address: str, retry_deadline: str = "1") -> dict[str, str]:
+    """The keys of a vault or vault-transit entry that reaches address with the root token."""
+    (root / "token").write_text(ROOT_TOKEN)
+    return {
+        "vaultAddress": address,
+        "vaultTokenFile": str(root / "token"),
+        "vaultRetryDeadline": retry_deadline,
+    }
 
 
 class Volumes:
@@ -77,12 +88,7 @@ class Volumes:
 
     def opens(self, volume_id: str, dek: str | None) -> int | None:
         """The key slot dek opens on the volume's image, or None."""
-        if dek is None:
-            return None
-        try:
-            return self.tool.cryptsetup.verify_passphrase(self.image(volume_id), dek)
-        except (WrongPassphrase, NotLuksDevice):
-            return None
+        return self.tool.cryptsetup.slot_of(self.image(volume_id), dek)
 
     def slots(self, volume_id: str) -> list[int]:
         return self.tool.cryptsetup.active_slots(self.image(volume_id))
