@@ -139,6 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("volume_ids", nargs="*", metavar="VOLUME_ID", help="default: every volume")
     status.add_argument("--output", choices=["table", "json"], default="table")
 
+    migrate = _operator_command(sub, "migrate", "move every DEK of one KMS id under another, online")
+    migrate.add_argument("--from", dest="source", required=True, metavar="KMS_ID")
+    migrate.add_argument("--to", dest="target", required=True, metavar="KMS_ID")
+    migrate.add_argument("--dry-run", action="store_true", help="list what would move, change nothing")
+
     sub.add_parser("version", help="print the version")
     sub.add_parser(
         "demo",
@@ -211,6 +216,10 @@ def _operator(args: argparse.Namespace) -> int:
         return commands.header_restore(tool, args.volume_id, args.force)
     if args.command == "rewrap":
         return commands.rewrap(tool, args.kms_id)
+    if args.command == "migrate":
+        from csi_luks.operations.migration import migrate
+
+        return migrate(tool, args.source, args.target, args.dry_run)
     if args.command == "status":
         from csi_luks.operations.status import report
 

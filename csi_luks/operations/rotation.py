@@ -22,28 +22,25 @@ wipes. Every later call finishes what was begun: `csi-luks rotate` and Encryptio
 `rotating` volume (`finish`), and so does NodeStage. A pending DEK under state `encrypted` (a kill
 between steps 1 and 2) is in no key slot: the next rotation uses it.
 
-Test-only crash points: when the environment variable CSI_LUKS_CRASH_POINT (read once, at import) names
-`rotation.before-<step>` or `rotation.after-<step>`, the process SIGKILLs itself there.
+Test-only crash points (operations/crash.py): CSI_LUKS_CRASH_POINT=rotation.before-<step> or
+rotation.after-<step> SIGKILLs the process there.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from dataclasses import dataclass, field
 
 from csi_luks.encryption import VolumeEncryption
 from csi_luks.luks import Cryptsetup
 from csi_luks.operations import OperationRefused
+from csi_luks.operations.crash import CRASH_POINT_ENV, Step, crash_points
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes.base import VolumeBackend
 
 log = logging.getLogger(__name__)
 
-CRASH_POINT_ENV = "CSI_LUKS_CRASH_POINT"
-_CRASH_POINT = os.environ.get(CRASH_POINT_ENV) or None
 STEPS = (
     "store-pending",
     "mark-rotating",
@@ -54,28 +51,13 @@ STEPS = (
     "remove-pending",
     "mark-encrypted",
 )
-CRASH_POINTS = tuple(f"rotation.{when}-{step}" for step in STEPS for when in ("before", "after"))
+CRASH_POINTS = crash_points("rotation", STEPS)
+__all__ = ["CRASH_POINTS", "CRASH_POINT_ENV", "STEPS", "KeyRotation", "RotationResult"]
 MAX_SLOTS = 32  # LUKS2
 
 
-def _crash_point(name: str) -> None:
-    if f"rotation.{name}" == _CRASH_POINT:
-        log.warning("crash point %s: killing this process (test only)", _CRASH_POINT)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class _Step:
-    """Runs a step between its two crash points."""
-
-    name: str
-
-    def __enter__(self) -> None:
-        _crash_point(f"before-{self.name}")
-
-    def __exit__(self, kind: object, value: object, traceback: object) -> None:
-        if kind is None:
-            _crash_point(f"after-{self.name}")
+def _Step(name: str) -> Step:
+    return Step("rotation", name)
 
 
 @dataclass
