@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from csi_luks import __version__
 from csi_luks.settings import (
@@ -18,6 +19,9 @@ from csi_luks.settings import (
     Mode,
     Settings,
 )
+
+if TYPE_CHECKING:
+    from csi_luks.operations.tool import Tool
 
 
 def _storage_options(parser: argparse.ArgumentParser) -> None:
@@ -197,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _operator(args: argparse.Namespace) -> int:
     from csi_luks.kms.base import KMSError
-    from csi_luks.operations import commands
-    from csi_luks.operations.tool import EXIT_USAGE, Tool
+    from csi_luks.operations import OperationRefused
+    from csi_luks.operations.tool import EXIT_UNAVAILABLE, EXIT_USAGE, Tool, exit_code
+    from csi_luks.volumes.base import VolumeBackendError
 
     try:
         tool = Tool.from_arguments(
@@ -208,6 +213,16 @@ def _operator(args: argparse.Namespace) -> int:
     except (ValueError, OSError, KMSError) as exc:
         print(f"csi-luks: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        return _dispatch(tool, args)
+    except (KMSError, VolumeBackendError, OperationRefused) as exc:  # before any volume was looked at
+        print(f"csi-luks {args.command}: {exc}", file=sys.stderr)
+        return exit_code(exc) if exit_code(exc) == EXIT_UNAVAILABLE else EXIT_USAGE
+
+
+def _dispatch(tool: Tool, args: argparse.Namespace) -> int:
+    from csi_luks.operations import commands
+
     if args.command == "rotate":
         return commands.rotate(tool, args.volume_ids)
     if args.command == "header":

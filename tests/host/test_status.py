@@ -12,7 +12,7 @@ import pytest
 
 from csi_luks.kms.dek_store import DEK_KEY
 from csi_luks.operations.rotation import CRASH_POINT_ENV
-from csi_luks.operations.tool import EXIT_INCONSISTENT, EXIT_OK, EXIT_UNAVAILABLE
+from csi_luks.operations.tool import EXIT_INCONSISTENT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.support.openbao import OpenBao, free_port
 from tests.support.operations import Volumes, vault_login
 from tests.support.plugin import MiB
@@ -112,3 +112,11 @@ def test_a_kms_that_is_down_exits_3(volumes: Volumes, tmp_path: Path) -> None:
     by_id = {s["volume_id"]: s for s in statuses}
     assert by_id[fine]["consistent"]
     assert by_id[down]["unreachable"] and "unavailable" in by_id[down]["problems"][0]
+
+
+def test_a_backend_that_cannot_list_is_a_usage_error(volumes: Volumes, tmp_path: Path) -> None:
+    argv = ["status", "--backend", "rbd", "--ceph-config", str(tmp_path / "no-such-config.json")]
+    refused = volumes.cli(*argv)
+    assert refused.returncode == EXIT_USAGE
+    assert "csi-luks status: the RBD backend cannot list volumes" in refused.stderr
+    assert "Traceback" not in refused.stderr
