@@ -43,7 +43,9 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.DeviceBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.KeySlotError, grpc.StatusCode.FAILED_PRECONDITION),
     (OperationRefused, grpc.StatusCode.FAILED_PRECONDITION),
-    (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
+    (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),  # a malformed id too: nothing of it can exist
+    # The size itself is the problem (CSI: OUT_OF_RANGE), not a shortage that a retry could outwait.
+    (volumes.CapacityOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (volumes.VolumeInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (volumes.BackendPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -66,6 +68,20 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (kms.DEKNotFound, grpc.StatusCode.FAILED_PRECONDITION),
     (kms.DEKDecryptError, grpc.StatusCode.FAILED_PRECONDITION),
 )
+
+
+# gRPC carries the status message in a trailer; past 8 KiB of metadata the client sees RESOURCE_EXHAUSTED
+# "Stream removed" instead of the answer. Messages quote fields with quoting.quoted; this is the backstop.
+MAX_STATUS_MESSAGE_BYTES = 2048
+
+
+def capped(message: str) -> str:
+    """The message cut to MAX_STATUS_MESSAGE_BYTES of UTF-8, saying so."""
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    head = encoded[: MAX_STATUS_MESSAGE_BYTES - 100].decode("utf-8", "ignore")
+    return f"{head}... (message cut: {len(encoded)} bytes)"
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

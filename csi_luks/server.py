@@ -24,7 +24,7 @@ from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.csiaddons.encryptionkeyrotation_pb2_grpc import (
     add_EncryptionKeyRotationControllerServicer_to_server as add_key_rotation_servicer,
 )
-from csi_luks.errors import status_for
+from csi_luks.errors import capped, status_for
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup
@@ -69,6 +69,7 @@ class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 response = inner(request, context)
             except Exception as exc:
                 code, message = status_for(exc)
+                message = capped(message)
                 elapsed = time.monotonic() - started
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("[%d] %s failed after %.3fs: %s", request_id, method, elapsed, message)

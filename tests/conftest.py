@@ -14,7 +14,7 @@ from tests.support.audit import AUDIT, ArgvAudit
 AUDIT.install()
 
 # Session fixtures of real servers (Kubernetes API server, OpenBao, Ceph), started only for tests using them.
-pytest_plugins = ["tests.support.kms_fixtures", "tests.support.ceph_fixtures"]
+pytest_plugins = ["tests.support.kms_fixtures", "tests.support.ceph_fixtures", "pytester"]
 
 _TIERS = {"unit": None, "host": None, "vm": "vm"}
 

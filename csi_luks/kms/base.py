@@ -116,15 +116,18 @@ class KMSContext:
 KMSFactory = Callable[[str, Mapping[str, str], KMSContext], EncryptionKMS]
 _REGISTRY: dict[str, KMSFactory] = {}
 _TENANT_KEYS: dict[str, frozenset[str]] = {}
+_SHARED_PASSPHRASE_TYPES: set[str] = set()
 
 
 def register(
-    kms_type: str, *aliases: str, tenant_keys: frozenset[str] = frozenset()
+    kms_type: str, *aliases: str, tenant_keys: frozenset[str] = frozenset(), shared_passphrase: bool = False
 ) -> Callable[[KMSFactory], KMSFactory]:
     """Class/function decorator: `@register("local")` makes type "local" build with that factory.
 
     tenant_keys: the entry keys a tenant may override from a ConfigMap in the PVC's namespace (none by
     default: only types built for tenants, whose credentials are the tenant's own, allow any).
+    shared_passphrase: every volume opens with one passphrase from the request, and no per-volume DEK
+    is stored (so a copy of a volume with a DEK of its own cannot be kept).
     """
 
     def decorate(factory: KMSFactory) -> KMSFactory:
@@ -133,9 +136,15 @@ def register(
                 raise ValueError(f"KMS type {name!r} registered twice")
             _REGISTRY[name] = factory
             _TENANT_KEYS[name] = tenant_keys
+            if shared_passphrase:
+                _SHARED_PASSPHRASE_TYPES.add(name)
         return factory
 
     return decorate
+
+
+def shares_one_passphrase(kms_type: str) -> bool:
+    return kms_type in _SHARED_PASSPHRASE_TYPES
 
 
 def tenant_keys_for(kms_type: str) -> frozenset[str]:

@@ -32,7 +32,14 @@ from csi_luks.kms import metadata as _metadata  # noqa: F401
 from csi_luks.kms import secrets as _secrets  # noqa: F401
 from csi_luks.kms import vault as _vault  # noqa: F401
 from csi_luks.kms import vault_tenant as _vault_tenant  # noqa: F401
-from csi_luks.kms.base import EncryptionKMS, KMSConfigError, KMSContext, factory_for, tenant_keys_for
+from csi_luks.kms.base import (
+    EncryptionKMS,
+    KMSConfigError,
+    KMSContext,
+    factory_for,
+    shares_one_passphrase,
+    tenant_keys_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,9 @@ _Signature = tuple[int, int, int, int]
 class _Snapshot:
     signature: _Signature | None  # None: the file does not exist
     entries: dict[str, dict[str, str]] | None
-    error: KMSConfigError | None  # a broken file fails every call until it is fixed, not just the first
+    # A broken file with no good version before it (at start-up) fails every call until it is fixed; a
+    # broken edit of a good one leaves the last good entries in use.
+    error: KMSConfigError | None
 
 
 class KMSConfig:
@@ -73,6 +82,7 @@ class KMSConfig:
         self.config_map = config_map
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
+        self._config_map_good: dict[str, dict[str, str]] | None = None  # the last good read of the ConfigMap
         if path is None:
             self._snapshot = _Snapshot(
                 None,
@@ -111,6 +121,10 @@ class KMSConfig:
             '(an empty id means the "secrets" type)'
         )
 
+    def shares_one_passphrase(self, kms_id: str) -> bool:
+        """Whether the id's volumes all open with the request's one passphrase (no per-volume DEK)."""
+        return shares_one_passphrase(self.entry(kms_id)[TYPE_KEY])
+
     def build(self, kms_id: str, context: KMSContext) -> EncryptionKMS:
         entry = self.entry(kms_id)
         kms_type = entry[TYPE_KEY]
@@ -134,18 +148,41 @@ class KMSConfig:
 
     def _entries(self) -> dict[str, dict[str, str]]:
         if self.config_map is not None and self.path is not None and _stat(self.path) is None:
-            return _from_config_map(*self.config_map)
+            return self._config_map_entries(*self.config_map)
         with self._lock:
             if self.path is not None:
                 signature = _stat(self.path)
                 if self._snapshot is None or self._snapshot.signature != signature:
-                    self._snapshot = self._load(self.path)
+                    self._snapshot = self._replacement(self._load(self.path))
             snapshot = self._snapshot
         assert snapshot is not None  # noqa: S101 - set above or in __init__
         if snapshot.error is not None:
             raise snapshot.error
         assert snapshot.entries is not None  # noqa: S101 - error and entries are exclusive
         return snapshot.entries
+
+    def _config_map_entries(self, namespace: str, name: str) -> dict[str, dict[str, str]]:
+        """The ConfigMap's entries (read at every call); after an edit that breaks it, the last good ones."""
+        try:
+            entries = _from_config_map(namespace, name)
+        except KMSConfigError as exc:
+            if self._config_map_good is None:
+                raise
+            _log_kept(exc, self._config_map_good, f"ConfigMap {namespace}/{name}")
+            return self._config_map_good
+        self._config_map_good = entries
+        return entries
+
+    def _replacement(self, loaded: _Snapshot) -> _Snapshot:
+        """What a newly read file leaves in use: itself, or after a broken edit the last good entries."""
+        if loaded.error is None:
+            return loaded
+        last_good = self._snapshot.entries if self._snapshot is not None else None
+        if last_good is None:
+            log.error("%s", loaded.error)
+            return loaded
+        _log_kept(loaded.error, last_good, "the file")
+        return _Snapshot(loaded.signature, last_good, None)
 
     @staticmethod
     def _load(path: str) -> _Snapshot:
@@ -162,10 +199,17 @@ class KMSConfig:
         try:
             entries = _parse(path, raw)
         except KMSConfigError as exc:
-            log.error("%s", exc)
             return _Snapshot(signature, None, exc)
         log.info("KMS configuration %s loaded: ids %s", path, sorted(entries))
         return _Snapshot(signature, entries, None)
+
+
+def _log_kept(error: KMSConfigError, last_good: Mapping[str, object], source: str) -> None:
+    # As promised for edits: a mistake in one must not take every KMS id down with it.
+    log.error(
+        "%s; the last good KMS configuration (ids %s) stays in use until %s is fixed",
+        error, sorted(last_good), source,
+    )  # fmt: skip
 
 
 def _signature(st: os.stat_result) -> _Signature:
@@ -196,16 +240,25 @@ def _parse(path: str, raw: bytes) -> dict[str, dict[str, str]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise KMSConfigError(f"KMS configuration {path} is not UTF-8 (byte {exc.start})") from None
+    return _validate(f"KMS configuration {path}", _load_json(f"KMS configuration {path}", text))
+
+
+def _load_json(source: str, text: str) -> object:
+    """json.loads, every failure a KMSConfigError naming source and problem (never the document: it may
+    hold tokens). Nesting deeper than Python's recursion limit and integers longer than its digit limit
+    raise RecursionError and ValueError, not JSONDecodeError: a hostile document is a bad one too."""
     try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        # Message and position only: the document itself may hold tokens.
         raise KMSConfigError(
-            f"KMS configuration {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except KMSConfigError as exc:
-        raise KMSConfigError(f"KMS configuration {path}: {exc}") from None
-    return _validate(f"KMS configuration {path}", document)
+        raise KMSConfigError(f"{source}: {exc}") from None
+    except RecursionError:
+        raise KMSConfigError(f"{source} is nested too deeply to be a KMS configuration") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise KMSConfigError(f"{source} holds a value JSON parsing refuses: {exc}") from None
 
 
 def _validate(source: str, document: object) -> dict[str, dict[str, str]]:
@@ -248,15 +301,7 @@ def _from_config_map(namespace: str, name: str) -> dict[str, dict[str, str]]:
         return _parse(
             f"ConfigMap {namespace}/{name} key {WHOLE_DOCUMENT_KEY!r}", data[WHOLE_DOCUMENT_KEY].encode()
         )
-    document: dict[str, object] = {}
-    for kms_id, value in data.items():
-        try:
-            document[kms_id] = json.loads(value, object_pairs_hook=_no_duplicates)
-        except json.JSONDecodeError as exc:
-            raise KMSConfigError(
-                f"{source}, KMS id {kms_id!r}: not valid JSON: {exc.msg} at line {exc.lineno} "
-                f"column {exc.colno}"
-            ) from None
+    document = {kms_id: _load_json(f"{source}, KMS id {kms_id!r}", value) for kms_id, value in data.items()}
     return _validate(source, document)
 
 

@@ -20,7 +20,7 @@ from csi_luks.kms.base import (
 PASSPHRASE_KEY = "encryptionPassphrase"  # noqa: S105 - the secret's name, not a secret
 
 
-@register("secrets", "default")
+@register("secrets", "default", shared_passphrase=True)
 def _build(kms_id: str, config: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
     return SecretsKMS(kms_id, context)
 

@@ -17,11 +17,14 @@ from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
+from csi_luks.quoting import quoted, quoted_list
 from csi_luks.services.validation import (
     capability_problem,
     capacity_from_range,
+    checked_id,
     parse_bool,
     require,
+    require_plain_text,
     unknown_keys,
     validate_capabilities,
 )
@@ -41,7 +44,7 @@ from csi_luks.volume_metadata import (
     VolumeRecord,
     backing_bytes,
 )
-from csi_luks.volumes.base import VolumeBackend, VolumeInfo, VolumeNotFound
+from csi_luks.volumes.base import MalformedId, VolumeBackend, VolumeInfo, VolumeNotFound
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,6 @@ PARAM_ENCRYPTED = "encrypted"
 PARAM_KMS_ID = "encryptionKMSID"
 PARAM_PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 KNOWN_PARAMETERS = (PARAM_ENCRYPTED, PARAM_KMS_ID)
-_SNAPSHOT_NAME_PREFIX = "snapshot:"  # snapshot ids come from their names, apart from volumes' names
 _PAGE_AFTER = "after:"  # ListVolumes tokens: "after:<last volume id returned>"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC.Type
@@ -100,29 +102,37 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
-        name = require(request.name, "name")
+        name = require_plain_text(require(request.name, "name"), "name")
         backend = self.backend.for_request(request.secrets)
         validate_capabilities(request.volume_capabilities)
         parameters = dict(request.parameters)
         unknown = unknown_keys(parameters, self.known_parameters)
         if unknown:
-            raise invalid_argument(
-                f"unknown StorageClass parameters {unknown}; known: {', '.join(self.known_parameters)}"
-            )
+            known = ", ".join(self.known_parameters)
+            raise invalid_argument(f"unknown StorageClass parameters {quoted_list(unknown)}; known: {known}")
+        for key, value in parameters.items():  # metadata values reach rbd's argv
+            require_plain_text(value, f"parameter {quoted(key)}")
         encrypted = parse_bool(parameters, PARAM_ENCRYPTED, default=False)
         kms_id = parameters.get(PARAM_KMS_ID, "")
         if kms_id and not encrypted:
             raise invalid_argument(f'{PARAM_KMS_ID} is set but {PARAM_ENCRYPTED} is not "true"')
         if encrypted:
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
-        requested_source = _source_of(request)
+        requested_source = _source_of(request, backend)
         volume_id = backend.volume_id_for(name, parameters)
         pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
 
-        with self.locks.hold(volume_id, f"CreateVolume {name}"):
+        with self.locks.hold(volume_id, f"CreateVolume {quoted(name)}"):
             existing = self._info_or_none(backend, volume_id)
             if existing is not None:
                 record = VolumeRecord.parse(existing.metadata)
+                if record.is_snapshot:
+                    # Only a snapshot made while snapshot ids came from "snapshot:" + name can be here.
+                    raise CsiError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"the id of volume name {quoted(name)}, {volume_id}, belongs to snapshot "
+                        f"{quoted(record.name)}; use another name",
+                    )
                 if not (record.encrypted and record.state is None):
                     # Complete: a retry is answered from the volume alone, even if its source is gone now.
                     requested = requested_source[1] if requested_source else None
@@ -144,6 +154,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"{kinds[source.encrypted]} source {source_id} cannot become an {kinds[encrypted]} "
                     f"volume: set {PARAM_ENCRYPTED} in the StorageClass to match the source"
                 )
+            if (
+                source is not None
+                and encrypted
+                and self.kms_config.shares_one_passphrase(kms_id)
+                and not self.kms_config.shares_one_passphrase(source.kms_id)
+            ):
+                # The copy carries the source's LUKS header, which opens only with the source's own DEK;
+                # a secrets-type class opens every volume with its one passphrase and stores no DEK.
+                raise invalid_argument(
+                    f"source {source_id} has a DEK of its own (KMS {source.kms_id!r}), which a class of the "
+                    f'"secrets" type cannot keep: the copy could never be opened; use a class whose '
+                    f"{PARAM_KMS_ID} names a KMS"
+                )
             capacity = _capacity(request, source.capacity if source else None)
             if source is not None and capacity < source.capacity:
                 raise CsiError(
@@ -151,9 +174,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"the source {source_id} holds {source.capacity} bytes; a copy cannot be smaller "
                     f"({capacity} bytes)",
                 )
+            backend.check_capacity(backing_bytes(capacity, encrypted))
             # The source stays locked while it is copied: deleting or expanding it meanwhile gets ABORTED.
             with (
-                self.locks.hold(source_id, f"CreateVolume {name} from {source_id}")
+                self.locks.hold(source_id, f"CreateVolume {quoted(name)} from {source_id}")
                 if source_id
                 else nullcontext()
             ):
@@ -163,7 +187,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
-                    with self._copy_slot(f"CreateVolume {name}") if source_id else nullcontext():
+                    with self._copy_slot(f"CreateVolume {quoted(name)}") if source_id else nullcontext():
                         info = backend.create(
                             volume_id,
                             name,
@@ -255,18 +279,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if record.source != source_id:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"volume {name} exists with content source {record.source or 'none'}, "
+                f"volume {quoted(name)} exists with content source {record.source or 'none'}, "
                 f"not {source_id or 'none'}",
             )
         if record.capacity != capacity:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"volume {name} exists with {record.capacity} bytes, not the {capacity} asked for",
+                f"volume {quoted(name)} exists with {record.capacity} bytes, not the {capacity} asked for",
             )
         if record.encrypted != encrypted or record.kms_id != kms_id:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"volume {name} exists with encrypted={record.encrypted}, KMS {record.kms_id!r}; "
+                f"volume {quoted(name)} exists with encrypted={record.encrypted}, KMS {record.kms_id!r}; "
                 "the request asks for other parameters",
             )
 
@@ -287,11 +311,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             content_source=content_source,
         )
 
+    @staticmethod
+    def _could_exist(backend: VolumeBackend, object_id: str, call: str) -> bool:
+        """Whether the id has the backend's form; one that has not names nothing, so deleting it succeeds."""
+        try:
+            backend.check_id(object_id)
+        except MalformedId:
+            log.info("%s of %s: not an id of this backend, so nothing to do", call, quoted(object_id))
+            return False
+        return True
+
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
         backend = self.backend.for_request(request.secrets)
         volume_id = require(request.volume_id, "volume_id")
+        if not self._could_exist(backend, volume_id, "DeleteVolume"):
+            return csi_pb2.DeleteVolumeResponse()
         with self.locks.hold(volume_id, "DeleteVolume"):
             try:
                 info = backend.get(volume_id)
@@ -302,8 +338,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 return csi_pb2.DeleteVolumeResponse()
             record = VolumeRecord.parse(info.metadata)
             if record.is_snapshot:
-                log.warning("DeleteVolume of %s, which is a snapshot: nothing deleted", volume_id)
-                return csi_pb2.DeleteVolumeResponse()
+                # Not OK: the caller would think a snapshot it still holds is gone. The argument is wrong
+                # whatever the state, so INVALID_ARGUMENT rather than FAILED_PRECONDITION.
+                raise invalid_argument(
+                    f"{volume_id} is a snapshot, not a volume: delete it with DeleteSnapshot"
+                )
             if backend.find_attachment(volume_id):
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -333,15 +372,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
         backend = self.backend.for_request(request.secrets)
-        volume_id = require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise invalid_argument("capacity_range is required")
         if request.HasField("volume_capability"):
             validate_capabilities([request.volume_capability])
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "ControllerExpandVolume"):
             record = VolumeRecord.parse(self._get(backend, volume_id).metadata)
             capacity = capacity_from_range(request.capacity_range, True, current=record.capacity)
             if capacity > record.capacity:
+                backend.check_capacity(backing_bytes(capacity, record.encrypted))
                 backend.resize(volume_id, backing_bytes(capacity, record.encrypted))
                 backend.set_metadata(volume_id, CAPACITY, str(capacity))
                 log.info("volume %s grown to %d bytes", volume_id, capacity)
@@ -354,9 +394,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         backend = self.backend.for_request(request.secrets)
-        volume_id = require(request.volume_id, "volume_id")
         if not request.volume_capabilities:
             raise invalid_argument("volume_capabilities is required")
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         self._get(backend, volume_id)
         for capability in request.volume_capabilities:
             problem = capability_problem(capability)
@@ -418,7 +458,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if not token:
             return ""
         if not token.startswith(_PAGE_AFTER):
-            raise CsiError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not valid")
+            raise CsiError(grpc.StatusCode.ABORTED, f"starting_token {quoted(token)} is not valid")
         return token[len(_PAGE_AFTER) :]
 
     def GetCapacity(
@@ -463,15 +503,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
-        name = require(request.name, "name")
+        name = require_plain_text(require(request.name, "name"), "name")
         backend = self.backend.for_request(request.secrets)
-        source_id = require(request.source_volume_id, "source_volume_id")
         if request.parameters:
-            raise invalid_argument(f"CreateSnapshot takes no parameters, got {sorted(request.parameters)}")
-        snapshot_id = backend.volume_id_for(_SNAPSHOT_NAME_PREFIX + name, {}, like=source_id)
+            raise invalid_argument(
+                f"CreateSnapshot takes no parameters, got {quoted_list(sorted(request.parameters))}"
+            )
+        source_id = checked_id(backend, request.source_volume_id, "source_volume_id")
+        snapshot_id = backend.volume_id_for(name, {}, like=source_id, snapshot=True)
         with (
-            self.locks.hold(snapshot_id, f"CreateSnapshot {name}"),
-            self.locks.hold(source_id, f"CreateSnapshot {name} of {source_id}"),
+            self.locks.hold(snapshot_id, f"CreateSnapshot {quoted(name)}"),
+            self.locks.hold(source_id, f"CreateSnapshot {quoted(name)} of {source_id}"),
         ):
             created = False
             info = self._info_or_none(backend, snapshot_id)
@@ -485,7 +527,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     CREATED: str(time.time_ns()),
                     **_copy_marks(source_id, source),
                 }
-                with self._copy_slot(f"CreateSnapshot {name}"):
+                with self._copy_slot(f"CreateSnapshot {quoted(name)}"):
                     info = backend.create(
                         snapshot_id, name, source.backing_bytes, metadata, source_id=source_id
                     )
@@ -494,7 +536,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if not record.is_snapshot or record.source != source_id:
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
-                    f"snapshot {name} exists with source volume {record.source}, not {source_id}",
+                    f"snapshot {quoted(name)} exists with source volume {record.source}, not {source_id}",
                 )
             if record.encrypted and record.state is None:
                 # The snapshot keeps its own copy of the DEK, so it outlives its source volume.
@@ -524,6 +566,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     ) -> csi_pb2.DeleteSnapshotResponse:
         backend = self.backend.for_request(request.secrets)
         snapshot_id = require(request.snapshot_id, "snapshot_id")
+        if not self._could_exist(backend, snapshot_id, "DeleteSnapshot"):
+            return csi_pb2.DeleteSnapshotResponse()
         with self.locks.hold(snapshot_id, "DeleteSnapshot"):
             try:
                 record = VolumeRecord.parse(backend.get(snapshot_id).metadata)
@@ -531,8 +575,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 backend.delete(snapshot_id)  # sweep what a crash in CreateSnapshot left
                 return csi_pb2.DeleteSnapshotResponse()
             if not record.is_snapshot:
-                log.warning("DeleteSnapshot of %s, which is a volume: nothing deleted", snapshot_id)
-                return csi_pb2.DeleteSnapshotResponse()
+                raise invalid_argument(
+                    f"{snapshot_id} is a volume, not a snapshot: delete it with DeleteVolume"
+                )
             self._delete(backend, snapshot_id, record, request.secrets)
             log.info("snapshot %s deleted", snapshot_id)
             return csi_pb2.DeleteSnapshotResponse()
@@ -541,6 +586,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
         backend = self.backend.for_request(request.secrets)
+        self._require_listing("ListSnapshots")
+        for filter_id in (request.snapshot_id, request.source_volume_id):
+            if filter_id and not self._could_exist(backend, filter_id, "ListSnapshots"):
+                return csi_pb2.ListSnapshotsResponse()  # no such object, so no such snapshot
 
         def wanted(info: VolumeInfo, record: VolumeRecord) -> bool:
             return (
@@ -559,16 +608,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
 
-def _source_of(request: csi_pb2.CreateVolumeRequest) -> tuple[str, str] | None:
+def _source_of(request: csi_pb2.CreateVolumeRequest, backend: VolumeBackend) -> tuple[str, str] | None:
     """(kind, id) of the snapshot or volume the request names as its content source, checked for form only."""
     if not request.HasField("volume_content_source"):
         return None
     content = request.volume_content_source
     kind = content.WhichOneof("type")
     if kind == "snapshot":
-        return kind, require(content.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
+        field = "volume_content_source.snapshot.snapshot_id"
+        return kind, checked_id(backend, content.snapshot.snapshot_id, field)
     if kind == "volume":
-        return kind, require(content.volume.volume_id, "volume_content_source.volume.volume_id")
+        return kind, checked_id(backend, content.volume.volume_id, "volume_content_source.volume.volume_id")
     raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
 
 

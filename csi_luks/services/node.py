@@ -8,6 +8,7 @@ unstages what its predecessor staged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -24,7 +25,8 @@ from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.rotation import KeyRotation
-from csi_luks.services.validation import require, validate_capability
+from csi_luks.quoting import quoted
+from csi_luks.services.validation import checked_id, require_path, validate_capability
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes.base import VolumeBackend, VolumeInfo, VolumeNotFound
@@ -99,9 +101,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeStageVolumeResponse:
         backend = self.backend.for_request(request.secrets)
-        volume_id = require(request.volume_id, "volume_id")
-        staging = require(request.staging_target_path, "staging_target_path")
+        staging = require_path(request.staging_target_path, "staging_target_path")
         validate_capability(request.volume_capability, request.HasField("volume_capability"))
+        # Every field is checked for presence and form first (INVALID_ARGUMENT), then the id's grammar.
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         capability = request.volume_capability
         with self.locks.hold(volume_id, "NodeStageVolume"):
             _, layout = self._volume(backend, volume_id)
@@ -194,8 +197,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         backend = self.backend.for_request({})
-        volume_id = require(request.volume_id, "volume_id")
-        staging = require(request.staging_target_path, "staging_target_path")
+        staging = require_path(request.staging_target_path, "staging_target_path")
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodeUnstageVolume"):
             self.filesystems.unmount(staging)
             # Closing by the deterministic name works after a plugin restart, and for a volume whose
@@ -212,10 +215,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
         backend = self.backend.for_request(request.secrets)
-        volume_id = require(request.volume_id, "volume_id")
-        target = require(request.target_path, "target_path")
-        staging = require(request.staging_target_path, "staging_target_path")
+        target = require_path(request.target_path, "target_path")
+        staging = require_path(request.staging_target_path, "staging_target_path")
         validate_capability(request.volume_capability, request.HasField("volume_capability"))
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodePublishVolume"):
             _, layout = self._volume(backend, volume_id)
             if request.volume_capability.WhichOneof("access_type") == "block":
@@ -225,21 +228,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 self.filesystems.bind_mount(device, target, request.readonly, target_is_file=True)
             else:
                 if not self.filesystems.is_mounted(staging):
-                    raise failed_precondition(f"volume {volume_id} is not staged at {staging}")
+                    raise failed_precondition(f"volume {volume_id} is not staged at {quoted(staging)}")
                 self.filesystems.bind_mount(staging, target, request.readonly)
             return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
-        volume_id = require(request.volume_id, "volume_id")
-        target = require(request.target_path, "target_path")
+        target = require_path(request.target_path, "target_path")
+        volume_id = checked_id(self.backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodeUnpublishVolume"):
             self.filesystems.unmount(target)
-            if os.path.isdir(target):
-                os.rmdir(target)
-            elif os.path.lexists(target):
-                os.unlink(target)
+            _remove_publish_target(target)
             return csi_pb2.NodeUnpublishVolumeResponse()
 
     # --- expand and stats ----------------------------------------------------------------------------
@@ -248,12 +248,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
         backend = self.backend.for_request(request.secrets)
-        volume_id = require(request.volume_id, "volume_id")
-        path = require(request.volume_path, "volume_path")
+        path = require_path(request.volume_path, "volume_path")
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodeExpandVolume"):
             _, layout = self._volume(backend, volume_id)
             if not os.path.exists(path):
-                raise not_found(f"volume path {path} does not exist")
+                raise not_found(f"volume path {quoted(path)} does not exist")
             backend.refresh_attachment_size(volume_id)
             device = self._device(backend, volume_id, layout)
             if device is None:
@@ -271,17 +271,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         backend = self.backend.for_request({})
-        volume_id = require(request.volume_id, "volume_id")
-        path = require(request.volume_path, "volume_path")
+        path = require_path(request.volume_path, "volume_path")
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         _, layout = self._volume(backend, volume_id)
         if not os.path.exists(path):
-            raise not_found(f"volume path {path} does not exist")
+            raise not_found(f"volume path {quoted(path)} does not exist")
         device = self._device(backend, volume_id, layout)
         problems = []
         if device is None:
             problems.append("the encrypted mapping is gone" if layout.record.encrypted else "not attached")
         if not self.filesystems.is_mounted(path):
-            problems.append(f"{path} is not mounted")
+            problems.append(f"{quoted(path)} is not mounted")
         condition = csi_pb2.VolumeCondition(
             abnormal=bool(problems), message="; ".join(problems) or "volume is healthy"
         )
@@ -317,3 +317,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)
+
+
+def _remove_publish_target(target: str) -> None:
+    """Remove what NodePublish makes at a target: a directory (empty once unmounted), or the empty file a
+    block device is bound onto. Anything else there is somebody's data, never ours to delete."""
+    try:
+        found = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(found.st_mode):
+        try:
+            os.rmdir(target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.warning("NodeUnpublish: %s is a directory with content that we did not publish; left as is",
+                        quoted(target))  # fmt: skip
+    elif stat.S_ISREG(found.st_mode) and found.st_size == 0:
+        os.unlink(target)
+    else:
+        log.warning("NodeUnpublish: %s is not what a publish makes; left as is", quoted(target))

@@ -18,7 +18,7 @@ from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup
 from csi_luks.operations.rotation import KeyRotation
-from csi_luks.services.validation import require
+from csi_luks.services.validation import checked_id
 from csi_luks.volume_metadata import VolumeRecord
 from csi_luks.volumes.base import VolumeBackend, VolumeNotFound
 
@@ -37,12 +37,12 @@ class EncryptionKeyRotationService(pb_grpc.EncryptionKeyRotationControllerServic
     def EncryptionKeyRotate(
         self, request: pb.EncryptionKeyRotateRequest, context: grpc.ServicerContext
     ) -> pb.EncryptionKeyRotateResponse:
-        volume_id = require(request.volume_id, "volume_id")
+        backend = self.backend.for_request(request.secrets)
+        volume_id = checked_id(backend, request.volume_id, "volume_id")
         if request.encryption_key:
             raise invalid_argument(
                 "encryption_key must be empty: csi-luks generates every DEK itself (256 random bits)"
             )
-        backend = self.backend.for_request(request.secrets)
         with self.locks.hold(volume_id, "EncryptionKeyRotate"):
             try:
                 record = VolumeRecord.parse(backend.get(volume_id).metadata)

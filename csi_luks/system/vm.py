@@ -137,10 +137,15 @@ def run_in_guest(
     try:
         console, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         console, _ = proc.communicate()
         (workdir / "console.log").write_bytes(console)
         raise GuestUnavailable(f"the guest did not finish within {timeout:g}s; see {workdir}") from None
+    except BaseException:
+        # Interrupted (Ctrl-C, a test runner's own timeout, any error here): the guest must not outlive
+        # its caller, or guests pile up, each holding a core and gigabytes.
+        _kill_group(proc)
+        raise
     finally:
         if follower:
             follower.stop()
@@ -158,6 +163,15 @@ def run_in_guest(
         duration=time.monotonic() - started,
         workdir=workdir,
     )
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL vng and everything it started (qemu, virtiofsd): they share the session it leads."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    proc.wait()
 
 
 class _LogFollower:

@@ -11,6 +11,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from csi_luks.quoting import quoted
+
+MAX_BYTES = 2**63 - 1  # off_t, and CSI's int64 capacities
+
 
 class VolumeBackendError(Exception):
     """A backend operation failed."""
@@ -18,6 +22,14 @@ class VolumeBackendError(Exception):
 
 class VolumeNotFound(VolumeBackendError):
     """No volume with that id exists."""
+
+
+class MalformedId(VolumeNotFound):
+    """An id this backend never makes (so nothing of it exists): never made into a path or an argument."""
+
+
+class CapacityOutOfRange(VolumeBackendError):
+    """A size the backend cannot hold (a file larger than its file system allows, an image beyond RBD's)."""
 
 
 class VolumeInUse(VolumeBackendError):
@@ -62,12 +74,37 @@ class VolumeBackend(ABC):
         return self
 
     @abstractmethod
-    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
-        """The deterministic id a CreateVolume of this name gets (idempotency by name).
+    def volume_id_for(
+        self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
+    ) -> str:
+        """The deterministic id a CreateVolume (or with snapshot, a CreateSnapshot) of this name gets.
 
         parameters are the StorageClass's (where to place the volume); like is an existing object whose
-        placement the new one shares (a snapshot lives beside its source volume).
+        placement the new one shares (a snapshot lives beside its source volume). Volume and snapshot ids
+        never coincide, whatever the names.
         """
+
+    def check_id(self, object_id: str) -> None:
+        """MalformedId unless object_id has the form of an id this backend makes (volume or snapshot).
+
+        Every RPC passes its ids through this before anything builds a path or a command from them.
+        The default allows only printable names without path separators; backends check their grammar.
+        """
+        if (
+            not object_id.isprintable()
+            or "/" in object_id
+            or object_id in (".", "..")
+            or len(object_id) > 256
+        ):
+            raise MalformedId(f"{quoted(object_id)} is not a volume or snapshot id of this backend")
+
+    def check_capacity(self, size_bytes: int) -> None:
+        """CapacityOutOfRange if a volume of size_bytes (backing store) cannot exist; nothing is made.
+
+        The default: sizes are signed 64-bit in every system call and tool on the way.
+        """
+        if size_bytes > MAX_BYTES:
+            raise CapacityOutOfRange(f"{size_bytes} bytes is more than any volume can hold ({MAX_BYTES})")
 
     @abstractmethod
     def create(

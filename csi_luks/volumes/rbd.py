@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from csi_luks.quoting import quoted
 from csi_luks.system.runner import CommandError, CommandResult, Runner
 from csi_luks.system.udev import DeviceWaitTimeout, block_device_events
 from csi_luks.volume_metadata import NAME, PREFIX
@@ -44,6 +45,8 @@ from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
     BackendUnavailable,
+    CapacityOutOfRange,
+    MalformedId,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
@@ -76,7 +79,13 @@ _KRBD, _NBD = "krbd", "nbd"  # rbd device --device-type
 _NAMESPACE = uuid.UUID("0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21")
 _OWNER = PREFIX + "volume-id"  # written last: the image is complete
 _DEK = PREFIX + "dek"  # not kept in the node's record of an attachment
-_IMAGE_PREFIX = "csi-vol-"
+_IMAGE_PREFIX, _SNAPSHOT_IMAGE_PREFIX = "csi-vol-", "csi-snap-"
+# (id prefix, image prefix) of each kind: a volume and a snapshot of one name never share an id or an
+# image. Snapshots made before the split have volume-form ids and images, which stay valid.
+_VOLUME_PREFIXES, _SNAPSHOT_PREFIXES = ("rbd-", _IMAGE_PREFIX), ("rbd-snap-", _SNAPSHOT_IMAGE_PREFIX)
+# What rbd accepts: an image with the object-map feature (on by default) tracks at most 256 Mi objects,
+# 4 MiB each by default, so 1 PiB. Checked before any call, whatever the features.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024 * 4 * 1024 * 1024
 _COPY_SNAPSHOT_PREFIX = "csi-copy-"
 # The image features a StorageClass may ask for (the rest are set by Ceph itself).
 _FEATURES = frozenset({"layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling"})
@@ -108,16 +117,23 @@ class ImageRef:
 
 def encode_volume_id(ref: ImageRef) -> str:
     fields = (ref.cluster_id, ref.pool, ref.namespace)
-    uid = ref.image.removeprefix(_IMAGE_PREFIX)
-    return "rbd-" + "-".join(f"{len(f):02x}{f}" for f in fields) + "-" + uid
+    id_prefix, image_prefix = (
+        _SNAPSHOT_PREFIXES if ref.image.startswith(_SNAPSHOT_IMAGE_PREFIX) else _VOLUME_PREFIXES
+    )
+    uid = ref.image.removeprefix(image_prefix)
+    return id_prefix + "-".join(f"{len(f):02x}{f}" for f in fields) + "-" + uid
 
 
 def decode_volume_id(volume_id: str) -> ImageRef:
-    """The image a volume id names; VolumeNotFound for an id this backend cannot have made."""
-    rest = volume_id.removeprefix("rbd-")
+    """The image a volume or snapshot id names; MalformedId for an id this backend cannot have made."""
+    # The snapshot prefix first: it starts with the volume one.
+    id_prefix, image_prefix = next(
+        (p for p in (_SNAPSHOT_PREFIXES, _VOLUME_PREFIXES) if volume_id.startswith(p[0])), ("", "")
+    )
+    rest = volume_id.removeprefix(id_prefix)
     fields = []
     try:
-        if rest == volume_id:
+        if not id_prefix:
             raise ValueError
         for _ in range(3):
             length = int(rest[:2], 16)
@@ -130,8 +146,8 @@ def decode_volume_id(volume_id: str) -> ImageRef:
         if uid != rest or not all(is_plain(f) for f in fields[:2]) or (fields[2] and not is_plain(fields[2])):
             raise ValueError  # nothing but plain names reaches rbd's argv or a file path
     except ValueError:
-        raise VolumeNotFound(f"{volume_id!r} is not an RBD volume id of csi-luks") from None
-    return ImageRef(fields[0], fields[1], fields[2], _IMAGE_PREFIX + uid)
+        raise MalformedId(f"{quoted(volume_id)} is not an RBD volume or snapshot id of csi-luks") from None
+    return ImageRef(fields[0], fields[1], fields[2], image_prefix + uid)
 
 
 class _Rbd:
@@ -282,8 +298,10 @@ class RbdBackend(VolumeBackend):
 
     # --- placement -----------------------------------------------------------------------------------
 
-    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
-        image = _IMAGE_PREFIX + str(uuid.uuid5(_NAMESPACE, name))
+    def volume_id_for(
+        self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
+    ) -> str:
+        image = (_SNAPSHOT_IMAGE_PREFIX if snapshot else _IMAGE_PREFIX) + str(uuid.uuid5(_NAMESPACE, name))
         if like is not None:
             return encode_volume_id(replace(decode_volume_id(like), image=image))
         cluster_id = parameters.get(PARAM_CLUSTER_ID, "")
@@ -296,6 +314,17 @@ class RbdBackend(VolumeBackend):
         return encode_volume_id(
             ImageRef(cluster.cluster_id, check_plain(PARAM_POOL, pool), cluster.rados_namespace, image)
         )
+
+    def check_id(self, object_id: str) -> None:
+        decode_volume_id(object_id)
+
+    def check_capacity(self, size_bytes: int) -> None:
+        super().check_capacity(size_bytes)
+        if size_bytes > MAX_IMAGE_BYTES:
+            raise CapacityOutOfRange(
+                f"{size_bytes} bytes is more than an RBD image can hold here ({MAX_IMAGE_BYTES}: 256 Mi "
+                "objects of 4 MiB, the object map's limit)"
+            )
 
     @contextlib.contextmanager
     def _session(self, ref: ImageRef) -> Iterator[_Rbd]:
@@ -531,6 +560,7 @@ class RbdBackend(VolumeBackend):
         return found
 
     def detach(self, volume_id: str) -> None:
+        decode_volume_id(volume_id)
         mapping = self._mapping(volume_id)
         if mapping is not None:
             device = str(mapping["device"])
@@ -560,6 +590,7 @@ class RbdBackend(VolumeBackend):
     # --- the node's record of its attachments --------------------------------------------------------
 
     def _record_path(self, volume_id: str) -> Path:
+        decode_volume_id(volume_id)  # a path is built only from an id of ours: never "../x" or "/etc/x"
         return self.state_dir / "rbd-attachments" / f"{volume_id}.json"
 
     def _write_record(self, info: VolumeInfo) -> None:

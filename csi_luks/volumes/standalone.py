@@ -20,6 +20,7 @@ image appears at its full size in one rename, and a delete removes a volume in o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -34,10 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_luks.quoting import quoted
 from csi_luks.system.loop import LoopDevices
 from csi_luks.system.runner import CommandError, Runner
 from csi_luks.volumes.base import (
     BackendUnavailable,
+    CapacityOutOfRange,
+    MalformedId,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
@@ -49,8 +53,10 @@ log = logging.getLogger(__name__)
 
 # Fixed forever: every existing volume id was derived from it.
 _NAMESPACE = uuid.UUID("6f1c1e52-4b0e-4c8e-9f5e-3f1d2a7c9b10")
-# Matched with fullmatch ("$" would accept a trailing newline).
-_ID = re.compile(r"sa-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_VOLUME_PREFIX, _SNAPSHOT_PREFIX = "sa-", "sa-snap-"  # disjoint: a name never gives both kinds one id
+# Matched with fullmatch ("$" would accept a trailing newline). Snapshots made before the prefixes were
+# split have volume-form ids, which stay valid.
+_ID = re.compile(r"sa-(snap-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 IMAGE, META, LOCK, HEADER_BACKUP = "volume.img", "meta.json", ".lock", "header.backup"
 # A deleted volume's directory is renamed to this prefix, then removed; never a volume id (leading dot).
 _TRASH = ".deleted-"
@@ -154,8 +160,7 @@ class StandaloneBackend(VolumeBackend):
 
     def _dir(self, volume_id: str) -> Path:
         # Never build a path from an id we did not make: "../../etc" is simply not a volume.
-        if not _ID.fullmatch(volume_id):
-            raise VolumeNotFound(f"{volume_id!r} is not a standalone volume id")
+        self.check_id(volume_id)
         return self._volumes / volume_id
 
     def image_path(self, volume_id: str) -> Path:
@@ -284,8 +289,42 @@ class StandaloneBackend(VolumeBackend):
 
     # --- the interface -------------------------------------------------------------------------------
 
-    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
-        return f"sa-{uuid.uuid5(_NAMESPACE, name)}"
+    def volume_id_for(
+        self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
+    ) -> str:
+        return f"{_SNAPSHOT_PREFIX if snapshot else _VOLUME_PREFIX}{uuid.uuid5(_NAMESPACE, name)}"
+
+    def check_id(self, object_id: str) -> None:
+        if not _ID.fullmatch(object_id):
+            raise MalformedId(f"{quoted(object_id)} is not a standalone volume or snapshot id")
+
+    def check_capacity(self, size_bytes: int) -> None:
+        """Thin provisioning: a sparse image may promise more than the free space, but never more than
+        the whole file system holding it (it could never be filled) nor than one file may hold there.
+
+        The file size limit is tried on an unnamed temporary file (O_TMPFILE where the file system has
+        it) beside the images: the file system's own answer, and nothing is left behind, even by a crash.
+        """
+        super().check_capacity(size_bytes)
+        where = self._nearest_dir()
+        try:
+            stats = os.statvfs(where)
+        except OSError as exc:
+            raise _unavailable(exc, where, "stat") from exc
+        if size_bytes > stats.f_blocks * stats.f_frsize:
+            raise CapacityOutOfRange(
+                f"{size_bytes} bytes is more than the whole file system of {where} "
+                f"({stats.f_blocks * stats.f_frsize} bytes)"
+            )
+        try:
+            with tempfile.TemporaryFile(dir=where) as probe:
+                os.ftruncate(probe.fileno(), size_bytes)
+        except OSError as exc:
+            if exc.errno in (errno.EFBIG, errno.EINVAL):
+                raise CapacityOutOfRange(
+                    f"{size_bytes} bytes is more than a file on the file system of {where} can hold"
+                ) from None
+            raise _unavailable(exc, where, "size a file in") from exc
 
     def create(
         self,
@@ -395,12 +434,22 @@ class StandaloneBackend(VolumeBackend):
             if meta is None or not image.exists():
                 raise VolumeNotFound(f"volume {volume_id} does not exist")
             # meta.json first: a crash before the image grew is finished by a retried resize or create.
-            if size_bytes > meta.size:
+            recorded = meta.size
+            if size_bytes > recorded:
                 meta.size = size_bytes
                 self._write_meta(directory, meta)
             try:
                 return self._grow_image(image, meta.size)
             except OSError as exc:
+                if meta.size != recorded:
+                    # A refused grow leaves the volume as it was: a recorded size the image never reaches
+                    # would fail every later resize and create retry.
+                    meta.size = recorded
+                    self._write_meta(directory, meta)
+                if exc.errno == errno.EFBIG:
+                    raise CapacityOutOfRange(
+                        f"volume {volume_id}: {size_bytes} bytes is too large a file"
+                    ) from None
                 raise _unavailable(exc, image, "grow") from exc
 
     def set_metadata(self, volume_id: str, key: str, value: str) -> None:
@@ -491,13 +540,17 @@ class StandaloneBackend(VolumeBackend):
         yield attached if attached is not None else str(directory / IMAGE)
 
     def free_bytes(self) -> int | None:
-        # Before the first volume the state directory may not exist yet; it will be made in its parent.
-        for path in (self.state_dir, self.state_dir.parent):
-            try:
-                stats = os.statvfs(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise _unavailable(exc, path, "stat") from exc
-            return stats.f_bavail * stats.f_frsize
+        path = self._nearest_dir()
+        try:
+            stats = os.statvfs(path)
+        except OSError as exc:
+            raise _unavailable(exc, path, "stat") from exc
+        return stats.f_bavail * stats.f_frsize
+
+    def _nearest_dir(self) -> Path:
+        """Where images are, or will be: before the first volume the state directory may not exist yet,
+        and is then made in its parent (on that file system)."""
+        for path in (self._volumes, self.state_dir, self.state_dir.parent):
+            if path.is_dir():
+                return path
         raise BackendUnavailable(f"standalone backend: the state directory {self.state_dir} does not exist")

@@ -73,7 +73,8 @@ def test_stats_of_a_missing_path_is_not_found(plugin: RunningPlugin, tmp_path: P
 
 
 def test_unpublish_of_a_path_never_published_succeeds(plugin: RunningPlugin, tmp_path: Path) -> None:
-    request = csi_pb2.NodeUnpublishVolumeRequest(volume_id="sa-any", target_path=str(tmp_path / "never"))
+    volume_id = plugin.backend.volume_id_for("never-published", {})
+    request = csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(tmp_path / "never"))
     plugin.node.NodeUnpublishVolume(request)
     plugin.node.NodeUnpublishVolume(request)
 

@@ -176,9 +176,11 @@ def test_snapshot_rules_and_idempotency(plugin: RunningPlugin) -> None:
         volume_id=first.snapshot_id, capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB)
     )
     assert code_of(plugin.controller.ControllerExpandVolume, expand) == grpc.StatusCode.NOT_FOUND
-    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=first.snapshot_id))
+    delete_volume = csi_pb2.DeleteVolumeRequest(volume_id=first.snapshot_id)
+    assert code_of(plugin.controller.DeleteVolume, delete_volume) == grpc.StatusCode.INVALID_ARGUMENT
     assert plugin.backend.get(first.snapshot_id)  # still there
-    plugin.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=one.volume_id))
+    delete_snapshot = csi_pb2.DeleteSnapshotRequest(snapshot_id=one.volume_id)
+    assert code_of(plugin.controller.DeleteSnapshot, delete_snapshot) == grpc.StatusCode.INVALID_ARGUMENT
     assert plugin.backend.get(one.volume_id)  # a volume is not deleted as a snapshot
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -13,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from csi_luks.system.loop import LoopDevices
-from csi_luks.volumes.base import BackendUnavailable, VolumeBackendError, VolumeInUse, VolumeNotFound
+from csi_luks.volumes.base import (
+    BackendUnavailable,
+    CapacityOutOfRange,
+    VolumeBackendError,
+    VolumeInUse,
+    VolumeNotFound,
+)
 from csi_luks.volumes.standalone import IMAGE, META, StandaloneBackend
 
 MiB = 1024 * 1024
@@ -189,6 +196,33 @@ def test_resize_grows_and_never_shrinks(backend: StandaloneBackend) -> None:
     assert backend.image_path(volume_id).stat().st_blocks == 0  # still sparse
     with pytest.raises(VolumeNotFound):
         backend.resize(backend.volume_id_for("never-created", {}), 20 * MiB)
+
+
+def test_a_refused_grow_leaves_the_recorded_size_as_it_was(
+    backend: StandaloneBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume_id = new_volume(backend, "pvc-refused", 10 * MiB)
+    meta = backend.image_path(volume_id).parent / META
+
+    def too_large(image: Path, size: int) -> int:
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(StandaloneBackend, "_grow_image", staticmethod(too_large))
+    with pytest.raises(CapacityOutOfRange):
+        backend.resize(volume_id, 20 * MiB)
+    assert json.loads(meta.read_text())["size"] == 10 * MiB  # a later, smaller resize is not held to it
+    monkeypatch.undo()
+    assert backend.resize(volume_id, 12 * MiB) == 12 * MiB
+
+
+def test_capacities_beyond_the_file_system_are_refused_without_a_trace(
+    backend: StandaloneBackend, state: Path
+) -> None:
+    backend.check_capacity(64 * MiB)
+    for size in (1024**5, 2**63 - 1, 2**63):
+        with pytest.raises(CapacityOutOfRange):
+            backend.check_capacity(size)
+    assert not state.exists() or files_in(state) == []
 
 
 # --- metadata -----------------------------------------------------------------------------------------

@@ -8,7 +8,13 @@ or a test skipped inside it, is a failure: a skipped kernel tier is not a pass.
 
 When a proxied test uses the `ceph` fixture, the host builds a Ceph cluster before the guest boots
 (the `ceph` CLI is slow under TCG), stops it, and names its directory in CSI_LUKS_CEPH_DIR; the fixture
-inside the guest starts a copy of it.
+inside the guest starts a copy of it. Likewise for tests marked `csi_tools` the host builds csi-sanity and
+the CSI sidecars (tests/support/csi_tools.py) and names them in CSI_LUKS_CSI_TOOLS.
+
+One boot, at most, per session: the guest's own deadline (CSI_LUKS_GUEST_TIMEOUT) is the only one that
+applies to it (the stand-ins carry no pytest-timeout), the guest is killed with its whole process group
+on any timeout or interrupt, and when the one boot fails every stand-in reports that first failure
+instead of booting another guest.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from typing import Any
 import pytest
 
 from csi_luks.system import vm
+from tests.support import csi_tools
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephError, build_cluster
 
 IN_GUEST = os.environ.get("CSI_LUKS_IN_GUEST") == "1"
 REPORT_ENV = "CSI_LUKS_GUEST_REPORT"
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "1800"))
+GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "3000"))
 CEPH_ENV = "CSI_LUKS_CEPH_DIR"
 CEPH_BUILD_ERROR = "build-error.txt"  # in the CSI_LUKS_CEPH_DIR directory when the host build failed
 _TAIL = 6000
@@ -43,20 +50,33 @@ class GuestFailure(Exception):
 class GuestSession:
     """Boots the guest once, on first use, for every proxied node id."""
 
-    def __init__(self, nodeids: list[str], rootdir: Path, *, needs_ceph: bool = False) -> None:
+    def __init__(
+        self, nodeids: list[str], rootdir: Path, *, needs_ceph: bool = False, needs_csi_tools: bool = False
+    ) -> None:
         self.nodeids = nodeids
         self.rootdir = rootdir
         self.needs_ceph = needs_ceph
+        self.needs_csi_tools = needs_csi_tools
         self._report: dict[str, Any] | None = None
         self._error: str | None = None
+        self._started = False
         self.result: vm.GuestResult | None = None
 
     def report(self) -> dict[str, Any]:
-        if self._report is None and self._error is None:
-            self._run()
+        if not self._started:
+            self._started = True  # never a second boot, whatever happens to the first
+            try:
+                self._run()
+            except BaseException as exc:
+                self._error = (
+                    f"the guest session was interrupted ({type(exc).__name__}: {exc}); the guest was "
+                    "stopped and no other is booted in this session"
+                )
+                raise
         if self._error is not None:
             raise GuestFailure(self._error)
-        assert self._report is not None
+        if self._report is None:
+            raise GuestFailure("the guest session ended without a report")
         return self._report
 
     def _run(self) -> None:
@@ -69,6 +89,8 @@ class GuestSession:
         env = {"CSI_LUKS_IN_GUEST": "1", REPORT_ENV: str(report_file), "CI": os.environ.get("CI", "")}
         if self.needs_ceph:
             env[CEPH_ENV] = str(_prebuild_ceph(workdir / "ceph"))
+        if self.needs_csi_tools:
+            env[csi_tools.CSI_TOOLS_ENV] = csi_tools.handover([])  # every tool: cached builds are instant
         command = " ".join(
             [
                 sys.executable,
@@ -167,14 +189,21 @@ def proxy_guest_items(config: pytest.Config, items: list[pytest.Item]) -> None:
         return
     # fixturenames is the closure of every fixture a test requests, so indirect use counts too.
     needs_ceph = any("ceph" in getattr(item, "fixturenames", ()) for item in in_guest)
+    needs_csi_tools = any(item.get_closest_marker("csi_tools") for item in in_guest)
     config.stash[_SESSION] = GuestSession(
-        [item.nodeid for item in in_guest], config.rootpath, needs_ceph=needs_ceph
+        [item.nodeid for item in in_guest],
+        config.rootpath,
+        needs_ceph=needs_ceph,
+        needs_csi_tools=needs_csi_tools,
     )
     for index, item in enumerate(items):
         if item.get_closest_marker("vm"):
             assert item.parent is not None
             proxy = GuestItem.from_parent(item.parent, name=item.name)
             proxy.add_marker("vm")
+            # The guest's own deadline is the one that applies: a per-test timeout firing in the stand-in
+            # that happens to boot the guest would cut the whole session short.
+            proxy.add_marker(pytest.mark.timeout(0))
             items[index] = proxy
 
 

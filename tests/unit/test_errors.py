@@ -4,12 +4,14 @@ import grpc
 import pytest
 
 from csi_luks import luks
-from csi_luks.errors import CsiError, invalid_argument, status_for
+from csi_luks.errors import MAX_STATUS_MESSAGE_BYTES, CsiError, capped, invalid_argument, status_for
 from csi_luks.kms.base import KMSRequestRefused, KMSTLSError, KMSUnavailable
 from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
     BackendUnavailable,
+    CapacityOutOfRange,
+    MalformedId,
     VolumeInUse,
 )
 
@@ -33,6 +35,8 @@ from csi_luks.volumes.base import (
         (BackendPermissionDenied("cephx refused"), grpc.StatusCode.PERMISSION_DENIED),
         (BackendUnavailable("cluster down"), grpc.StatusCode.UNAVAILABLE),
         (VolumeInUse("owned by another id"), grpc.StatusCode.FAILED_PRECONDITION),
+        (MalformedId("'../x' is not an id"), grpc.StatusCode.NOT_FOUND),
+        (CapacityOutOfRange("1 PiB"), grpc.StatusCode.OUT_OF_RANGE),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
     ],
 )
@@ -42,3 +46,9 @@ def test_every_failure_has_its_code(error: Exception, code: grpc.StatusCode) -> 
 
 def test_internal_errors_say_where_to_look() -> None:
     assert "plugin log" in status_for(RuntimeError("boom"))[1]
+
+
+def test_status_messages_are_capped_below_grpcs_metadata_limit() -> None:
+    assert capped("short") == "short"
+    long = capped("é" * 10_000)  # two bytes each in UTF-8
+    assert len(long.encode()) <= MAX_STATUS_MESSAGE_BYTES and long.endswith("(message cut: 20000 bytes)")

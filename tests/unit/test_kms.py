@@ -42,8 +42,10 @@ class MemoryBackend(VolumeBackend):
     def __init__(self) -> None:
         self.volumes: dict[str, VolumeInfo] = {}
 
-    def volume_id_for(self, name: str, parameters: Mapping[str, str], like: str | None = None) -> str:
-        return f"vol-{name}"
+    def volume_id_for(
+        self, name: str, parameters: Mapping[str, str], like: str | None = None, snapshot: bool = False
+    ) -> str:
+        return f"{'snap' if snapshot else 'vol'}-{name}"
 
     def create(
         self,

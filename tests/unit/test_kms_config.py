@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from csi_luks import kube
 from csi_luks.kms.base import KMSConfigError, KMSContext, known_types
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.local import LocalKMS
@@ -87,15 +88,41 @@ def test_an_atomically_replaced_file_is_picked_up(path: Path, tmp_path: Path) ->
     assert config.ids() == ["new"]
 
 
-def test_a_broken_edit_fails_until_fixed(path: Path) -> None:
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": ' + "9" * 5000 + "}", "JSON parsing refuses"),
+        ('{"a": {"encryptionKMSType": 1}}', "must be a string"),
+    ],
+)
+def test_a_broken_edit_keeps_the_last_good_configuration(
+    path: Path, broken: str, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
     write(path, {"a": {"encryptionKMSType": "local"}}, mtime_ns=10**18)
     config = KMSConfig.from_file(path)
-    write(path, "{not json", mtime_ns=10**18 + 1)
+    write(path, broken, mtime_ns=10**18 + 1)
     for _ in range(2):
-        with pytest.raises(KMSConfigError, match="not valid JSON"):
-            config.entry("a")
+        assert config.entry("a") == {"encryptionKMSType": "local"}
+    assert problem in caplog.text and "last good" in caplog.text and str(path) in caplog.text
     write(path, {"a": {"encryptionKMSType": "secrets"}}, mtime_ns=10**18 + 2)
     assert config.entry("a") == {"encryptionKMSType": "secrets"}
+
+
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": ' + "9" * 5000 + "}", "JSON parsing refuses"),
+    ],
+)
+def test_a_hostile_file_fails_at_start_up_with_a_configuration_error(
+    path: Path, broken: str, problem: str
+) -> None:
+    write(path, broken)
+    with pytest.raises(KMSConfigError, match=problem):
+        KMSConfig.from_file(path)
 
 
 def test_a_broken_file_fails_at_start_up(path: Path) -> None:
@@ -273,3 +300,17 @@ def test_only_tenant_types_take_tenant_overrides() -> None:
     }
     for kms_type in ("secrets", "local", "metadata", "vault", "vault-transit"):
         assert tenant_keys_for(kms_type) == frozenset(), kms_type
+
+
+def test_a_broken_config_map_edit_keeps_the_last_good_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = {"a": json.dumps({"encryptionKMSType": "local"})}
+    monkeypatch.setattr(kube, "read_config_map", lambda name, namespace, purpose: dict(data))
+    config = KMSConfig.from_file(tmp_path / "absent.json", config_map=("csi-luks", "kms"))
+    assert config.entry("a") == {"encryptionKMSType": "local"}
+    data["a"] = '{"encryptionKMSType": ' + "[" * 100_000
+    assert config.entry("a") == {"encryptionKMSType": "local"}
+    assert "nested too deeply" in caplog.text and "ConfigMap csi-luks/kms is fixed" in caplog.text
+    data["a"] = json.dumps({"encryptionKMSType": "secrets"})
+    assert config.entry("a") == {"encryptionKMSType": "secrets"}

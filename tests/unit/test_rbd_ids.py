@@ -38,6 +38,7 @@ def clusters(tmp_path: Path) -> CephClusters:
         ImageRef("ceph-1", "rbd", "", "csi-vol-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21"),
         ImageRef("a-b-c", "pool-with-dashes", "ns-1", "csi-vol-00000000-0000-5000-8000-000000000000"),
         ImageRef("x" * 63, "p" * 63, "n" * 63, "csi-vol-00000000-0000-5000-8000-000000000000"),
+        ImageRef("ceph-1", "rbd", "", "csi-snap-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21"),
     ],
 )
 def test_volume_ids_round_trip(ref: ImageRef) -> None:
@@ -57,6 +58,9 @@ def test_volume_ids_round_trip(ref: ImageRef) -> None:
         # Well formed, but a field that would reach rbd's argv as an option, or a path as "..".
         "rbd-06ceph-1-06--conf-00-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21",
         "rbd-02..-03rbd-00-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21",
+        "rbd-snap-",
+        "../../precious",
+        "rbd-06ceph-1-03rbd-00-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21\n",
     ],
 )
 def test_foreign_ids_are_not_found(volume_id: str) -> None:
@@ -73,10 +77,12 @@ def test_ids_are_deterministic_placed_by_parameters_and_snapshots_sit_beside_the
     assert one != backend.volume_id_for("pvc-1", {"clusterID": "ceph-1", "pool": "other"})
     tenant = decode_volume_id(backend.volume_id_for("pvc-1", {"clusterID": "tenant-cluster", "pool": "rbd"}))
     assert tenant.namespace == "ns-a"  # from the cluster configuration
-    snapshot = decode_volume_id(backend.volume_id_for("snapshot:s", {}, like=one))
-    assert (snapshot.cluster_id, snapshot.pool) == ("ceph-1", "rbd") and snapshot.image != decode_volume_id(
-        one
-    ).image
+    snapshot_id = backend.volume_id_for("pvc-1", {}, like=one, snapshot=True)
+    snapshot = decode_volume_id(snapshot_id)
+    assert (snapshot.cluster_id, snapshot.pool) == ("ceph-1", "rbd")
+    # Named alike, apart all the same: ids and images of the two kinds never coincide.
+    assert snapshot_id.startswith("rbd-snap-") and snapshot.image.startswith("csi-snap-")
+    assert snapshot.image.removeprefix("csi-snap-") == decode_volume_id(one).image.removeprefix("csi-vol-")
 
 
 @pytest.mark.parametrize(
@@ -142,3 +148,21 @@ def test_calls_without_credentials_say_which_secrets_are_missing(
     volume_id = backend.volume_id_for("pvc", {"clusterID": "ceph-1", "pool": "rbd"})
     with pytest.raises(BackendRequestError, match="userID, userKey"):
         backend.get(volume_id)
+
+
+@pytest.mark.parametrize("foreign", ["../../precious", "/elsewhere/config"])
+def test_detach_never_builds_a_path_from_a_foreign_id(
+    clusters: CephClusters, tmp_path: Path, foreign: str
+) -> None:
+    state = tmp_path / "state"
+    (state / "rbd-attachments").mkdir(parents=True)
+    # Where "<state>/rbd-attachments/<id>.json" lands for these ids.
+    precious = tmp_path / "precious.json"
+    precious.write_text("keep me")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("keep me too")
+    volume_id = foreign if foreign.startswith("..") else str(elsewhere / "config")
+    with pytest.raises(VolumeNotFound):
+        RbdBackend(clusters, state).detach(volume_id)
+    assert precious.read_text() == "keep me" and (elsewhere / "config.json").read_text() == "keep me too"

@@ -8,7 +8,14 @@ import pytest
 from csi_luks.csi import csi_pb2
 from csi_luks.errors import CsiError
 from csi_luks.locks import OperationLocks
-from csi_luks.services.validation import capability_problem, capacity_from_range, parse_bool, unknown_keys
+from csi_luks.quoting import quoted
+from csi_luks.services.validation import (
+    capability_problem,
+    capacity_from_range,
+    parse_bool,
+    require_path,
+    unknown_keys,
+)
 
 MiB = 1024 * 1024
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
@@ -93,3 +100,31 @@ def test_locks_under_contention_admit_one_at_a_time() -> None:
     for t in threads:
         t.join()
     assert len(admitted) == 1
+
+
+def test_an_access_mode_csi_does_not_define_is_a_problem_not_a_crash() -> None:
+    capability = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=99),  # type: ignore[arg-type]
+    )
+    assert capability_problem(capability) == "access mode 99 is not one that CSI defines"
+
+
+def test_mount_flags_with_nul_bytes_are_a_problem() -> None:
+    capability = csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(mount_flags=["ro\0x"]),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER),
+    )
+    assert capability_problem(capability) == "mount_flags must not hold NUL bytes"
+
+
+@pytest.mark.parametrize("path", ["/a\0b", "/" + "x" * 5000])
+def test_paths_the_system_cannot_take_are_invalid_arguments(path: str) -> None:
+    with pytest.raises(CsiError) as info:
+        require_path(path, "target_path")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and len(str(info.value)) < 300
+
+
+def test_quoted_fields_are_short_and_say_their_length() -> None:
+    assert quoted("vol-1") == "'vol-1'"
+    assert quoted("x" * 10_000) == repr("x" * 120) + "... (10000 characters)"
