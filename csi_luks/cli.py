@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from csi_luks import __version__
 from csi_luks.settings import (
@@ -18,6 +19,57 @@ from csi_luks.settings import (
     Mode,
     Settings,
 )
+
+if TYPE_CHECKING:
+    from csi_luks.operations.tool import Tool
+
+
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    """Where volumes and the KMS configuration are: shared by serve and the operator commands."""
+    parser.add_argument(
+        "--backend",
+        type=Backend,
+        choices=list(Backend),
+        default=Backend(os.environ.get("CSI_LUKS_BACKEND", "standalone")),
+        help="where volumes live: standalone (loop files) or rbd (Ceph RBD images) (env CSI_LUKS_BACKEND)",
+    )
+    parser.add_argument(
+        "--ceph-config",
+        default=os.environ.get("CSI_LUKS_CEPH_CONFIG", DEFAULT_CEPH_CONFIG),
+        help="rbd backend: the Ceph clusters, a JSON list as ceph-csi's config.json "
+        f"(env CSI_LUKS_CEPH_CONFIG; {DEFAULT_CEPH_CONFIG})",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=os.environ.get("CSI_LUKS_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"the standalone backend's directory of volumes (env CSI_LUKS_STATE_DIR; {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--kms-config",
+        default=os.environ.get("CSI_LUKS_KMS_CONFIG", DEFAULT_KMS_CONFIG),
+        help=f"KMS configuration file, a JSON object keyed by KMS id (env CSI_LUKS_KMS_CONFIG; "
+        f"{DEFAULT_KMS_CONFIG})",
+    )
+    parser.add_argument(
+        "--kms-config-map",
+        default=os.environ.get("CSI_LUKS_KMS_CONFIG_MAP") or None,
+        metavar="NAMESPACE/NAME",
+        help="ConfigMap read through the Kubernetes API while the --kms-config file does not exist "
+        "(env CSI_LUKS_KMS_CONFIG_MAP)",
+    )
+
+
+def _operator_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=help)
+    _storage_options(command)
+    command.add_argument(
+        "--secrets-file",
+        help="a JSON object of the secrets a CSI request would carry (rbd: userID and userKey; the "
+        "metadata type without secretName: encryptionPassphrase)",
+    )
+    return command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,37 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CSI_LUKS_SOCKET_GROUP") or None,
         help="group (name or gid) allowed on the socket, which becomes 0660; default 0600, owner only",
     )
-    serve.add_argument(
-        "--backend",
-        type=Backend,
-        choices=list(Backend),
-        default=Backend(os.environ.get("CSI_LUKS_BACKEND", "standalone")),
-        help="where volumes live: standalone (loop files) or rbd (Ceph RBD images) (env CSI_LUKS_BACKEND)",
-    )
-    serve.add_argument(
-        "--ceph-config",
-        default=os.environ.get("CSI_LUKS_CEPH_CONFIG", DEFAULT_CEPH_CONFIG),
-        help="rbd backend: the Ceph clusters, a JSON list as ceph-csi's config.json "
-        f"(env CSI_LUKS_CEPH_CONFIG; {DEFAULT_CEPH_CONFIG})",
-    )
-    serve.add_argument(
-        "--state-dir",
-        default=os.environ.get("CSI_LUKS_STATE_DIR", DEFAULT_STATE_DIR),
-        help=f"the standalone backend's directory of volumes (env CSI_LUKS_STATE_DIR; {DEFAULT_STATE_DIR})",
-    )
-    serve.add_argument(
-        "--kms-config",
-        default=os.environ.get("CSI_LUKS_KMS_CONFIG", DEFAULT_KMS_CONFIG),
-        help=f"KMS configuration file, a JSON object keyed by KMS id (env CSI_LUKS_KMS_CONFIG; "
-        f"{DEFAULT_KMS_CONFIG})",
-    )
-    serve.add_argument(
-        "--kms-config-map",
-        default=os.environ.get("CSI_LUKS_KMS_CONFIG_MAP") or None,
-        metavar="NAMESPACE/NAME",
-        help="ConfigMap read through the Kubernetes API while the --kms-config file does not exist "
-        "(env CSI_LUKS_KMS_CONFIG_MAP)",
-    )
+    _storage_options(serve)
     serve.add_argument(
         "--max-concurrent-copies",
         type=int,
@@ -103,6 +125,28 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default 30)",
     )
+
+    rotate = _operator_command(sub, "rotate", "rotate the DEK of volumes, staged or not (crash safe)")
+    rotate.add_argument("volume_ids", nargs="+", metavar="VOLUME_ID")
+    header = _operator_command(sub, "header", "LUKS header backups")
+    header.add_argument("action", choices=["backup", "restore"])
+    header.add_argument("volume_id", metavar="VOLUME_ID")
+    header.add_argument(
+        "--force", action="store_true", help="restore even if the current header opens with the KMS's DEK"
+    )
+    rewrap = _operator_command(
+        sub, "rewrap", "re-wrap vault-transit DEKs under the Transit key's newest version"
+    )
+    rewrap.add_argument("--kms-id", action="append", default=[], help="only volumes of this KMS id")
+
+    status = _operator_command(sub, "status", "check every volume's KMS entry, DEK, header and header backup")
+    status.add_argument("volume_ids", nargs="*", metavar="VOLUME_ID", help="default: every volume")
+    status.add_argument("--output", choices=["table", "json"], default="table")
+
+    migrate = _operator_command(sub, "migrate", "move every DEK of one KMS id under another, online")
+    migrate.add_argument("--from", dest="source", required=True, metavar="KMS_ID")
+    migrate.add_argument("--to", dest="target", required=True, metavar="KMS_ID")
+    migrate.add_argument("--dry-run", action="store_true", help="list what would move, change nothing")
 
     sub.add_parser("version", help="print the version")
     sub.add_parser(
@@ -152,6 +196,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"csi-luks: {exc}", file=sys.stderr)
             return 2
         return 0
+    return _operator(args)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from csi_luks.kms.base import KMSError
+    from csi_luks.operations import OperationRefused
+    from csi_luks.operations.tool import EXIT_UNAVAILABLE, EXIT_USAGE, Tool, exit_code
+    from csi_luks.volumes.base import VolumeBackendError
+
+    try:
+        tool = Tool.from_arguments(
+            args.backend.value, args.state_dir, args.ceph_config, args.kms_config, args.kms_config_map,
+            args.secrets_file,
+        )  # fmt: skip
+    except (ValueError, OSError, KMSError) as exc:
+        print(f"csi-luks: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _dispatch(tool, args)
+    except (KMSError, VolumeBackendError, OperationRefused) as exc:  # before any volume was looked at
+        print(f"csi-luks {args.command}: {exc}", file=sys.stderr)
+        return exit_code(exc) if exit_code(exc) == EXIT_UNAVAILABLE else EXIT_USAGE
+
+
+def _dispatch(tool: Tool, args: argparse.Namespace) -> int:
+    from csi_luks.operations import commands
+
+    if args.command == "rotate":
+        return commands.rotate(tool, args.volume_ids)
+    if args.command == "header":
+        if args.action == "backup":
+            return commands.header_backup(tool, [args.volume_id])
+        return commands.header_restore(tool, args.volume_id, args.force)
+    if args.command == "rewrap":
+        return commands.rewrap(tool, args.kms_id)
+    if args.command == "migrate":
+        from csi_luks.operations.migration import migrate
+
+        return migrate(tool, args.source, args.target, args.dry_run)
+    if args.command == "status":
+        from csi_luks.operations.status import report
+
+        return report(tool, args.volume_ids, args.output)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 
-from csi_luks.kms.base import DEKStore, EncryptionKMS, KMSContext
+from csi_luks.kms.base import DEKNotFound, DEKStore, EncryptionKMS, KeyRotationUnsupported, KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.dek_store import MetadataDEKStore
 from csi_luks.volumes.base import VolumeBackend
@@ -40,7 +41,35 @@ class VolumeEncryption:
         target.store.store_dek(target_volume_id, target.kms.encrypt_dek(target_volume_id, dek))
 
     def remove(self, volume_id: str) -> None:
+        """Destroy the volume's DEKs: a rotation's pending one, then the current one."""
+        with contextlib.suppress(KeyRotationUnsupported):  # no per-volume DEK, so none pending either
+            self.store.pending_store().remove_dek(volume_id)
         self.store.remove_dek(volume_id)
+
+    # --- key rotation (operations/rotation.py) -------------------------------------------------------
+
+    def new_pending_passphrase(self, volume_id: str) -> None:
+        """Generate the volume's next DEK and store it, wrapped, as its pending DEK."""
+        pending = self.store.pending_store()
+        pending.store_dek(volume_id, self.kms.encrypt_dek(volume_id, new_dek()))
+
+    def get_pending_passphrase(self, volume_id: str) -> str | None:
+        """The pending DEK of a rotation under way; None when there is none."""
+        try:
+            wrapped = self.store.pending_store().fetch_dek(volume_id)
+        except DEKNotFound:
+            return None
+        return self.kms.decrypt_dek(volume_id, wrapped)
+
+    def make_current(self, volume_id: str, dek: str) -> None:
+        """Store dek as the volume's current DEK (the previous one is replaced)."""
+        self.store.store_dek(volume_id, self.kms.encrypt_dek(volume_id, dek))
+
+    def forget_previous_versions(self, volume_id: str) -> None:
+        self.store.forget_previous_versions(volume_id)
+
+    def remove_pending(self, volume_id: str) -> None:
+        self.store.pending_store().remove_dek(volume_id)
 
     def close(self) -> None:
         self.kms.close()

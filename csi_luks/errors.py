@@ -6,6 +6,7 @@ import grpc
 
 from csi_luks import luks
 from csi_luks.kms import base as kms
+from csi_luks.operations import OperationRefused
 from csi_luks.volumes import base as volumes
 
 
@@ -41,6 +42,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.DeviceMapperUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.DeviceBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.KeySlotError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OperationRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),  # a malformed id too: nothing of it can exist
     # The size itself is the problem (CSI: OUT_OF_RANGE), not a shortage that a retry could outwait.
     (volumes.CapacityOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
@@ -50,6 +52,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (volumes.BackendRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (kms.KMSUnavailable, grpc.StatusCode.UNAVAILABLE),
     (kms.KMSPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    # The secrets type: one shared passphrase per StorageClass, no per-volume key to rotate.
+    (kms.KeyRotationUnsupported, grpc.StatusCode.FAILED_PRECONDITION),
     # Vault's certificate does not verify. Not UNAVAILABLE (what ceph-csi ends up reporting): that says
     # "retry, it will pass", and no retry fixes a wrong CA or server name; an operator must change the
     # KMS configuration, the CA Secret or Vault's certificate.

@@ -21,6 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from csi_luks import __version__
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from csi_luks.csiaddons.encryptionkeyrotation_pb2_grpc import (
+    add_EncryptionKeyRotationControllerServicer_to_server as add_key_rotation_servicer,
+)
 from csi_luks.errors import capped, status_for
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
@@ -29,6 +32,7 @@ from csi_luks.readiness import ReadinessCheck
 from csi_luks.services.controller import ControllerService
 from csi_luks.services.identity import IdentityService
 from csi_luks.services.node import NodeService
+from csi_luks.services.rotation import EncryptionKeyRotationService
 from csi_luks.services.sanitize import sanitized
 from csi_luks.settings import Backend, Settings
 from csi_luks.system.filesystem import Filesystems
@@ -192,6 +196,11 @@ class PluginServer:
                 server,
             )
             services.append("csi.v1.Node")
+            rotation = EncryptionKeyRotationService(
+                self.backend, self.kms_config, self.locks, self.cryptsetup
+            )
+            add_key_rotation_servicer(rotation, server)
+            services.append("encryptionkeyrotation.EncryptionKeyRotationController")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         # Created 0600 from the first instant: a umask, not a chmod after the fact, closes the window.
         with _umask(0o177):

@@ -1,8 +1,8 @@
 """What csi-luks keeps in each volume's metadata, and the encryption state machine.
 
 none -> prepared (DEK generated and stored, by CreateVolume) -> encrypted (LUKS header written, by the
-first NodeStage). The node formats only a `prepared` volume whose device is empty; it never formats
-anything else.
+first NodeStage) <-> rotating (a DEK rotation is under way: operations/rotation.py). The node formats
+only a `prepared` volume whose device is empty; it never formats anything else.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ LUKS_HEADER_BYTES = 16 * 1024 * 1024
 class EncryptionState(Enum):
     PREPARED = "prepared"
     ENCRYPTED = "encrypted"
+    ROTATING = "rotating"  # encrypted, with a pending DEK that may be in a key slot already
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Generate csi_luks/csi/csi_pb2{.py,.pyi,_grpc.py} from proto/csi.proto (run by `./dev proto`).
+"""Generate csi_luks/csi/csi_pb2{.py,.pyi,_grpc.py} from proto/csi.proto, and
+csi_luks/csiaddons/encryptionkeyrotation_pb2{...} from proto/csi-addons/ (run by `./dev proto`).
 
-The proto directory is mapped to the package path (-Icsi_luks/csi=proto), so the generated gRPC module
-imports `csi_luks.csi.csi_pb2` rather than a top-level `csi_pb2`.
+The proto directories are mapped to package paths (-Icsi_luks/csi=proto), so the generated gRPC modules
+import `csi_luks.csi.csi_pb2` rather than a top-level `csi_pb2`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ def generate(out_dir: Path) -> None:
     well_known = str(files("grpc_tools") / "_proto")
     args = [
         "protoc",
+        # csi-addons first: its directory is inside proto/ and must not map to csi_luks/csi/csi-addons.
+        f"-Icsi_luks/csiaddons={ROOT / 'proto' / 'csi-addons'}",
         f"-Icsi_luks/csi={ROOT / 'proto'}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         str(ROOT / "proto" / "csi.proto"),
+        str(ROOT / "proto" / "csi-addons" / "encryptionkeyrotation.proto"),
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")

@@ -54,8 +54,21 @@ class MissingSecret(KMSError):
     """A secret the KMS needs is not in the request (e.g. encryptionPassphrase)."""
 
 
+class KeyRotationUnsupported(KMSError):
+    """The KMS keeps no per-volume DEK that could be rotated (the `secrets` type)."""
+
+
 class DEKStore(ABC):
     """Stores a (usually wrapped) DEK for a volume id."""
+
+    def pending_store(self) -> DEKStore:
+        """Where a key rotation keeps a volume's next DEK until it is current (operations/rotation.py)."""
+        raise KeyRotationUnsupported(
+            f"{type(self).__name__} keeps no pending DEK: key rotation is not possible"
+        )
+
+    def forget_previous_versions(self, volume_id: str) -> None:  # noqa: B027 - optional hook
+        """After the volume's DEK was replaced: destroy older DEKs the store keeps (Vault KV v2 versions)."""
 
     @abstractmethod
     def store_dek(self, volume_id: str, dek: str) -> None: ...

@@ -8,6 +8,7 @@ from csi_luks.kms.base import DEKNotFound, DEKStore
 from csi_luks.volumes.base import VolumeBackend, VolumeNotFound
 
 DEK_KEY = "csi-luks/dek"
+DEK_PENDING_KEY = "csi-luks/dek-pending"  # the next DEK while a key rotation is under way
 
 
 class MetadataDEKStore(DEKStore):
@@ -19,6 +20,9 @@ class MetadataDEKStore(DEKStore):
 
     def __repr__(self) -> str:
         return f"MetadataDEKStore({type(self.backend).__name__}, key={self.key!r})"
+
+    def pending_store(self) -> DEKStore:
+        return MetadataDEKStore(self.backend, DEK_PENDING_KEY)
 
     def store_dek(self, volume_id: str, dek: str) -> None:
         self.backend.set_metadata(volume_id, self.key, dek)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from csi_luks.kms.base import DEKStore, EncryptionKMS, KMSContext, MissingSecret, register
+from csi_luks.kms.base import (
+    DEKStore,
+    EncryptionKMS,
+    KeyRotationUnsupported,
+    KMSContext,
+    MissingSecret,
+    register,
+)
 
 PASSPHRASE_KEY = "encryptionPassphrase"  # noqa: S105 - the secret's name, not a secret
 
@@ -55,3 +62,10 @@ class SecretsKMS(EncryptionKMS, DEKStore):
 
     def remove_dek(self, volume_id: str) -> None:
         """Nothing to remove: the Secret is shared by the class's volumes."""
+
+    def pending_store(self) -> DEKStore:
+        raise KeyRotationUnsupported(
+            f"KMS {self.kms_id!r} is of type secrets: every volume of the StorageClass opens with the one "
+            "passphrase of its Secret, so there is no per-volume key to rotate; use a KMS type with "
+            "per-volume DEKs (local, metadata, vault, vault-transit, ...) for volumes whose key must rotate"
+        )

@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 DEFAULT_SA_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
 _PASSPHRASE_FIELD = "passphrase"  # noqa: S105 - the field name in the KV secret
+PENDING_SUFFIX = "-pending"  # a rotation's next DEK: <prefix><volume id>-pending
 
 
 def _flag(kms_id: str, entry: Mapping[str, str], key: str, default: bool) -> bool:
@@ -299,6 +300,7 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
         prefix: str,
         kv_version: int | None,
         destroy: bool,
+        suffix: str = "",
     ) -> None:
         super().__init__(kms_id)
         self.connection = connection
@@ -306,6 +308,35 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
         self.prefix = prefix
         self._kv_version = kv_version
         self.destroy = destroy
+        self.suffix = suffix  # "-pending" for the store of a rotation's next DEK
+
+    def pending_store(self) -> DEKStore:
+        return VaultKVKMS(
+            self.kms_id, self.connection, self.mount, self.prefix, self._kv_version, self.destroy,
+            suffix=PENDING_SUFFIX,
+        )  # fmt: skip
+
+    def forget_previous_versions(self, volume_id: str) -> None:
+        """KV v2 with vaultDestroyKeys: destroy every version but the current one (KV v1 keeps none)."""
+        if not self.destroy or self.kv_version(volume_id) != 2:
+            return
+        path = self.path(volume_id)
+        meta = self.connection.call(
+            "read DEK versions",
+            volume_id,
+            lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=self.mount),
+        )["data"]
+        current = int(meta["current_version"])
+        old = [int(v) for v, about in (meta.get("versions") or {}).items()
+               if int(v) != current and not about.get("destroyed")]  # fmt: skip
+        if old:
+            self.connection.call(
+                "destroy old DEK versions",
+                volume_id,
+                lambda c: c.secrets.kv.v2.destroy_secret_versions(
+                    path=path, versions=old, mount_point=self.mount
+                ),
+            )
 
     @property
     def integrated_dek_store(self) -> DEKStore:
@@ -318,7 +349,7 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
         return encrypted_dek
 
     def path(self, volume_id: str) -> str:
-        return f"{self.prefix}{volume_id}"
+        return f"{self.prefix}{volume_id}{self.suffix}"
 
     def kv_version(self, volume_id: str) -> int:
         """The engine's version, as configured or asked of Vault once (any token may read it)."""

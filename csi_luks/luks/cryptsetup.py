@@ -151,6 +151,15 @@ class Cryptsetup:
             raise LuksError("verify passphrase: cryptsetup did not name the unlocked key slot")
         return int(match.group(1))
 
+    def slot_of(self, device: str, passphrase: Passphrase | None) -> int | None:
+        """The key slot the passphrase opens; None when none does, or there is no passphrase or header."""
+        if passphrase is None:
+            return None
+        try:
+            return self.verify_passphrase(device, passphrase)
+        except (WrongPassphrase, NotLuksDevice):
+            return None
+
     def open(self, device: str, name: str, passphrase: Passphrase, options: OpenOptions | None = None) -> str:
         """Map device as /dev/mapper/NAME and return that path. Idempotent for the same device.
 
@@ -237,6 +246,28 @@ class Cryptsetup:
             passphrase=remaining_passphrase,
         )
         log.info("wiped key slot %d of %s", slot, device)
+
+    def header_backup(self, device: str, file: str) -> None:
+        """Write the device's LUKS header and key-slot area to file, which must not exist yet.
+
+        The copy holds the key slots as they are on disk (each wrapped by its passphrase): no secret
+        is in it that the device does not already hold.
+        """
+        self._run(
+            "luksHeaderBackup", ["luksHeaderBackup", "--batch-mode", device, "--header-backup-file", file]
+        )
+        log.info("backed up the LUKS header of %s", device)
+
+    def header_restore(self, device: str, file: str) -> None:
+        """Write a header backup back onto device (replacing its header and key slots)."""
+        self._run(
+            "luksHeaderRestore", ["luksHeaderRestore", "--batch-mode", device, "--header-backup-file", file]
+        )
+        log.info("restored the LUKS header of %s", device)
+
+    def active_slots(self, device: str) -> list[int]:
+        """The key slots in use, in order."""
+        return sorted(self.dump(device).keyslots)
 
     def dump(self, device: str) -> LuksHeader:
         """The device's LUKS2 header (no secrets: volume key and slot material are not dumped)."""

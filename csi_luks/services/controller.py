@@ -355,13 +355,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def _delete(
         self, backend: VolumeBackend, object_id: str, record: VolumeRecord, secrets: Mapping[str, str]
     ) -> None:
-        """Remove a volume's or snapshot's DEK, then the object itself."""
+        """Crypto-shred a volume or snapshot (its DEKs, then its header backup), then remove the object.
+
+        A KMS that fails (down: UNAVAILABLE) fails the call before any data is touched: the CO retries.
+        """
         if record.encrypted:
-            # The DEK goes first: a crash after it leaves an object that a retry deletes, never a key
+            # The DEKs go first: a crash after them leaves an object that a retry deletes, never a key
             # with nothing to open.
             volume_encryption(self.kms_config, record.kms_id, self._context(secrets, record), backend).remove(
                 object_id
             )
+            backend.remove_header_backup(object_id)
         backend.delete(object_id)
 
     def ControllerExpandVolume(

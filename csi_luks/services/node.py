@@ -23,6 +23,8 @@ from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.operations.header_backup import refresh_header_backup
+from csi_luks.operations.rotation import KeyRotation
 from csi_luks.quoting import quoted
 from csi_luks.services.validation import checked_id, require_path, validate_capability
 from csi_luks.system.filesystem import Filesystems
@@ -137,12 +139,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if found.is_luks:
                 # A crash between luksFormat and the metadata write: the header is ours, finish the step.
                 log.warning("volume %s: LUKS header present but state was prepared; repairing", volume_id)
+                refresh_header_backup(self.cryptsetup, backend, volume_id, device)
                 backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
             elif found.empty:
                 label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
                 self.cryptsetup.format(
                     device, encryption.get_passphrase(volume_id), FormatOptions(label=label)
                 )
+                refresh_header_backup(self.cryptsetup, backend, volume_id, device)
                 backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
                 log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
             else:
@@ -150,13 +154,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     f"volume {volume_id} should be empty before its first use, but {device} holds "
                     f"{found.type or found.partition_table}; refusing to format it (no data was touched)"
                 )
-        elif record.state is EncryptionState.ENCRYPTED:
+        elif record.state in (EncryptionState.ENCRYPTED, EncryptionState.ROTATING):
             if not found.is_luks:
                 raise failed_precondition(
                     f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
                     f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
                     "it: restore the header from a backup"
                 )
+            if record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
+                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
         else:
             raise failed_precondition(
                 f"volume {volume_id} is marked encrypted but its key was never prepared (CreateVolume did "

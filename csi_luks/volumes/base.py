@@ -6,8 +6,9 @@ their attachments are all found again from the backend itself (files, image meta
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from csi_luks.quoting import quoted
@@ -45,6 +46,10 @@ class BackendPermissionDenied(VolumeBackendError):
 
 class BackendRequestError(VolumeBackendError):
     """The request cannot be served as given: an unknown cluster, a bad parameter, no credentials."""
+
+
+class HeaderBackupUnsupported(VolumeBackendError):
+    """This backend keeps no LUKS header backups."""
 
 
 @dataclass(frozen=True)
@@ -161,3 +166,33 @@ class VolumeBackend(ABC):
     @abstractmethod
     def free_bytes(self) -> int | None:
         """Capacity left for new volumes, if the backend knows it (GetCapacity)."""
+
+    # --- LUKS header backups and key work (operations/) ----------------------------------------------
+
+    # Whether the backend keeps a copy of each encrypted volume's LUKS header beside it.
+    keeps_header_backups: bool = False
+
+    def store_header_backup(self, volume_id: str, data: bytes) -> None:
+        """Keep data (a luksHeaderBackup image) with the volume, replacing an older one atomically."""
+        raise HeaderBackupUnsupported(f"the {type(self).__name__} keeps no LUKS header backups")
+
+    def fetch_header_backup(self, volume_id: str) -> bytes | None:
+        """The volume's header backup; None when there is none."""
+        return None
+
+    def remove_header_backup(self, volume_id: str) -> None:  # noqa: B027 - nothing kept, nothing to do
+        """Destroy the volume's header backup; a missing one is already destroyed."""
+
+    @contextlib.contextmanager
+    def key_device(self, volume_id: str) -> Iterator[str]:
+        """A path cryptsetup can change the volume's key slots through: its attachment while it is
+        attached (staged), else an attachment made for the duration."""
+        attached = self.find_attachment(volume_id)
+        if attached is not None:
+            yield attached
+            return
+        device = self.attach(volume_id)
+        try:
+            yield device
+        finally:
+            self.detach(volume_id)

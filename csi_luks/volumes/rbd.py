@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -207,6 +208,34 @@ class _Rbd:
         with contextlib.suppress(VolumeNotFound):
             self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
 
+    def rados(self, ref: ImageRef, *argv: str) -> CommandResult:
+        """The rados CLI on the image's pool and RADOS namespace, as the user."""
+        namespace = ["--namespace", ref.namespace] if ref.namespace else []
+        try:
+            return self.runner.run(
+                ["rados", *self.connection, "--pool", ref.pool, *namespace, *argv],
+                secrets=[self.secret],
+                timeout=self.timeout,
+            )
+        except CommandError as exc:
+            raise _translate(exc, ("rados", *argv)) from None
+
+    def get_object(self, ref: ImageRef, name: str) -> bytes | None:
+        """A RADOS object's content; None if there is no such object."""
+        with tempfile.TemporaryDirectory(prefix="csi-luks-object-") as directory:
+            path = Path(directory) / "object"
+            try:
+                self.rados(ref, "get", name, str(path))
+            except VolumeNotFound:
+                return None
+            return path.read_bytes()
+
+    def put_object(self, ref: ImageRef, name: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="csi-luks-object-") as directory:
+            path = Path(directory) / "object"
+            path.write_bytes(data)
+            self.rados(ref, "put", name, str(path))
+
     def remove_snapshot(self, ref: ImageRef, name: str) -> None:
         with contextlib.suppress(VolumeNotFound):
             self.run("snap", "rm", "--no-progress", ref.snapshot(name))
@@ -350,7 +379,11 @@ class RbdBackend(VolumeBackend):
                         f"({exc})"
                     ) from None
             else:
-                self._copy(rbd, decode_volume_id(source_id), ref, options)
+                source = decode_volume_id(source_id)
+                self._copy(rbd, source, ref, options)
+                header = rbd.get_object(source, _header_object(source))
+                if header is not None:  # the copy's LUKS header is the source's: so is its backup
+                    rbd.put_object(ref, _header_object(ref), header)
                 size = rbd.grow_to(ref, size_bytes)
                 # A deep copy brings the source's metadata (its DEK among it): only ours may stay.
                 present = rbd.metadata(ref) or {}
@@ -425,6 +458,27 @@ class RbdBackend(VolumeBackend):
                 log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
                 return  # this id names no volume of its own: it is deleted
             rbd.remove_image(ref)
+
+    # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).
+    keeps_header_backups = True
+
+    def store_header_backup(self, volume_id: str, data: bytes) -> None:
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            rbd.put_object(ref, _header_object(ref), data)
+
+    def fetch_header_backup(self, volume_id: str) -> bytes | None:
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            return rbd.get_object(ref, _header_object(ref))
+
+    def remove_header_backup(self, volume_id: str) -> None:
+        try:
+            ref = decode_volume_id(volume_id)
+        except VolumeNotFound:
+            return
+        with self._session(ref) as rbd, contextlib.suppress(VolumeNotFound):
+            rbd.rados(ref, "rm", _header_object(ref))
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
         ref = decode_volume_id(volume_id)
@@ -553,6 +607,11 @@ class RbdBackend(VolumeBackend):
         except (FileNotFoundError, ValueError):
             return None
         return VolumeInfo(volume_id, str(raw["name"]), int(raw["size"]), dict(raw["metadata"]))
+
+
+def _header_object(ref: ImageRef) -> str:
+    """The RADOS object that keeps the LUKS header backup of the image (beside it, in its pool)."""
+    return f"csi-luks-header.{ref.image}"
 
 
 def _refuse_if_owned_by_another(ref: ImageRef, volume_id: str, metadata: Mapping[str, str]) -> None:

@@ -4,6 +4,7 @@ For a single machine (and the demo). Layout, under the state directory:
 
     volumes/<id>/volume.img   the volume's bytes (sparse)
     volumes/<id>/meta.json    {"name": ..., "size": ..., "metadata": {...}}; its presence makes the volume
+    volumes/<id>/header.backup  the LUKS header backup of an encrypted volume (luksHeaderBackup's image)
     volumes/<id>/.lock        flock'ed around every read-modify-write (controller and node may be two
                               processes sharing the directory)
 
@@ -56,7 +57,7 @@ _VOLUME_PREFIX, _SNAPSHOT_PREFIX = "sa-", "sa-snap-"  # disjoint: a name never g
 # Matched with fullmatch ("$" would accept a trailing newline). Snapshots made before the prefixes were
 # split have volume-form ids, which stay valid.
 _ID = re.compile(r"sa-(snap-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-IMAGE, META, LOCK = "volume.img", "meta.json", ".lock"
+IMAGE, META, LOCK, HEADER_BACKUP = "volume.img", "meta.json", ".lock", "header.backup"
 # A deleted volume's directory is renamed to this prefix, then removed; never a volume id (leading dot).
 _TRASH = ".deleted-"
 # create() retries when a concurrent delete removes the directory between its mkdir and its lock.
@@ -370,6 +371,9 @@ class StandaloneBackend(VolumeBackend):
                 meta = _Meta(name=name, size=size_bytes, metadata=dict(metadata))
                 self._write_meta(directory, meta)
                 self._make_image(directory, meta.size, source)
+                if source is not None and (source.parent / HEADER_BACKUP).exists():
+                    # The copy's header is the source's: so is its backup.
+                    write_atomically(directory / HEADER_BACKUP, (source.parent / HEADER_BACKUP).read_bytes())
             else:
                 # An existing volume is returned unchanged; an image short of its recorded size (a crash
                 # while growing it) is finished first.
@@ -493,6 +497,47 @@ class StandaloneBackend(VolumeBackend):
         device = self.find_attachment(volume_id)
         if device is not None:
             self.loops.refresh_size(device)
+
+    keeps_header_backups = True
+
+    def store_header_backup(self, volume_id: str, data: bytes) -> None:
+        directory = self._dir(volume_id)
+        with self._locked(directory):
+            self._info(volume_id, directory)  # only a complete volume
+            try:
+                write_atomically(directory / HEADER_BACKUP, data)
+            except OSError as exc:
+                raise _unavailable(exc, directory / HEADER_BACKUP, "write") from exc
+
+    def fetch_header_backup(self, volume_id: str) -> bytes | None:
+        path = self._dir(volume_id) / HEADER_BACKUP
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _unavailable(exc, path, "read") from exc
+
+    def remove_header_backup(self, volume_id: str) -> None:
+        if not _ID.fullmatch(volume_id):
+            return
+        path = self._volumes / volume_id / HEADER_BACKUP
+        try:
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        except FileNotFoundError:
+            return  # no volume directory: nothing to destroy
+        except OSError as exc:
+            raise _unavailable(exc, path, "remove") from exc
+
+    @contextlib.contextmanager
+    def key_device(self, volume_id: str) -> Iterator[str]:
+        """The loop device while attached; else the image file itself (cryptsetup changes key slots in
+        a plain file directly, no loop device needed)."""
+        attached = self.find_attachment(volume_id)
+        directory = self._dir(volume_id)
+        self._info(volume_id, directory)
+        yield attached if attached is not None else str(directory / IMAGE)
 
     def free_bytes(self) -> int | None:
         path = self._nearest_dir()

@@ -12,6 +12,7 @@ from csi_luks.luks import (
     DeviceNotFound,
     FormatOptions,
     KeySlotError,
+    LuksError,
     NotLuksDevice,
     WrongPassphrase,
 )
@@ -136,3 +137,51 @@ def test_failure_messages_never_carry_the_passphrase(
     with pytest.raises(WrongPassphrase) as info:
         cryptsetup.verify_passphrase(image, wrong)
     assert wrong.decode() not in str(info.value) + info.value.stderr
+
+
+def test_header_backup_and_restore_bring_a_wiped_header_back(
+    tmp_path: Path, cryptsetup: Cryptsetup, new_passphrase: Passphrases
+) -> None:
+    image = _image(tmp_path)
+    passphrase = new_passphrase()
+    cryptsetup.format(image, passphrase)
+    backup = str(tmp_path / "header.backup")
+    cryptsetup.header_backup(image, backup)
+    assert Path(backup).stat().st_size == 16 * MiB  # the header and the whole key-slot area
+    with open(image, "r+b") as f:
+        f.write(bytes(4 * MiB))
+    assert not cryptsetup.is_luks(image)
+    with pytest.raises(NotLuksDevice):
+        cryptsetup.verify_passphrase(image, passphrase)
+    cryptsetup.header_restore(image, backup)
+    assert cryptsetup.verify_passphrase(image, passphrase) == 0
+
+
+def test_header_backup_refuses_an_existing_file_and_a_non_luks_device(
+    tmp_path: Path, cryptsetup: Cryptsetup, new_passphrase: Passphrases
+) -> None:
+    image = _image(tmp_path)
+    with pytest.raises(NotLuksDevice):
+        cryptsetup.header_backup(image, str(tmp_path / "none"))
+    cryptsetup.format(image, new_passphrase())
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(LuksError):
+        cryptsetup.header_backup(image, str(existing))
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_a_restored_backup_brings_back_the_key_slots_it_held(
+    tmp_path: Path, cryptsetup: Cryptsetup, new_passphrase: Passphrases
+) -> None:
+    image = _image(tmp_path)
+    first, second = new_passphrase(), new_passphrase()
+    cryptsetup.format(image, first)
+    backup = str(tmp_path / "before-add")
+    cryptsetup.header_backup(image, backup)
+    cryptsetup.add_key(image, first, second, slot=1)
+    assert cryptsetup.active_slots(image) == [0, 1]
+    cryptsetup.header_restore(image, backup)
+    assert cryptsetup.active_slots(image) == [0]
+    with pytest.raises(WrongPassphrase):
+        cryptsetup.verify_passphrase(image, second)

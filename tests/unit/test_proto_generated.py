@@ -1,4 +1,4 @@
-"""The committed generated code must be exactly what `./dev proto` produces from proto/csi.proto."""
+"""The committed generated code must be exactly what `./dev proto` produces from proto/."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True)
-    generated = sorted(p.name for p in (tmp_path / "csi_luks" / "csi").iterdir())
-    assert generated == ["csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"]
-    for name in generated:
-        fresh = (tmp_path / "csi_luks" / "csi" / name).read_text()
-        committed = (ROOT / "csi_luks" / "csi" / name).read_text()
-        assert fresh == committed, f"csi_luks/csi/{name} is stale: run `./dev proto` and commit the result"
+    expected = {
+        "csi": ["csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"],
+        "csiaddons": [f"encryptionkeyrotation{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")],
+    }
+    for package, names in expected.items():
+        generated = sorted(p.name for p in (tmp_path / "csi_luks" / package).iterdir())
+        assert generated == names
+        for name in generated:
+            fresh = (tmp_path / "csi_luks" / package / name).read_text()
+            committed = (ROOT / "csi_luks" / package / name).read_text()
+            assert fresh == committed, f"csi_luks/{package}/{name} is stale: run `./dev proto` and commit it"
 
 
 def test_wire_contract_essentials() -> None:
@@ -33,3 +38,21 @@ def test_wire_contract_essentials() -> None:
     assert csi_pb2.ControllerServiceCapability.RPC.Type.Value("MODIFY_VOLUME") == 14
     services = set(csi_pb2.DESCRIPTOR.services_by_name)
     assert services == {"Identity", "Controller", "GroupController", "SnapshotMetadata", "Node"}
+
+
+def test_csi_addons_key_rotation_wire_contract() -> None:
+    from csi_luks.csiaddons import encryptionkeyrotation_pb2 as pb
+    from csi_luks.services.sanitize import sanitized
+
+    assert pb.DESCRIPTOR.package == "encryptionkeyrotation"
+    service = pb.DESCRIPTOR.services_by_name["EncryptionKeyRotationController"]
+    assert [m.name for m in service.methods] == ["EncryptionKeyRotate"]
+    fields = pb.EncryptionKeyRotateRequest.DESCRIPTOR.fields_by_name
+    assert {name: f.number for name, f in fields.items()} == {
+        "volume_id": 1, "volume_path": 2, "encryption_key": 3, "parameters": 4, "secrets": 5,
+    }  # fmt: skip
+    request = pb.EncryptionKeyRotateRequest(
+        volume_id="v", encryption_key="k3y", secrets={"userKey": "s3cret"}
+    )
+    logged = sanitized(request)
+    assert "k3y" not in logged and "s3cret" not in logged and "userKey" in logged

@@ -1,0 +1,1 @@
+"""Generated csi-addons protobuf and gRPC code (from proto/csi-addons/ by `./dev proto`)."""

@@ -1,0 +1,108 @@
+"""`csi-luks migrate --from --to`: every DEK moved, the volume opening throughout, resumable after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import hvac
+import pytest
+
+from csi_luks.operations.crash import CRASH_POINT_ENV
+from csi_luks.operations.migration import CRASH_POINTS, MIGRATING_TO, STAGED_DEK
+from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from csi_luks.volume_metadata import KMS_ID
+from tests.support.openbao import OpenBao
+from tests.support.operations import Volumes, vault_login
+
+PAIRS = (("local-1", "local-2"), ("local-1", "vault-kv"), ("vault-kv", "local-1"))
+# metadata to metadata: between TO's copy put in place and the kms-id switch, FROM's id is recorded
+# but TO's wrapped DEK is stored (the window the migration module documents).
+_WINDOW = ("migration.after-write", "migration.before-switch")
+
+
+@pytest.fixture
+def volumes(tmp_path: Path, session_bao: OpenBao) -> Volumes:
+    vault = vault_login(tmp_path, session_bao.address, "2")
+    return Volumes(
+        tmp_path,
+        {
+            "local-1": {"encryptionKMSType": "local", "keyFile": str(tmp_path / "kek-1")},
+            "local-2": {"encryptionKMSType": "local", "keyFile": str(tmp_path / "kek-2")},
+            "vault-kv": {"encryptionKMSType": "vault", "vaultPassphrasePath": "migrate/", **vault},
+            "secrets": {"encryptionKMSType": "secrets"},
+        },
+        secrets={"encryptionPassphrase": "the shared passphrase of a secrets-type class"},
+    )
+
+
+def _vault_has(bao: OpenBao, volume_id: str) -> bool:
+    try:
+        bao.client().secrets.kv.v2.read_secret_metadata(path=f"migrate/{volume_id}", mount_point="secret")
+    except hvac.exceptions.InvalidPath:
+        return False
+    return True
+
+
+def _assert_moved(volumes: Volumes, bao: OpenBao, volume_id: str, dek: str, source: str, target: str) -> None:
+    metadata = volumes.backend.get(volume_id).metadata
+    assert metadata[KMS_ID] == target
+    assert MIGRATING_TO not in metadata and STAGED_DEK not in metadata
+    assert volumes.dek(volume_id) == dek and volumes.opens(volume_id, dek) == 0
+    assert ("csi-luks/dek" in metadata) == target.startswith("local")
+    assert _vault_has(bao, volume_id) == (target == "vault-kv")
+
+
+@pytest.mark.parametrize(("source", "target"), PAIRS)
+def test_migrate_moves_every_dek_and_reports(
+    volumes: Volumes, session_bao: OpenBao, source: str, target: str
+) -> None:
+    ids = [volumes.create_formatted(f"pvc-migrate-{source}-{target}-{n}", source) for n in range(2)]
+    other = volumes.create_formatted(f"pvc-stays-{source}-{target}", "secrets")
+    deks = {volume_id: volumes.dek(volume_id) for volume_id in ids}
+    dry = volumes.cli("migrate", "--from", source, "--to", target, "--dry-run")
+    assert dry.returncode == EXIT_OK and "2 would be migrated, 0 skipped, 0 failed" in dry.stdout
+    assert all(volumes.backend.get(v).metadata[KMS_ID] == source for v in ids)
+    done = volumes.cli("migrate", "--from", source, "--to", target)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "2 migrated, 0 skipped, 0 failed" in done.stdout
+    for volume_id in ids:
+        _assert_moved(volumes, session_bao, volume_id, deks[volume_id], source, target)
+    assert volumes.backend.get(other).metadata[KMS_ID] == "secrets"
+    again = volumes.cli("migrate", "--from", source, "--to", target)
+    assert again.returncode == EXIT_OK and "0 migrated" in again.stdout
+
+
+@pytest.mark.parametrize("crash_point", CRASH_POINTS)
+@pytest.mark.parametrize(("source", "target"), PAIRS)
+def test_a_migration_killed_at_any_step_resumes(
+    volumes: Volumes, session_bao: OpenBao, source: str, target: str, crash_point: str
+) -> None:
+    volume_id = volumes.create_formatted(f"pvc-{source}-{target}-{crash_point}", source)
+    dek = volumes.dek(volume_id)
+    crashed = volumes.cli(
+        "migrate", "--from", source, "--to", target, env={**os.environ, CRASH_POINT_ENV: crash_point}
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    if not (source.startswith("local") and target.startswith("local") and crash_point in _WINDOW):
+        assert volumes.dek(volume_id) == dek  # whichever id is recorded gives the DEK back
+    done = volumes.cli("migrate", "--from", source, "--to", target)
+    assert done.returncode == EXIT_OK, done.stderr
+    left = 0 if crash_point == "migration.after-remove" else 1  # killed when all was done
+    assert f"{left} migrated, 0 skipped, 0 failed" in done.stdout
+    _assert_moved(volumes, session_bao, volume_id, dek, source, target)
+
+
+def test_the_secrets_type_is_refused(volumes: Volumes) -> None:
+    refused = volumes.cli("migrate", "--from", "secrets", "--to", "local-1")
+    assert refused.returncode == EXIT_USAGE and "keeps no per-volume DEK" in refused.stderr
+
+
+def test_a_pending_rotation_is_skipped(volumes: Volumes) -> None:
+    volume_id = volumes.create_formatted("pvc-migrate-rotating", "local-1")
+    crashed = volumes.cli("rotate", volume_id, env={**os.environ, CRASH_POINT_ENV: "rotation.after-add-key"})
+    assert crashed.returncode == -signal.SIGKILL
+    skipped = volumes.cli("migrate", "--from", "local-1", "--to", "local-2")
+    assert skipped.returncode == EXIT_FAILED
+    assert "a key rotation is pending" in skipped.stderr and "0 migrated, 1 skipped" in skipped.stdout

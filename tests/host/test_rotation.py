@@ -1,0 +1,160 @@
+"""DEK rotation on the host (image files are LUKS devices to cryptsetup): the crash-point matrix for the
+local, metadata and vault KMS types, the secrets type's refusal, rewrap, and the csi-addons service."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_luks.csiaddons import encryptionkeyrotation_pb2 as pb
+from csi_luks.csiaddons import encryptionkeyrotation_pb2_grpc as pb_grpc
+from csi_luks.operations import commands
+from csi_luks.operations.header_backup import header_backup_matches
+from csi_luks.operations.rotation import CRASH_POINT_ENV, CRASH_POINTS
+from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK
+from csi_luks.volume_metadata import EncryptionState
+from tests.support.openbao import OpenBao
+from tests.support.operations import Volumes, vault_login
+from tests.support.plugin import code_of, details_of, running_plugin
+
+KMS_IDS = ("local-1", "metadata-1", "vault-kv")
+
+
+def _entries(root: Path, bao: OpenBao) -> dict[str, dict[str, str]]:
+    vault = vault_login(root, bao.address, "2")
+    return {
+        "local-1": {"encryptionKMSType": "local", "keyFile": str(root / "kek")},
+        "metadata-1": {"encryptionKMSType": "metadata"},  # the KEK passphrase: the request's secrets
+        "vault-kv": {"encryptionKMSType": "vault", "vaultPassphrasePath": "rotation/", **vault},
+        "vault-transit": {"encryptionKMSType": "vault-transit", "vaultTransitKey": "rewrap-kek", **vault},
+        "secrets": {"encryptionKMSType": "secrets"},
+    }
+
+
+@pytest.fixture
+def volumes(tmp_path: Path, session_bao: OpenBao) -> Volumes:
+    secrets = {"encryptionPassphrase": "kek passphrase of the metadata type, 0123456789"}
+    return Volumes(tmp_path, _entries(tmp_path, session_bao), secrets)
+
+
+# Between promote and the wipe the old key slot is one the KMS has no key for any more (the protocol's
+# one such window, which the next call closes): only a kill there may leave it.
+_OLD_SLOT_LEFT = ("rotation.after-promote", "rotation.before-kill-old-slots")
+
+
+def _assert_safe(volumes: Volumes, volume_id: str, old_dek: str, crash_point: str) -> None:
+    """After a kill: the KMS's DEK opens the volume, and every key slot is one the KMS has a key for
+    (current or pending), but for the old slot in the window above."""
+    current_slot = volumes.opens(volume_id, volumes.dek(volume_id))
+    assert current_slot is not None, "the KMS's DEK does not open the volume"
+    known = {current_slot, volumes.opens(volume_id, volumes.pending_dek(volume_id))}
+    old_slot = volumes.opens(volume_id, old_dek)
+    if crash_point in _OLD_SLOT_LEFT:
+        assert old_slot is not None and old_slot not in known
+        known.add(old_slot)
+    assert set(volumes.slots(volume_id)) == known - {None}
+
+
+def _assert_rotated(volumes: Volumes, volume_id: str, old_dek: str) -> None:
+    new_dek = volumes.dek(volume_id)
+    assert new_dek != old_dek
+    assert volumes.state(volume_id) == EncryptionState.ENCRYPTED.value
+    assert volumes.pending_dek(volume_id) is None
+    assert volumes.slots(volume_id) == [volumes.opens(volume_id, new_dek)]
+    assert volumes.opens(volume_id, old_dek) is None
+    image = volumes.image(volume_id)
+    assert header_backup_matches(volumes.tool.cryptsetup, volumes.backend, volume_id, image) is True
+
+
+@pytest.mark.parametrize("kms_id", KMS_IDS)
+def test_rotate_gives_a_new_dek_and_wipes_the_old_slot(volumes: Volumes, kms_id: str) -> None:
+    volume_id = volumes.create_formatted(f"pvc-rotate-{kms_id}", kms_id)
+    old = volumes.dek(volume_id)
+    done = volumes.cli("rotate", volume_id)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "DEK rotated; key slot 1; key slots wiped: 0" in done.stdout
+    _assert_rotated(volumes, volume_id, old)
+    second = volumes.dek(volume_id)
+    assert commands.rotate(volumes.tool, [volume_id]) == EXIT_OK  # and again: slot 0 is free now
+    _assert_rotated(volumes, volume_id, second)
+    assert volumes.slots(volume_id) == [0]
+
+
+@pytest.mark.parametrize("crash_point", CRASH_POINTS)
+@pytest.mark.parametrize("kms_id", KMS_IDS)
+def test_a_rotation_killed_at_any_step_is_safe_and_converges(
+    volumes: Volumes, kms_id: str, crash_point: str
+) -> None:
+    volume_id = volumes.create_formatted(f"pvc-{kms_id}-{crash_point}", kms_id)
+    old = volumes.dek(volume_id)
+    crashed = volumes.cli("rotate", volume_id, env={**os.environ, CRASH_POINT_ENV: crash_point})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert f"crash point {crash_point}" in crashed.stderr
+    _assert_safe(volumes, volume_id, old, crash_point)
+    assert commands.rotate(volumes.tool, [volume_id]) == EXIT_OK
+    _assert_rotated(volumes, volume_id, old)
+
+
+def test_vault_kv_keeps_only_the_current_dek_version(volumes: Volumes, session_bao: OpenBao) -> None:
+    volume_id = volumes.create_formatted("pvc-rotate-versions", "vault-kv")
+    assert commands.rotate(volumes.tool, [volume_id]) == EXIT_OK
+    kv = session_bao.client().secrets.kv.v2
+    meta = kv.read_secret_metadata(path=f"rotation/{volume_id}", mount_point="secret")["data"]
+    current = meta["current_version"]
+    assert current == 2
+    assert all(about["destroyed"] for version, about in meta["versions"].items() if int(version) != current)
+
+
+def test_the_secrets_type_cannot_rotate(volumes: Volumes) -> None:
+    volume_id = volumes.create_formatted("pvc-shared-passphrase", "secrets")
+    refused = volumes.cli("rotate", volume_id)
+    assert refused.returncode == EXIT_FAILED
+    assert "type secrets" in refused.stderr and "no per-volume key to rotate" in refused.stderr
+    assert volumes.slots(volume_id) == [0]
+    assert volumes.state(volume_id) == EncryptionState.ENCRYPTED.value
+
+
+def test_a_volume_never_staged_has_nothing_to_rotate(volumes: Volumes) -> None:
+    volume_id = volumes.create("pvc-prepared", "local-1")
+    refused = volumes.cli("rotate", volume_id)
+    assert refused.returncode == EXIT_FAILED
+    assert "has no LUKS header yet" in refused.stderr
+
+
+def test_rewrap_moves_transit_deks_to_the_newest_key_version(volumes: Volumes, session_bao: OpenBao) -> None:
+    root = session_bao.client()
+    root.secrets.transit.create_key(name="rewrap-kek")
+    volume_id = volumes.create_formatted("pvc-rewrap", "vault-transit")
+    dek = volumes.dek(volume_id)
+    before = volumes.backend.get(volume_id).metadata["csi-luks/dek"]
+    root.secrets.transit.rotate_key(name="rewrap-kek")
+    version = root.secrets.transit.read_key(name="rewrap-kek")["data"]["latest_version"]
+    done = volumes.cli("rewrap")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert f"{volume_id}: 1 wrapped DEK(s) re-wrapped" in done.stdout
+    after = volumes.backend.get(volume_id).metadata["csi-luks/dek"]
+    assert after != before and after.startswith(f"vault:v{version}:")
+    assert volumes.dek(volume_id) == dek
+    again = volumes.cli("rewrap", "--kms-id", "vault-transit")
+    assert again.returncode == EXIT_OK and "already under the newest key version" in again.stdout
+
+
+def test_encryption_key_rotate_over_grpc(volumes: Volumes, tmp_path: Path) -> None:
+    volume_id = volumes.create_formatted("pvc-grpc-rotate", "local-1")
+    old = volumes.dek(volume_id)
+    with running_plugin(tmp_path, state_dir=volumes.state_dir) as plugin:
+        stub = pb_grpc.EncryptionKeyRotationControllerStub(plugin.channel)
+        stub.EncryptionKeyRotate(pb.EncryptionKeyRotateRequest(volume_id=volume_id, volume_path="/unused"))
+        _assert_rotated(volumes, volume_id, old)
+        given = pb.EncryptionKeyRotateRequest(volume_id=volume_id, encryption_key="chosen by the caller")
+        assert code_of(stub.EncryptionKeyRotate, given) == grpc.StatusCode.INVALID_ARGUMENT
+        missing = pb.EncryptionKeyRotateRequest(volume_id="sa-00000000-0000-0000-0000-000000000000")
+        assert code_of(stub.EncryptionKeyRotate, missing) == grpc.StatusCode.NOT_FOUND
+        shared = volumes.create_formatted("pvc-grpc-shared", "secrets")
+        request = pb.EncryptionKeyRotateRequest(volume_id=shared, secrets=volumes.secrets)
+        assert code_of(stub.EncryptionKeyRotate, request) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no per-volume key to rotate" in details_of(stub.EncryptionKeyRotate, request)
