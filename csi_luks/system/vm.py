@@ -133,6 +133,7 @@ def run_in_guest(
         env=child_env,
         start_new_session=True,
     )
+    watchdog = _watchdog(proc.pid)
     follower = _LogFollower(log_file, on_output) if on_output else None
     try:
         console, _ = proc.communicate(timeout=timeout)
@@ -149,6 +150,8 @@ def run_in_guest(
     finally:
         if follower:
             follower.stop()
+        watchdog.stdin.close()  # type: ignore[union-attr]
+        watchdog.wait()
     (workdir / "console.log").write_bytes(console)
     log = log_file.read_text(errors="replace") if log_file.exists() else ""
     if rc_file.exists():
@@ -162,6 +165,26 @@ def run_in_guest(
         console=console.decode(errors="replace"),
         duration=time.monotonic() - started,
         workdir=workdir,
+    )
+
+
+# Blocks until its stdin closes, then SIGKILLs the process group named by its argument.
+_WATCHDOG = """
+import os, signal, sys
+sys.stdin.buffer.read()
+try:
+    os.killpg(int(sys.argv[1]), signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def _watchdog(pgid: int) -> subprocess.Popen[bytes]:
+    """A process that kills the guest when the write end of its stdin closes: when we are done with the
+    guest, or when this process dies in any way (SIGTERM and SIGKILL run no `finally`, but the kernel
+    closes our file descriptors)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(pgid)], stdin=subprocess.PIPE, start_new_session=True
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +73,31 @@ def test_the_guest_is_killed_when_its_caller_is_interrupted(fake_vng: Path, tmp_
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not _alive(_qemu_pid(fake_vng))
+
+
+def test_the_guest_dies_with_its_caller_even_on_sigkill(fake_vng: Path, tmp_path: Path) -> None:
+    """SIGTERM and SIGKILL run no `finally`: a watchdog kills the guest when its caller's end of a pipe
+    closes."""
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from csi_luks.system import vm\n"
+            f"vm.find_vng = lambda: {str(fake_vng.parent / 'vng')!r}\n"
+            "vm.find_kernel = lambda: '/boot/vmlinuz-fake'\n"
+            f"vm.run_in_guest('true', Path({str(tmp_path / 'work')!r}), timeout=300)\n",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    qemu = _qemu_pid(fake_vng)
+    caller.kill()
+    caller.wait()
+    for _ in range(100):
+        if not _alive(qemu):
+            return
+        time.sleep(0.05)
+    os.kill(qemu, signal.SIGKILL)
+    raise AssertionError("the guest outlived its SIGKILLed caller")
 
 
 def test_a_failed_boot_is_reported_to_every_test_and_never_repeated(
