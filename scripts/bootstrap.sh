@@ -17,6 +17,8 @@ if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 pkgs=(cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev python3-venv)
 # A single-node Ceph cluster (one mon, one memstore OSD) for the RBD tests, on the host and in the guest.
 pkgs+=(ceph-mon ceph-osd ceph-common rbd-nbd)
+# The e2e tier's one-node Kubernetes cluster: its container runtime (kubelet talks CRI to containerd).
+pkgs+=(containerd runc containernetworking-plugins)
 if [ "$want_vm" = 1 ]; then
     # qemu runs the guest under TCG; linux-image-amd64 is the guest kernel with dm-crypt, loop and rbd.
     pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static)
