@@ -256,9 +256,11 @@ def _wait_for_etcd(url: str, process: subprocess.Popen[bytes], log: Path) -> Non
         time.sleep(0.1)
 
 
-def _wait_for_apiserver(cluster: KubeCluster, process: subprocess.Popen[bytes], logs: list[Path]) -> None:
+def _wait_for_apiserver(
+    cluster: KubeCluster, process: subprocess.Popen[bytes], logs: list[Path], timeout: float
+) -> None:
     """Poll /readyz: 200 once etcd answers and the post-start hooks (bootstrap RBAC roles) are done."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:
         try:
@@ -277,15 +279,17 @@ def _wait_for_apiserver(cluster: KubeCluster, process: subprocess.Popen[bytes], 
             raise RuntimeError(f"kube-apiserver exited with {process.returncode}:\n{_log_tails(*logs)}")
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"kube-apiserver not ready after {READY_TIMEOUT:.0f} s; last /readyz: {last}\n"
-                + _log_tails(*logs)
+                f"kube-apiserver not ready after {timeout:.0f} s; last /readyz: {last}\n" + _log_tails(*logs)
             )
         time.sleep(0.2)
 
 
 @contextmanager
-def kube_cluster(workdir: Path) -> Iterator[KubeCluster]:
-    """Start etcd and kube-apiserver on free loopback ports, wait until ready, and stop both afterwards."""
+def kube_cluster(workdir: Path, ready_timeout: float = READY_TIMEOUT) -> Iterator[KubeCluster]:
+    """Start etcd and kube-apiserver on free loopback ports, wait until ready, and stop both afterwards.
+
+    ready_timeout: seconds kube-apiserver gets to become ready (minutes under TCG).
+    """
     apiserver = kube_apiserver_binary()
     etcd = etcd_binary()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -324,6 +328,8 @@ def kube_cluster(workdir: Path) -> Iterator[KubeCluster]:
                 [str(apiserver),
                  f"--etcd-servers={etcd_url}",
                  "--bind-address=127.0.0.1", f"--secure-port={api_port}", "--insecure-port=0",
+                 # Where no default route exists (the VM) it cannot find an address of its own.
+                 "--advertise-address=127.0.0.1",
                  f"--tls-cert-file={pki.serving_cert_file}", f"--tls-private-key-file={pki.serving_key_file}",
                  f"--client-ca-file={pki.ca_file}",
                  f"--token-auth-file={pki.token_file}",
@@ -341,7 +347,7 @@ def kube_cluster(workdir: Path) -> Iterator[KubeCluster]:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         stack.callback(_stop, apiserver_process)
-        _wait_for_apiserver(cluster, apiserver_process, [apiserver_log, etcd_log])
+        _wait_for_apiserver(cluster, apiserver_process, [apiserver_log, etcd_log], ready_timeout)
         yield cluster
 
 
