@@ -505,10 +505,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     ) -> csi_pb2.CreateSnapshotResponse:
         name = require_plain_text(require(request.name, "name"), "name")
         backend = self.backend.for_request(request.secrets)
-        if request.parameters:
-            raise invalid_argument(
-                f"CreateSnapshot takes no parameters, got {quoted_list(sorted(request.parameters))}"
-            )
+        # csi-snapshotter --extra-create-metadata adds csi.storage.k8s.io/volumesnapshot/* keys: ignored.
+        unknown = unknown_keys(request.parameters, ())
+        if unknown:
+            raise invalid_argument(f"CreateSnapshot takes no parameters, got {quoted_list(unknown)}")
         source_id = checked_id(backend, request.source_volume_id, "source_volume_id")
         snapshot_id = backend.volume_id_for(name, {}, like=source_id, snapshot=True)
         with (

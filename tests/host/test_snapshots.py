@@ -184,6 +184,26 @@ def test_snapshot_rules_and_idempotency(plugin: RunningPlugin) -> None:
     assert plugin.backend.get(one.volume_id)  # a volume is not deleted as a snapshot
 
 
+def test_snapshot_accepts_the_snapshotters_extra_metadata_and_refuses_other_parameters(
+    plugin: RunningPlugin,
+) -> None:
+    """csi-snapshotter --extra-create-metadata (as deploy/controller.yaml runs it) adds its own keys."""
+    source = plugin.create("pvc-meta", 16 * MiB, LOCAL_1)
+    metadata = {
+        "csi.storage.k8s.io/volumesnapshot/name": "snap-meta",
+        "csi.storage.k8s.io/volumesnapshot/namespace": "default",
+        "csi.storage.k8s.io/volumesnapshotcontent/name": "snapcontent-1",
+    }
+    request = csi_pb2.CreateSnapshotRequest(name="snap-meta", source_volume_id=source.volume_id)
+    request.parameters.update(metadata)
+    snapshot = plugin.controller.CreateSnapshot(request).snapshot
+    assert snapshot.ready_to_use and snapshot.source_volume_id == source.volume_id
+    request.parameters["pool"] = "elsewhere"
+    request.name = "snap-meta-2"
+    details = details_of(plugin.controller.CreateSnapshot, request)
+    assert "takes no parameters" in details and "pool" in details and "volumesnapshot" not in details
+
+
 def test_list_snapshots_filters_and_pages(plugin: RunningPlugin) -> None:
     one = plugin.create("pvc-one", 16 * MiB, LOCAL_1)
     two = plugin.create("pvc-two", 16 * MiB, PLAIN)
