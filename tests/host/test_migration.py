@@ -130,3 +130,18 @@ def test_a_pending_rotation_is_skipped(volumes: Volumes) -> None:
     skipped = volumes.cli("migrate", "--from", "local-1", "--to", "local-2")
     assert skipped.returncode == EXIT_FAILED
     assert "a key rotation is pending" in skipped.stderr and "0 migrated, 1 skipped" in skipped.stdout
+
+
+def test_named_volumes_only(volumes: Volumes) -> None:
+    named, other_kms, unnamed = (
+        volumes.create_formatted(f"pvc-migrate-named-{n}", "local-1") for n in range(3)
+    )
+    volumes.backend.set_metadata(other_kms, KMS_ID, "local-2")  # named, but not of FROM: left alone
+    done = volumes.cli("migrate", "--from", "local-1", "--to", "vault-kv", named, other_kms)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "1 migrated, 0 skipped, 0 failed" in done.stdout
+    assert [volumes.backend.get(v).metadata[KMS_ID] for v in (named, other_kms, unnamed)] == [
+        "vault-kv",
+        "local-2",
+        "local-1",
+    ]
