@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--from", dest="source", required=True, metavar="KMS_ID")
     migrate.add_argument("--to", dest="target", required=True, metavar="KMS_ID")
     migrate.add_argument("--dry-run", action="store_true", help="list what would move, change nothing")
+    migrate.add_argument(
+        "volume_ids",
+        nargs="*",
+        metavar="VOLUME_ID",
+        help="only these (those of KMS_ID among them); default: every volume (the rbd backend cannot list: "
+        "name them)",
+    )
 
     sub.add_parser("version", help="print the version")
     sub.add_parser(
@@ -234,7 +241,7 @@ def _dispatch(tool: Tool, args: argparse.Namespace) -> int:
     if args.command == "migrate":
         from csi_luks.operations.migration import migrate
 
-        return migrate(tool, args.source, args.target, args.dry_run)
+        return migrate(tool, args.source, args.target, args.dry_run, args.volume_ids)
     if args.command == "status":
         from csi_luks.operations.status import report
 

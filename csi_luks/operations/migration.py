@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from csi_luks.encryption import VolumeEncryption
@@ -74,14 +75,17 @@ class Migration:
             raise OperationRefused("--from and --to name the same KMS id")
         self.tool, self.source, self.target = tool, source, target
 
-    def candidates(self) -> list[str]:
-        """The volumes and snapshots of FROM, and those a killed run left half-way to TO."""
-        return [
-            info.volume_id
-            for info in self.tool.backend.list()
-            if info.metadata.get(KMS_ID) == self.source
-            or (info.metadata.get(KMS_ID) == self.target and info.metadata.get(MIGRATING_TO) == self.target)
-        ]
+    def _candidate(self, metadata: Mapping[str, str]) -> bool:
+        return metadata.get(KMS_ID) == self.source or (
+            metadata.get(KMS_ID) == self.target and metadata.get(MIGRATING_TO) == self.target
+        )
+
+    def candidates(self, volume_ids: Sequence[str] = ()) -> list[str]:
+        """The volumes and snapshots of FROM, and those a killed run left half-way to TO: among
+        volume_ids when named (the RBD backend cannot list its volumes), else among all volumes."""
+        if volume_ids:
+            return [v for v in volume_ids if self._candidate(self.tool.backend.get(v).metadata)]
+        return [info.volume_id for info in self.tool.backend.list() if self._candidate(info.metadata)]
 
     def _encryption(self, volume_id: str, record: VolumeRecord, kms_id: str) -> VolumeEncryption:
         return self.tool.encryption(volume_id, dataclasses.replace(record, kms_id=kms_id))
@@ -136,9 +140,10 @@ class Migration:
         return f"DEK moved from {self.source} to {self.target}"
 
 
-def migrate(tool: Tool, source: str, target: str, dry_run: bool) -> int:
-    """Migrate every candidate; print one line per volume and a summary. Exit 0 when all moved, 1 when
-    one was skipped or failed, 3 when a KMS or the backend could not be reached."""
+def migrate(tool: Tool, source: str, target: str, dry_run: bool, volume_ids: Sequence[str] = ()) -> int:
+    """Migrate every candidate (of volume_ids when named); print one line per volume and a summary.
+    Exit 0 when all moved, 1 when one was skipped or failed, 3 when a KMS or the backend could not be
+    reached."""
     try:
         migration = Migration(tool, source, target)
     except (OperationRefused, KMSError) as exc:
@@ -146,7 +151,7 @@ def migrate(tool: Tool, source: str, target: str, dry_run: bool) -> int:
         return EXIT_USAGE
     summary = Summary()
     worst = EXIT_OK
-    for volume_id in migration.candidates():
+    for volume_id in migration.candidates(volume_ids):
         if dry_run:
             print(f"{volume_id}: would move its DEK from {source} to {target}")
             summary.migrated.append(volume_id)

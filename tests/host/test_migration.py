@@ -6,31 +6,59 @@ import os
 import signal
 from pathlib import Path
 
-import hvac
 import pytest
 
+from csi_luks.kms.dek_store import DEK_KEY
 from csi_luks.operations.crash import CRASH_POINT_ENV
 from csi_luks.operations.migration import CRASH_POINTS, MIGRATING_TO, STAGED_DEK
 from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from csi_luks.volume_metadata import KMS_ID
+from tests.support.kms_env import KmsEnv
 from tests.support.openbao import OpenBao
-from tests.support.operations import Volumes, vault_login
+from tests.support.operations import Volumes, vault_kv_has, vault_login, write_kubeconfig
 
-PAIRS = (("local-1", "local-2"), ("local-1", "vault-kv"), ("vault-kv", "local-1"))
+PAIRS = (
+    ("local-1", "local-2"),
+    ("local-1", "vault-kv"),
+    ("vault-kv", "local-1"),
+    ("vault-kv", "vault-transit"),
+    ("metadata", "vault-kv"),
+)
+# The KMS ids that keep the wrapped DEK in the volume's metadata (`csi-luks/dek`); vault-kv keeps it
+# in OpenBao's KV engine.
+IN_METADATA = ("local-1", "local-2", "vault-transit", "metadata")
 # metadata to metadata: between TO's copy put in place and the kms-id switch, FROM's id is recorded
 # but TO's wrapped DEK is stored (the window the migration module documents).
 _WINDOW = ("migration.after-write", "migration.before-switch")
 
 
 @pytest.fixture
-def volumes(tmp_path: Path, session_bao: OpenBao) -> Volumes:
+def volumes(
+    tmp_path: Path,
+    session_bao: OpenBao,
+    kms_env: KmsEnv,
+    plugin_kube_client: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Volumes:
     vault = vault_login(tmp_path, session_bao.address, "2")
+    # The metadata type's passphrase is a Secret on the test kube-apiserver, read with the plugin's
+    # ServiceAccount token: in this process through plugin_kube_client, in the CLI's through $KUBECONFIG.
+    kms_env.put_secret(
+        kms_env.tenant.namespace, "migrate-kek", {"encryptionPassphrase": "the KEK passphrase"}
+    )
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, kms_env.kube, kms_env.node_token_file)))
     return Volumes(
         tmp_path,
         {
             "local-1": {"encryptionKMSType": "local", "keyFile": str(tmp_path / "kek-1")},
             "local-2": {"encryptionKMSType": "local", "keyFile": str(tmp_path / "kek-2")},
             "vault-kv": {"encryptionKMSType": "vault", "vaultPassphrasePath": "migrate/", **vault},
+            "vault-transit": {"encryptionKMSType": "vault-transit", "vaultTransitKey": "csi-kek", **vault},
+            "metadata": {
+                "encryptionKMSType": "metadata",
+                "secretName": "migrate-kek",
+                "secretNamespace": kms_env.tenant.namespace,
+            },
             "secrets": {"encryptionKMSType": "secrets"},
         },
         secrets={"encryptionPassphrase": "the shared passphrase of a secrets-type class"},
@@ -38,11 +66,7 @@ def volumes(tmp_path: Path, session_bao: OpenBao) -> Volumes:
 
 
 def _vault_has(bao: OpenBao, volume_id: str) -> bool:
-    try:
-        bao.client().secrets.kv.v2.read_secret_metadata(path=f"migrate/{volume_id}", mount_point="secret")
-    except hvac.exceptions.InvalidPath:
-        return False
-    return True
+    return vault_kv_has(bao, f"migrate/{volume_id}")
 
 
 def _assert_moved(volumes: Volumes, bao: OpenBao, volume_id: str, dek: str, source: str, target: str) -> None:
@@ -50,7 +74,7 @@ def _assert_moved(volumes: Volumes, bao: OpenBao, volume_id: str, dek: str, sour
     assert metadata[KMS_ID] == target
     assert MIGRATING_TO not in metadata and STAGED_DEK not in metadata
     assert volumes.dek(volume_id) == dek and volumes.opens(volume_id, dek) == 0
-    assert ("csi-luks/dek" in metadata) == target.startswith("local")
+    assert (DEK_KEY in metadata) == (target in IN_METADATA)
     assert _vault_has(bao, volume_id) == (target == "vault-kv")
 
 
@@ -85,7 +109,7 @@ def test_a_migration_killed_at_any_step_resumes(
         "migrate", "--from", source, "--to", target, env={**os.environ, CRASH_POINT_ENV: crash_point}
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    if not (source.startswith("local") and target.startswith("local") and crash_point in _WINDOW):
+    if not (source in IN_METADATA and target in IN_METADATA and crash_point in _WINDOW):
         assert volumes.dek(volume_id) == dek  # whichever id is recorded gives the DEK back
     done = volumes.cli("migrate", "--from", source, "--to", target)
     assert done.returncode == EXIT_OK, done.stderr
@@ -106,3 +130,18 @@ def test_a_pending_rotation_is_skipped(volumes: Volumes) -> None:
     skipped = volumes.cli("migrate", "--from", "local-1", "--to", "local-2")
     assert skipped.returncode == EXIT_FAILED
     assert "a key rotation is pending" in skipped.stderr and "0 migrated, 1 skipped" in skipped.stdout
+
+
+def test_named_volumes_only(volumes: Volumes) -> None:
+    named, other_kms, unnamed = (
+        volumes.create_formatted(f"pvc-migrate-named-{n}", "local-1") for n in range(3)
+    )
+    volumes.backend.set_metadata(other_kms, KMS_ID, "local-2")  # named, but not of FROM: left alone
+    done = volumes.cli("migrate", "--from", "local-1", "--to", "vault-kv", named, other_kms)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "1 migrated, 0 skipped, 0 failed" in done.stdout
+    assert [volumes.backend.get(v).metadata[KMS_ID] for v in (named, other_kms, unnamed)] == [
+        "vault-kv",
+        "local-2",
+        "local-1",
+    ]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hvac
+
 from csi_luks.csi import csi_pb2
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
@@ -17,7 +19,8 @@ from csi_luks.operations.tool import Tool
 from csi_luks.services.controller import ControllerService
 from csi_luks.volume_metadata import STATE, EncryptionState
 from csi_luks.volumes.standalone import StandaloneBackend
-from tests.support.openbao import ROOT_TOKEN
+from tests.support.kube import KubeCluster
+from tests.support.openbao import ROOT_TOKEN, OpenBao
 from tests.support.plugin import MiB, mount_capability
 
 
@@ -29,6 +32,33 @@ def vault_login(root: Path, address: str, retry_deadline: str = "1") -> dict[str
         "vaultTokenFile": str(root / "token"),
         "vaultRetryDeadline": retry_deadline,
     }
+
+
+def write_kubeconfig(root: Path, kube: KubeCluster, token_file: Path) -> Path:
+    """A kubeconfig for the test cluster that authenticates with the token in token_file: what the
+    CLI's Kubernetes client loads from $KUBECONFIG (outside a Pod)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "test", "cluster": {"server": kube.url, "certificate-authority": str(kube.ca_file)}}
+        ],
+        "users": [{"name": "csi-luks", "user": {"token": token_file.read_text().strip()}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "csi-luks"}}],
+        "current-context": "test",
+    }
+    path = root / "kubeconfig"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def vault_kv_has(bao: OpenBao, path: str) -> bool:
+    """Whether the KV v2 engine at secret/ of bao holds a secret at path."""
+    try:
+        bao.client().secrets.kv.v2.read_secret_metadata(path=path, mount_point="secret")
+    except hvac.exceptions.InvalidPath:
+        return False
+    return True
 
 
 class Volumes:
