@@ -38,6 +38,7 @@ import kubernetes.utils
 import requests
 import yaml
 
+from tests.support import csi_tools
 from tests.support.kube import BINARY_ENV, BUILD_SCRIPT, REPO_ROOT, KubeCluster, free_ports, kube_cluster
 from tests.support.oci_image import LocalImages, busybox_archive
 
@@ -52,7 +53,6 @@ CSI_TOOLS = (
     "csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter", "snapshot-controller",
     "csi-node-driver-registrar", "livenessprobe",
 )  # fmt: skip
-CSI_TOOLS_SCRIPT = REPO_ROOT.parent / "shared" / "tools" / "build-csi-tools.sh"
 CRDS = "snapshot-crds"
 HOW_TO_GET_SIDECARS = (
     "the Kubernetes CSI sidecars are missing: this tier needs ../shared/tools/build-csi-tools.sh beside "
@@ -80,19 +80,12 @@ class ProgramsUnavailable(Exception):
 
 def _host_programs() -> dict[str, Path]:
     """Every program by name (and the CRD directory), building what is missing; raise if impossible."""
-    found: dict[str, Path] = {}
-    if not CSI_TOOLS_SCRIPT.exists():
+    if not csi_tools.BUILD_SCRIPT.exists():
         raise ProgramsUnavailable(HOW_TO_GET_SIDECARS)
-    built = subprocess.run(
-        ["bash", str(CSI_TOOLS_SCRIPT), *CSI_TOOLS],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if built.returncode != 0:
-        raise ProgramsUnavailable(f"{CSI_TOOLS_SCRIPT} failed: {built.stderr[-3000:]}")
-    for line in built.stdout.splitlines():
-        name, _, path = line.partition(" ")
-        if name in CSI_TOOLS:
-            found[name] = Path(path)
+    try:
+        found = {name: Path(path) for name, path in csi_tools.build(list(CSI_TOOLS)).items()}
+    except csi_tools.CsiToolsUnavailable as exc:
+        raise ProgramsUnavailable(str(exc)) from None
     crds = sorted(found["snapshot-controller"].parent.glob("snapshot-crds-*"))
     if not crds:
         raise ProgramsUnavailable(f"no snapshot CRDs beside {found['snapshot-controller']}")
