@@ -24,12 +24,16 @@ from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.csiaddons.encryptionkeyrotation_pb2_grpc import (
     add_EncryptionKeyRotationControllerServicer_to_server as add_key_rotation_servicer,
 )
+from csi_luks.csiaddons.identity_pb2_grpc import (
+    add_IdentityServicer_to_server as add_addons_identity_servicer,
+)
 from csi_luks.errors import capped, status_for
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup
 from csi_luks.readiness import ReadinessCheck
 from csi_luks.services.controller import ControllerService
+from csi_luks.services.csiaddons_identity import CsiAddonsIdentityService
 from csi_luks.services.identity import IdentityService
 from csi_luks.services.node import NodeService
 from csi_luks.services.rotation import EncryptionKeyRotationService
@@ -179,7 +183,17 @@ class PluginServer:
             ),
             server,
         )
-        services = ["", "csi.v1.Identity"]
+        services = ["", "csi.v1.Identity", "identity.Identity"]
+        add_addons_identity_servicer(
+            CsiAddonsIdentityService(
+                self.settings.driver_name,
+                __version__,
+                controller=self.settings.mode.runs_controller,
+                node=self.settings.mode.runs_node,
+                readiness=self.readiness,
+            ),
+            server,
+        )
         if self.settings.mode.runs_controller:
             csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
             services.append("csi.v1.Controller")

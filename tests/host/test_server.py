@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csi_luks import __version__
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from csi_luks.csiaddons import identity_pb2 as addons_identity
+from csi_luks.csiaddons import identity_pb2_grpc as addons_identity_grpc
 from csi_luks.system.kernel import device_mapper_missing_reason
 
 
@@ -107,6 +109,35 @@ def test_serve_answers_identity_calls_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0, stderr
     assert "received SIGTERM" in stderr and "stopped" in stderr
     assert not sock.exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "services", "rotation"),
+    [("controller", ["CONTROLLER_SERVICE"], False), ("node", ["NODE_SERVICE"], True)],
+)
+def test_csi_addons_identity_offers_key_rotation_where_the_node_service_runs(
+    tmp_path: Path, mode: str, services: list[str], rotation: bool
+) -> None:
+    """The csi-addons sidecar reads GetCapabilities before it calls EncryptionKeyRotate."""
+    with serve(tmp_path / "csi.sock", "--driver-name", "luks.csi.example.com", "--mode", mode) as plugin:
+        addons = addons_identity_grpc.IdentityStub(plugin.channel)
+        info = addons.GetIdentity(addons_identity.GetIdentityRequest())
+        assert (info.name, info.vendor_version) == ("luks.csi.example.com", __version__)
+        capabilities = addons.GetCapabilities(addons_identity.GetCapabilitiesRequest()).capabilities
+        service_type = addons_identity.Capability.Service.Type
+        assert [service_type.Name(c.service.type) for c in capabilities if c.HasField("service")] == services
+        rotations = [
+            c.encryption_key_rotation.type for c in capabilities if c.HasField("encryption_key_rotation")
+        ]
+        assert rotations == (
+            [addons_identity.Capability.EncryptionKeyRotation.ENCRYPTIONKEYROTATION] if rotation else []
+        )
+        probe = addons.Probe(addons_identity.ProbeRequest())
+        assert probe.HasField("ready")
+        health = health_pb2_grpc.HealthStub(plugin.channel).Check(
+            health_pb2.HealthCheckRequest(service="identity.Identity")
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_sigterm_lets_an_in_flight_call_finish(tmp_path: Path) -> None:

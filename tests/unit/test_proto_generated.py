@@ -13,7 +13,11 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True)
     expected = {
         "csi": ["csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"],
-        "csiaddons": [f"encryptionkeyrotation{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")],
+        "csiaddons": sorted(
+            f"{proto}{suffix}"
+            for proto in ("encryptionkeyrotation", "identity")
+            for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+        ),
     }
     for package, names in expected.items():
         generated = sorted(p.name for p in (tmp_path / "csi_luks" / package).iterdir())
