@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from csi_luks import luks
+from csi_luks.key_lock import KeyOperationBusy
 from csi_luks.kms import base as kms
 from csi_luks.operations import OperationRefused
 from csi_luks.volumes import base as volumes
@@ -33,6 +34,8 @@ def failed_precondition(message: str) -> CsiError:
 # Most specific first: the first isinstance match wins.
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.CryptsetupTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # An operator's `csi-luks rotate` (or another key change) holds the volume's key lock on this node.
+    (KeyOperationBusy, grpc.StatusCode.ABORTED),
     (luks.DeviceNotFound, grpc.StatusCode.NOT_FOUND),
     # The KMS's key does not open this volume, the device holds no LUKS header, the node lacks
     # cryptsetup or device-mapper, or the device is held by someone else: an operator must act.

@@ -1,7 +1,8 @@
 """Per-volume operation locks: a second operation on a volume in flight is refused, not queued.
 
 Refusing with ABORTED (as the CSI spec asks) lets the CO retry with backoff instead of piling up
-threads behind a slow cryptsetup or mkfs.
+threads behind a slow cryptsetup or mkfs. These guard the calls of one plugin process; key_lock.py
+guards a volume's key across processes.
 """
 
 from __future__ import annotations

@@ -37,7 +37,10 @@ def header_backup(tool: Tool, volume_ids: list[str]) -> int:
     def one(volume_id: str) -> str:
         if not tool.record(volume_id).encrypted:
             raise OperationRefused(f"volume {volume_id} is not encrypted")
-        with tool.backend.key_device(volume_id) as device:
+        with (
+            tool.backend.key_operation(volume_id, "a header backup"),
+            tool.backend.key_device(volume_id) as device,
+        ):
             if not refresh_header_backup(tool.cryptsetup, tool.backend, volume_id, device):
                 raise OperationRefused(f"the {type(tool.backend).__name__} keeps no header backups")
         return "header backed up"
@@ -51,7 +54,10 @@ def header_restore(tool: Tool, volume_id: str, force: bool) -> int:
     def one(volume_id: str) -> str:
         encryption = tool.encryption(volume_id)
         try:
-            with tool.backend.key_device(volume_id) as device:
+            with (
+                tool.backend.key_operation(volume_id, "a header restore"),
+                tool.backend.key_device(volume_id) as device,
+            ):
                 restore_header(tool.cryptsetup, tool.backend, encryption, volume_id, device, force=force)
         finally:
             encryption.close()

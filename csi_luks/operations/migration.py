@@ -105,6 +105,10 @@ class Migration:
             self.tool.backend.set_metadata(volume_id, DEK_KEY, wrapped)
 
     def migrate(self, volume_id: str) -> str:
+        with self.tool.backend.key_operation(volume_id, "a KMS migration"):
+            return self._migrate(volume_id)
+
+    def _migrate(self, volume_id: str) -> str:
         backend = self.tool.backend
         metadata = backend.get(volume_id).metadata
         record = VolumeRecord.parse(metadata)

@@ -81,11 +81,15 @@ class KeyRotation:
 
     def rotate(self, volume_id: str, device: str) -> RotationResult:
         """Give the volume a new DEK; a rotation that was interrupted is finished instead."""
+        with self.backend.key_operation(volume_id, "a key rotation"):
+            return self._rotate(volume_id, device)
+
+    def _rotate(self, volume_id: str, device: str) -> RotationResult:
         record = self._record(volume_id)
         if not record.encrypted:
             raise OperationRefused(f"volume {volume_id} is not encrypted: it has no key to rotate")
         if record.state is EncryptionState.ROTATING:
-            return self.finish(volume_id, device)
+            return self._finish(volume_id, device)
         if record.state is not EncryptionState.ENCRYPTED:
             state = record.state.value if record.state else "none"
             raise OperationRefused(
@@ -103,10 +107,11 @@ class KeyRotation:
 
     def finish(self, volume_id: str, device: str) -> RotationResult:
         """Complete the rotation of a volume in state `rotating` (idempotent)."""
-        record = self._record(volume_id)
-        if record.state is not EncryptionState.ROTATING:
-            raise OperationRefused(f"volume {volume_id} has no rotation under way")
-        return self._finish(volume_id, device)
+        with self.backend.key_operation(volume_id, "a key rotation"):
+            record = self._record(volume_id)
+            if record.state is not EncryptionState.ROTATING:
+                raise OperationRefused(f"volume {volume_id} has no rotation under way")
+            return self._finish(volume_id, device)
 
     def _finish(self, volume_id: str, device: str) -> RotationResult:
         current = self.encryption.get_passphrase(volume_id)

@@ -10,7 +10,9 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from csi_luks.key_lock import key_operation_lock
 from csi_luks.quoting import quoted
 
 MAX_BYTES = 2**63 - 1  # off_t, and CSI's int64 capacities
@@ -63,6 +65,7 @@ class VolumeInfo:
 class VolumeBackend(ABC):
     """Create, find, resize and delete volumes; keep per-volume metadata; attach them as block devices."""
 
+    state_dir: Path  # the node's own directory for this backend's files
     # StorageClass parameters this backend reads (the controller refuses any other unknown key).
     parameter_keys: tuple[str, ...] = ()
     # Whether list() and free_bytes() work without a request's credentials (ListVolumes, ListSnapshots
@@ -182,6 +185,14 @@ class VolumeBackend(ABC):
 
     def remove_header_backup(self, volume_id: str) -> None:  # noqa: B027 - nothing kept, nothing to do
         """Destroy the volume's header backup; a missing one is already destroyed."""
+
+    @contextlib.contextmanager
+    def key_operation(self, volume_id: str, operation: str) -> Iterator[None]:
+        """Exclusive, across processes on this node, for a change to the volume's key slots or DEK
+        (raises locks.KeyOperationBusy when another holds it)."""
+        self.check_id(volume_id)
+        with key_operation_lock(self.state_dir / "key-locks", volume_id, operation):
+            yield
 
     @contextlib.contextmanager
     def key_device(self, volume_id: str) -> Iterator[str]:

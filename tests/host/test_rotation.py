@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -158,3 +160,45 @@ def test_encryption_key_rotate_over_grpc(volumes: Volumes, tmp_path: Path) -> No
         request = pb.EncryptionKeyRotateRequest(volume_id=shared, secrets=volumes.secrets)
         assert code_of(stub.EncryptionKeyRotate, request) == grpc.StatusCode.FAILED_PRECONDITION
         assert "no per-volume key to rotate" in details_of(stub.EncryptionKeyRotate, request)
+
+
+def test_one_key_change_at_a_time_per_volume_across_processes(volumes: Volumes, tmp_path: Path) -> None:
+    """An operator's rotation in flight (another process) holds the volume's key lock: the plugin's
+    EncryptionKeyRotate is ABORTED, a second `csi-luks rotate` and `migrate` refuse, and nothing
+    changes; once the holder is killed (its flock dies with it) the next rotation succeeds."""
+    volume_id = volumes.create_formatted("pvc-rotate-locked", "local-1")
+    old = volumes.dek(volume_id)
+    holder_code = (
+        "import sys, time\n"
+        "from csi_luks.volumes.standalone import StandaloneBackend\n"
+        "with StandaloneBackend(sys.argv[1]).key_operation(sys.argv[2], 'a key rotation'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(volumes.state_dir), volume_id],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        refused = volumes.cli("rotate", volume_id)
+        assert refused.returncode == EXIT_FAILED
+        assert (
+            f"a key rotation (pid {holder.pid}) is changing the key of volume {volume_id}" in refused.stderr
+        )
+        moved = volumes.cli("migrate", "--from", "local-1", "--to", "metadata-1")
+        assert moved.returncode == EXIT_FAILED and "is changing the key" in moved.stderr
+        with running_plugin(tmp_path / "plugin", state_dir=volumes.state_dir) as plugin:
+            stub = pb_grpc.EncryptionKeyRotationControllerStub(plugin.channel)
+            request = pb.EncryptionKeyRotateRequest(volume_id=volume_id)
+            assert code_of(stub.EncryptionKeyRotate, request) == grpc.StatusCode.ABORTED
+            assert "will succeed once it is done" in details_of(stub.EncryptionKeyRotate, request)
+        assert volumes.dek(volume_id) == old and volumes.state(volume_id) == EncryptionState.ENCRYPTED.value
+        assert volumes.slots(volume_id) == [volumes.opens(volume_id, old)]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    done = volumes.cli("rotate", volume_id)
+    assert done.returncode == EXIT_OK, done.stderr
+    _assert_rotated(volumes, volume_id, old)
