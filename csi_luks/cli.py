@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from csi_luks import __version__
+from csi_luks.logs import LogFormat, configure
 from csi_luks.settings import (
     DEFAULT_CEPH_CONFIG,
     DEFAULT_DRIVER_NAME,
@@ -120,6 +120,21 @@ def _parser() -> argparse.ArgumentParser:
         "RESOURCE_EXHAUSTED and retried by the CO (env CSI_LUKS_MAX_COPIES; default 4)",
     )
     serve.add_argument(
+        "--metrics-address",
+        default=os.environ.get("CSI_LUKS_METRICS_ADDRESS") or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (env CSI_LUKS_METRICS_ADDRESS; "
+        "default: no metrics)",
+    )
+    serve.add_argument(
+        "--log-format",
+        type=LogFormat,
+        choices=list(LogFormat),
+        default=LogFormat(os.environ.get("CSI_LUKS_LOG_FORMAT", "text")),
+        help="text, or json: one JSON object a line, one line per call with its request id, method, volume "
+        "id, code and duration (env CSI_LUKS_LOG_FORMAT; default text)",
+    )
+    serve.add_argument(
         "--grace-period",
         type=float,
         default=30.0,
@@ -167,11 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.log_level is None:
         args.log_level = "warning" if args.command == "demo" else "info"
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(args.log_level, getattr(args, "log_format", LogFormat.TEXT))
     if args.command == "version":
         print(__version__)
         return 0
@@ -197,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ceph_config=args.ceph_config,
                 kms_config=args.kms_config,
                 kms_config_map=args.kms_config_map,
+                metrics_address=args.metrics_address,
             )
             PluginServer(settings).serve_until_signalled()
         except (ValueError, ServerError, KMSError) as exc:

@@ -27,6 +27,12 @@ class ReadinessCheck:
         self._last: Readiness | None = None
         self._lock = threading.Lock()
 
+    @property
+    def latest(self) -> Readiness | None:
+        """The answer of the last check (None before the first): what the metrics report, at no cost."""
+        with self._lock:
+            return self._last
+
     def check(self) -> Readiness:
         reasons: list[str] = []
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import itertools
 import logging
 import os
 import signal
@@ -30,7 +29,9 @@ from csi_luks.csiaddons.identity_pb2_grpc import (
 from csi_luks.errors import capped, status_for
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
+from csi_luks.logs import CALL_FIELDS, new_request_id, request_scope
 from csi_luks.luks import Cryptsetup
+from csi_luks.metrics import PluginMetrics, staged_at_start
 from csi_luks.readiness import ReadinessCheck
 from csi_luks.services.controller import ControllerService
 from csi_luks.services.csiaddons_identity import CsiAddonsIdentityService
@@ -47,15 +48,16 @@ from csi_luks.volumes.standalone import StandaloneBackend
 
 log = logging.getLogger(__name__)
 
-_request_ids = itertools.count(1)
-
 
 class ServerError(Exception):
     """The server cannot start (socket in use, bad permissions, ...)."""
 
 
 class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Logs each unary call (secrets stripped) and maps exceptions to gRPC codes, in one place."""
+    """Logs each unary call (secrets stripped), maps exceptions to gRPC codes, counts calls: in one place."""
+
+    def __init__(self, metrics: PluginMetrics | None) -> None:
+        self._metrics = metrics
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -65,32 +67,79 @@ class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         inner = handler.unary_unary
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-            request_id = next(_request_ids)
-            started = time.monotonic()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("[%d] %s request: %s", request_id, method, sanitized(request))
-            try:
-                response = inner(request, context)
-            except Exception as exc:
-                code, message = status_for(exc)
-                message = capped(message)
-                elapsed = time.monotonic() - started
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("[%d] %s failed after %.3fs: %s", request_id, method, elapsed, message)
-                else:
-                    log.warning(
-                        "[%d] %s -> %s after %.3fs: %s", request_id, method, code.name, elapsed, message
-                    )
-                context.abort(code, message)  # raises: the call ends here with that status
-                raise
-            log.info("[%d] %s -> OK in %.3fs", request_id, method, time.monotonic() - started)
-            return response
+            request_id = new_request_id()
+            with request_scope(request_id):
+                return self._call(method, inner, request, context, request_id)
 
         return grpc.unary_unary_rpc_method_handler(
             behavior,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _call(
+        self, method: str, inner: Callable[[Any, Any], Any], request: Any, context: Any, request_id: str
+    ) -> Any:
+        started = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("[%s] %s request: %s", request_id, method, sanitized(request))
+        try:
+            response = inner(request, context)
+        except Exception as exc:
+            code, message = status_for(exc)
+            message = capped(message)
+            elapsed = time.monotonic() - started
+            volume_id = _volume_id(request, None)
+            self._finished(method, code, elapsed, volume_id)
+            fields = _call_fields(method, code, elapsed, volume_id)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception(
+                    "[%s] %s failed after %.3fs: %s", request_id, method, elapsed, message, extra=fields
+                )
+            else:
+                log.warning(
+                    "[%s] %s -> %s after %.3fs: %s", request_id, method, code.name, elapsed, message,
+                    extra=fields,
+                )  # fmt: skip
+            context.abort(code, message)  # raises: the call ends here with that status
+            raise
+        elapsed = time.monotonic() - started
+        volume_id = _volume_id(request, response)
+        self._finished(method, grpc.StatusCode.OK, elapsed, volume_id)
+        log.info(
+            "[%s] %s -> OK in %.3fs", request_id, method, elapsed,
+            extra=_call_fields(method, grpc.StatusCode.OK, elapsed, volume_id),
+        )  # fmt: skip
+        return response
+
+    def _finished(self, method: str, code: grpc.StatusCode, elapsed: float, volume_id: str | None) -> None:
+        if self._metrics is not None:
+            self._metrics.call_finished(method, code, elapsed, volume_id)
+
+
+def _volume_id(request: Any, response: Any) -> str | None:
+    """The volume a call is about: the request's volume id, a snapshot's source, a new volume's id."""
+    fields = request.DESCRIPTOR.fields_by_name
+    for name in ("volume_id", "source_volume_id"):
+        if name in fields and getattr(request, name):
+            return str(getattr(request, name))
+    if response is not None and "volume" in response.DESCRIPTOR.fields_by_name:
+        return str(response.volume.volume_id) or None
+    return None
+
+
+def _call_fields(
+    method: str, code: grpc.StatusCode, elapsed: float, volume_id: str | None
+) -> dict[str, object]:
+    """What the JSON log line of a call carries besides its message (logs.py)."""
+    return {
+        CALL_FIELDS: {
+            "method": method,
+            "volume_id": volume_id,
+            "code": code.name,
+            "duration_ms": round(elapsed * 1000, 3),
+        }
+    }
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -144,6 +193,12 @@ class PluginServer:
         self.locks = OperationLocks()
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
         self.health = health.HealthServicer()
+        self.metrics: PluginMetrics | None = None
+        if settings.metrics_address is not None:
+            staged = staged_at_start(self.backend) if settings.mode.runs_node else []
+            self.metrics = PluginMetrics(self.readiness, staged)
+            self.cryptsetup.observer = self.metrics.cryptsetup_call
+            self.kms_config.observer = self.metrics.kms_call
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
@@ -172,7 +227,7 @@ class PluginServer:
         _remove_stale_socket(path)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="csi"),
-            interceptors=[_CallInterceptor()],
+            interceptors=[_CallInterceptor(self.metrics)],
         )
         self.controller = ControllerService(
             self.backend, self.kms_config, self.locks, max_copies=self.settings.max_copies
@@ -223,6 +278,12 @@ class PluginServer:
             server.start()
         self._secure_socket(path)
         self._server = server
+        if self.metrics is not None:
+            host, port = self.settings.metrics_endpoint
+            try:
+                self.metrics.serve(host, port)
+            except OSError as exc:  # stop() removes the socket
+                raise ServerError(f"cannot serve metrics on {self.settings.metrics_address}: {exc}") from None
         for service in services:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -252,6 +313,8 @@ class PluginServer:
         grace = self.settings.grace_period if grace is None else grace
         log.info("shutting down; in-flight calls get up to %.0fs to finish", grace)
         self._server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.settings.socket_path)
         log.info("stopped")

@@ -65,6 +65,7 @@ class Settings:
     ceph_config: str = DEFAULT_CEPH_CONFIG  # rbd: the Ceph clusters, ceph-csi's config.json format
     kms_config: str = DEFAULT_KMS_CONFIG  # JSON object keyed by KMS id
     kms_config_map: str | None = None  # "namespace/name": read through the API while kms_config is absent
+    metrics_address: str | None = None  # "host:port" of the Prometheus endpoint; None: no metrics
 
     def __post_init__(self) -> None:
         if not _DRIVER_NAME.match(self.driver_name):
@@ -83,6 +84,8 @@ class Settings:
             raise ValueError(f"max copies must be at least 1 and fewer than the {self.workers} workers")
         if self.kms_config_map is not None:
             self.kms_config_map_ref  # noqa: B018 - validates the form
+        if self.metrics_address is not None:
+            self.metrics_endpoint  # noqa: B018 - validates the form
 
     @property
     def kms_config_map_ref(self) -> tuple[str, str] | None:
@@ -93,6 +96,21 @@ class Settings:
         if not namespace or not name or "/" in name:
             raise ValueError(f"KMS ConfigMap {self.kms_config_map!r} must be given as NAMESPACE/NAME")
         return namespace, name
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int]:
+        """(host, port) of the metrics endpoint: HOST:PORT, [IPv6]:PORT, or :PORT for every interface."""
+        address = self.metrics_address or ""
+        if address.startswith("["):
+            host, separator, port = address[1:].partition("]:")
+        else:
+            host, separator, port = address.rpartition(":")
+            separator = "" if ":" in host else separator  # an IPv6 address goes in brackets
+        if not separator or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"metrics address {address!r} must be HOST:PORT (e.g. 127.0.0.1:9808, [::1]:9808, :9808)"
+            )
+        return host or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" asks for every interface
 
     @property
     def socket_path(self) -> str:

@@ -114,6 +114,8 @@ class KMSContext:
 
 
 KMSFactory = Callable[[str, Mapping[str, str], KMSContext], EncryptionKMS]
+# Told of every KMS and DEK store call: (KMS type, operation, seconds, the exception or None). Metrics use it.
+KMSCallObserver = Callable[[str, str, float, BaseException | None], None]
 _REGISTRY: dict[str, KMSFactory] = {}
 _TENANT_KEYS: dict[str, frozenset[str]] = {}
 _SHARED_PASSPHRASE_TYPES: set[str] = set()

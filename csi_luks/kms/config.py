@@ -34,6 +34,7 @@ from csi_luks.kms import vault as _vault  # noqa: F401
 from csi_luks.kms import vault_tenant as _vault_tenant  # noqa: F401
 from csi_luks.kms.base import (
     EncryptionKMS,
+    KMSCallObserver,
     KMSConfigError,
     KMSContext,
     factory_for,
@@ -80,6 +81,8 @@ class KMSConfig:
         """
         self.path = os.fspath(path) if path is not None else None
         self.config_map = config_map
+        # Set by a server with metrics: every volume's KMS calls are reported to it (encryption.py).
+        self.observer: KMSCallObserver | None = None
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._config_map_good: dict[str, dict[str, str]] | None = None  # the last good read of the ConfigMap

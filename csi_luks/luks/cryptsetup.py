@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
+from collections.abc import Callable
 
 from csi_luks.luks.errors import (
     CryptsetupMissing,
@@ -36,6 +38,9 @@ from csi_luks.system.runner import (
 log = logging.getLogger(__name__)
 
 Passphrase = bytes | str
+
+# Told of every cryptsetup call: (operation, seconds, the LuksError it raised or None). Metrics use it.
+CallObserver = Callable[[str, float, LuksError | None], None]
 
 # cryptsetup's documented exit codes.
 _EXIT_WRONG_PASSPHRASE = 2
@@ -86,10 +91,17 @@ def classify(error: CommandError, operation: str) -> LuksError:
 class Cryptsetup:
     """LUKS2 operations on block devices (and, for header work, plain image files)."""
 
-    def __init__(self, runner: Runner | None = None, binary: str = "cryptsetup", timeout: float = 120.0):
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        binary: str = "cryptsetup",
+        timeout: float = 120.0,
+        observer: CallObserver | None = None,
+    ):
         self.runner = runner or Runner()
         self.binary = binary
         self.timeout = timeout
+        self.observer = observer
 
     def _run(
         self,
@@ -100,10 +112,19 @@ class Cryptsetup:
         check: bool = True,
     ) -> CommandResult:
         stdin = _bytes(passphrase) if passphrase is not None else None
+        started = time.monotonic()
         try:
-            return self.runner.run([self.binary, *args], stdin=stdin, timeout=self.timeout, check=check)
+            result = self.runner.run([self.binary, *args], stdin=stdin, timeout=self.timeout, check=check)
         except CommandError as exc:
-            raise classify(exc, operation) from None
+            error = classify(exc, operation)
+            self._observe(operation, started, error)
+            raise error from None
+        self._observe(operation, started, None)
+        return result
+
+    def _observe(self, operation: str, started: float, error: LuksError | None) -> None:
+        if self.observer is not None:
+            self.observer(operation, time.monotonic() - started, error)
 
     def version(self) -> str:
         return self._run("version", ["--version"]).stdout.strip()

@@ -47,3 +47,17 @@ def test_modes() -> None:
 def test_copies_leave_workers_for_other_calls(workers: int, copies: int) -> None:
     with pytest.raises(ValueError, match="max copies"):
         Settings(endpoint="/tmp/csi.sock", workers=workers, max_copies=copies)
+
+
+@pytest.mark.parametrize(
+    ("address", "endpoint"),
+    [("127.0.0.1:9808", ("127.0.0.1", 9808)), ("[::1]:9808", ("::1", 9808)), (":9808", ("0.0.0.0", 9808))],  # noqa: S104
+)
+def test_metrics_address(address: str, endpoint: tuple[str, int]) -> None:
+    assert Settings(endpoint="/tmp/csi.sock", metrics_address=address).metrics_endpoint == endpoint
+
+
+@pytest.mark.parametrize("address", ["", "9808", "host:", "host:0", "host:65536", "::1:9808", "[::1]9808"])
+def test_bad_metrics_addresses(address: str) -> None:
+    with pytest.raises(ValueError, match="must be HOST:PORT"):
+        Settings(endpoint="/tmp/csi.sock", metrics_address=address)
