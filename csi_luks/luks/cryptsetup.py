@@ -24,6 +24,7 @@ from csi_luks.luks.errors import (
 from csi_luks.luks.naming import mapper_path
 from csi_luks.luks.options import FormatOptions, OpenOptions
 from csi_luks.luks.status import LuksHeader, MappingStatus, parse_dump, parse_status
+from csi_luks.system.programs import CRYPTSETUP
 from csi_luks.system.runner import (
     CommandError,
     CommandNotFound,
@@ -86,7 +87,7 @@ def classify(error: CommandError, operation: str) -> LuksError:
 class Cryptsetup:
     """LUKS2 operations on block devices (and, for header work, plain image files)."""
 
-    def __init__(self, runner: Runner | None = None, binary: str = "cryptsetup", timeout: float = 120.0):
+    def __init__(self, runner: Runner | None = None, binary: str = CRYPTSETUP, timeout: float = 120.0):
         self.runner = runner or Runner()
         self.binary = binary
         self.timeout = timeout
