@@ -16,16 +16,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.system.programs import PROGRAMS
+from tests.support.deployed_plugin import DEPLOY_BASE, deployed_command
 from tests.support.image_rootfs import (
     DOCKERFILE,
-    ImageConfig,
     apt_packages,
     chroot_argv,
     image_config,
@@ -110,23 +112,30 @@ def test_the_image_has_no_build_tools(image_root: Path) -> None:
     assert check.stdout.startswith("/opt/csi-luks/lib/python3")
 
 
-@pytest.fixture
-def served(image_root: Path, tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes], Path]]:
-    """The image's ENTRYPOINT + CMD in a chroot, its /csi bound to a directory here."""
-    config: ImageConfig = image_config()
-    socket_dir = tmp_path / "csi"
+@contextmanager
+def _serving(
+    root: Path, workdir: Path, argv: list[str], env: dict[str, str], user: str | None = None
+) -> Iterator[tuple[Path, subprocess.Popen[bytes], Path]]:
+    """argv in the image as a pod runs it: /csi bound to a directory here (owned by `user`), tmpfs at
+    /tmp and the state dir; a non-root user also gets a read-only root, as the controller's pod has."""
+    socket_dir = workdir / "csi"
     socket_dir.mkdir()
-    log = tmp_path / "serve.log"
-    argv = chroot_argv(
-        image_root,
-        [*config.entrypoint, *config.cmd],
-        env=config.env,
-        workdir=config.workdir,
+    if user:
+        uid, gid = (int(n) for n in user.split(":"))
+        os.chown(socket_dir, uid, gid)
+    log = workdir / "serve.log"
+    command = chroot_argv(
+        root,
+        argv,
+        env=env,
+        workdir=image_config().workdir,
         binds={"/csi": socket_dir},
         tmpfs=["/var/lib/csi-luks", "/tmp", "/run"],
+        user=user,
+        read_only=user is not None,
     )
     with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield socket_dir / "csi.sock", process, log
     finally:
@@ -139,9 +148,8 @@ def served(image_root: Path, tmp_path: Path) -> Iterator[tuple[Path, subprocess.
                 process.wait()
 
 
-@REQUIRED
-def test_the_image_serves_probe_and_plugin_info(served: tuple[Path, subprocess.Popen[bytes], Path]) -> None:
-    socket, process, log = served
+def _identity(socket: Path, process: subprocess.Popen[bytes], log: Path) -> tuple[str, str, bool]:
+    """GetPluginInfo's name and version and Probe's ready, once the socket is there."""
     deadline = time.monotonic() + START_TIMEOUT
     while not socket.exists():
         assert process.poll() is None, f"csi-luks exited {process.returncode}:\n{log.read_text()}"
@@ -151,10 +159,44 @@ def test_the_image_serves_probe_and_plugin_info(served: tuple[Path, subprocess.P
         identity = csi_pb2_grpc.IdentityStub(channel)
         info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=30)
         probe = identity.Probe(csi_pb2.ProbeRequest(), timeout=30)
-    assert (info.name, info.vendor_version) == ("luks.csi-luks.io", "0.1.0")
     assert probe.HasField("ready")
-    # This host's kernel has no device-mapper, so `ready` may be false, but never for lack of cryptsetup:
-    # the readiness check ran the image's cryptsetup.
+    return info.name, info.vendor_version, probe.ready.value
+
+
+@REQUIRED
+def test_the_image_serves_probe_and_plugin_info(image_root: Path, tmp_path: Path) -> None:
+    """The image's own ENTRYPOINT and CMD, as root (the node plugin's way)."""
+    config = image_config()
+    with _serving(image_root, tmp_path, [*config.entrypoint, *config.cmd], config.env) as (
+        socket,
+        process,
+        log,
+    ):
+        assert _identity(socket, process, log)[:2] == ("luks.csi-luks.io", "0.1.0")
+        # This host's kernel has no device-mapper, so `ready` may be false, but never for lack of
+        # cryptsetup: the readiness check ran the image's cryptsetup.
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()
     assert "cryptsetup is not usable" not in log.read_text()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0, log.read_text()
+
+
+@REQUIRED
+def test_the_controller_runs_from_the_image_as_its_deployment_says(image_root: Path, tmp_path: Path) -> None:
+    """The controller's args and env from deploy/kustomize/base/controller.yaml, as the pod's non-root
+    user with a read-only root: ready (cryptsetup usable, no device-mapper needed) and serving."""
+    args, env = deployed_command("controller")
+    deployment = next(
+        d
+        for d in yaml.safe_load_all((DEPLOY_BASE / "controller.yaml").read_text())
+        if d and d["kind"] == "Deployment"
+    )
+    pod = deployment["spec"]["template"]["spec"]["securityContext"]
+    user = f"{pod['runAsUser']}:{pod['runAsGroup']}"
+    assert pod["runAsUser"] != 0
+    config = image_config()
+    with _serving(image_root, tmp_path, [*config.entrypoint, *args], {**config.env, **env}, user) as served:
+        assert _identity(*served) == ("luks.csi-luks.io", "0.1.0", True)
+        socket, process, log = served
+        assert socket.stat().st_uid == pod["runAsUser"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()

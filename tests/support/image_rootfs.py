@@ -153,32 +153,34 @@ def chroot_argv(
     workdir: str = "/",
     binds: Mapping[str, Path] | None = None,
     tmpfs: Sequence[str] = (),
+    user: str | None = None,
+    read_only: bool = False,
 ) -> list[str]:
     """A command line that runs argv in root, as a container would: its own mount namespace (nothing
     mounted here outlives the process), /proc, /sys, /dev and resolv.conf from the host, host directories
-    bound at `binds` (path in the image -> host path) and empty tmpfs at `tmpfs`. The process execs into
-    argv, so a signal to the returned command reaches argv's program."""
-    mounts = [
+    bound at `binds` (path in the image -> host path), empty tmpfs at `tmpfs`, as `user` ("uid:gid")
+    and with the root read-only (a pod's readOnlyRootFilesystem) if asked. The process execs into argv,
+    so a signal to the returned command reaches argv's program."""
+    inside = [root / path.lstrip("/") for path in [*(binds or {}), *tmpfs]]
+    prepare = [f"mkdir -p {_q(path)}" for path in inside] + [f"touch {_q(root / 'etc/resolv.conf')}"]
+    # The root bound onto itself first: a mount of its own that can be made read-only.
+    mounts = [f"mount --bind {_q(root)} {_q(root)}"]
+    if read_only:
+        mounts.append(f"mount -o remount,bind,ro {_q(root)}")
+    mounts += [
         f"mount -t proc proc {_q(root / 'proc')}",
         f"mount --rbind /sys {_q(root / 'sys')}",
         f"mount --rbind /dev {_q(root / 'dev')}",
-        f"touch {_q(root / 'etc/resolv.conf')}",
         f"mount --bind /etc/resolv.conf {_q(root / 'etc/resolv.conf')}",
     ]
-    for inside, host in (binds or {}).items():
-        mounts += [
-            f"mkdir -p {_q(root / inside.lstrip('/'))}",
-            f"mount --bind {_q(host)} {_q(root / inside.lstrip('/'))}",
-        ]
-    for inside in tmpfs:
-        mounts += [
-            f"mkdir -p {_q(root / inside.lstrip('/'))}",
-            f"mount -t tmpfs tmpfs {_q(root / inside.lstrip('/'))}",
-        ]
+    for path, host in zip(inside, (binds or {}).values(), strict=False):
+        mounts.append(f"mount --bind {_q(host)} {_q(path)}")
+    mounts += [f"mount -t tmpfs tmpfs {_q(path)}" for path in inside[len(binds or {}) :]]
     variables = [f"{k}={v}" for k, v in env.items()]
     in_workdir = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', workdir]
-    run = shlex.join(["chroot", str(root), "/usr/bin/env", "-i", *variables, *in_workdir, *argv])
-    script = " && ".join([*mounts, f"exec {run}"])
+    userspec = [f"--userspec={user}"] if user else []
+    run = shlex.join(["chroot", *userspec, str(root), "/usr/bin/env", "-i", *variables, *in_workdir, *argv])
+    script = " && ".join([*prepare, *mounts, f"exec {run}"])
     return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script]
 
 
