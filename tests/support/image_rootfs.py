@@ -218,7 +218,7 @@ def _layer(key: str, make: Callable[[Path], None]) -> Path:
         (CACHE / f"rootfs-{key}.log").write_text(f"built in {time.monotonic() - started:.0f} s\n")
         work.rename(path)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_unmounted(work)
         raise
     return path
 
@@ -233,7 +233,22 @@ def _bootstrap(
         f"deb {MIRROR}/debian-security {suite}-security main",
     ]
     dpkg = [f"--dpkgopt={option}" for option in SLIM_DPKG_OPTIONS]
-    _checked(["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet", *dpkg, suite, str(root), *sources])
+    # In a mount namespace of its own: the /proc, /sys and /dev it mounts in root go with it, even when it
+    # is killed, so removing a failed build never reaches into the host's.
+    private = ["unshare", "--mount", "--propagation", "private"]
+    _checked(
+        [
+            *private,
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=minbase",
+            "--quiet",
+            *dpkg,
+            suite,
+            str(root),
+            *sources,
+        ]
+    )
     _replay(root, [], steps, built)
 
 
@@ -375,12 +390,22 @@ def _ignore_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(out)
 
 
+def _remove_unmounted(tree: Path) -> None:
+    """rm -r, but never through a mount point (a bound /dev would take the host's device nodes with it):
+    a tree with something mounted in it is left alone."""
+    real = os.path.realpath(tree)
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounted = [line.split()[4] for line in mountinfo]
+    if not any(point == real or point.startswith(real + "/") for point in mounted):
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def _remove_stale_layers(keep: set[str]) -> None:
     now = time.time()
     for path in CACHE.glob("rootfs-*"):
         key = path.name.removeprefix("rootfs-").split(".")[0]
         if key not in keep and path.is_dir() and now - path.stat().st_mtime > STALE_AFTER:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_unmounted(path)
             (CACHE / f"rootfs-{key}.log").unlink(missing_ok=True)
 
 
