@@ -42,7 +42,7 @@ def test_the_api_server_accepts_every_object(kube: KubeCluster, manifest: Path) 
                 )
             except utils.FailToCreateError as failure:
                 for exc in failure.api_exceptions:
-                    # deploy/rbac.yaml is applied for real by the KMS tests of the same session: it exists,
+                    # rbac.yaml is applied for real by the KMS tests of the same session: it exists,
                     # so it was validated when it was created.
                     assert exc.status == 409 and manifest.name == "rbac.yaml", f"{name}: {exc.body}"
 

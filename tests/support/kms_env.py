@@ -17,12 +17,13 @@ import hvac
 import kubernetes.client as k8s
 import kubernetes.utils
 
+from tests.support.deployed_plugin import DEPLOY_BASE
 from tests.support.kube import KubeCluster
 from tests.support.openbao import OpenBao
 
 SYSTEM_NAMESPACE = "kube-system"
 NODE_SA = "csi-luks"  # the plugin's own ServiceAccount, from deploy/kustomize/base/rbac.yaml
-RBAC_MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
+RBAC_MANIFEST = DEPLOY_BASE / "rbac.yaml"
 STRANGER_SA = "someone-else"  # a ServiceAccount Vault's roles do not bind
 TENANT_SA = "csi-luks-vault-sa"  # the default of the vaulttenantsa type
 TOKEN_SECRET = "csi-luks-vault-token"  # the default Secret name of the vaulttokens type
