@@ -19,6 +19,8 @@ pkgs=(cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev python3-venv)
 pkgs+=(ceph-mon ceph-osd ceph-common rbd-nbd)
 # The e2e tier's one-node Kubernetes cluster: its container runtime (kubelet talks CRI to containerd).
 pkgs+=(containerd runc containernetworking-plugins)
+# The plugin image's root file system, built from the Dockerfile's steps without a container engine.
+pkgs+=(mmdebstrap)
 if [ "$want_vm" = 1 ]; then
     # qemu runs the guest under TCG; linux-image-amd64 is the guest kernel with dm-crypt, loop and rbd.
     pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static)

@@ -26,6 +26,7 @@ from csi_luks.luks.errors import (
 from csi_luks.luks.naming import mapper_path
 from csi_luks.luks.options import FormatOptions, OpenOptions
 from csi_luks.luks.status import LuksHeader, MappingStatus, parse_dump, parse_status
+from csi_luks.system.programs import CRYPTSETUP
 from csi_luks.system.runner import (
     CommandError,
     CommandNotFound,
@@ -94,7 +95,7 @@ class Cryptsetup:
     def __init__(
         self,
         runner: Runner | None = None,
-        binary: str = "cryptsetup",
+        binary: str = CRYPTSETUP,
         timeout: float = 120.0,
         observer: CallObserver | None = None,
     ):

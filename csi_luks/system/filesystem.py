@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_luks.system.programs import BLKID, MKFS_EXT4, MKFS_XFS, MOUNT, RESIZE2FS, UMOUNT, XFS_GROWFS
 from csi_luks.system.runner import Runner
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
@@ -35,12 +36,12 @@ class Filesystems:
     def probe(self, device: str) -> Probe:
         # -p: low-level probing of the device itself, bypassing blkid's cache (which may be stale).
         result = self.runner.run(
-            ["blkid", "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE", device], check=False
+            [BLKID, "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE", device], check=False
         )
         if result.returncode == _BLKID_NOTHING_FOUND:
             return Probe(type=None)
         if result.returncode != 0:
-            self.runner.run(["blkid", "-p", device])  # raises with blkid's own message
+            self.runner.run([BLKID, "-p", device])  # raises with blkid's own message
         values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
         return Probe(type=values.get("TYPE"), partition_table=values.get("PTTYPE"))
 
@@ -49,16 +50,16 @@ class Filesystems:
             raise ValueError(f"filesystem {fstype!r} is not supported; use one of {SUPPORTED_FILESYSTEMS}")
         # ext4: no lazy init, so the volume's first minutes are not spent zeroing inode tables in the
         # background; the device is fresh ciphertext either way.
-        args = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
+        args = [MKFS_EXT4, "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
         if fstype == "xfs":
-            args = ["mkfs.xfs", "-q"]
+            args = [MKFS_XFS, "-q"]
         self.runner.run([*args, device], timeout=600)
 
     def mount(
         self, source: str, target: str, fstype: str | None = None, options: list[str] | None = None
     ) -> None:
         Path(target).mkdir(parents=True, exist_ok=True)
-        args = ["mount"]
+        args = [MOUNT]
         if fstype:
             args += ["-t", fstype]
         if options:
@@ -76,7 +77,7 @@ class Filesystems:
         if self.is_mounted(target):
             return
         # util-linux turns "bind,ro" into a bind plus a read-only remount.
-        self.runner.run(["mount", "-o", "bind,ro" if readonly else "bind", source, target])
+        self.runner.run([MOUNT, "-o", "bind,ro" if readonly else "bind", source, target])
 
     def device_size(self, device: str) -> int:
         fd = os.open(device, os.O_RDONLY)
@@ -87,7 +88,7 @@ class Filesystems:
 
     def unmount(self, target: str) -> None:
         if self.is_mounted(target):
-            self.runner.run(["umount", target])
+            self.runner.run([UMOUNT, target])
 
     def is_mounted(self, target: str) -> bool:
         wanted = os.path.realpath(target)
@@ -97,6 +98,6 @@ class Filesystems:
     def grow(self, device: str, mountpoint: str, fstype: str) -> None:
         """Grow a mounted filesystem to fill its (already grown) device."""
         if fstype == "xfs":
-            self.runner.run(["xfs_growfs", mountpoint], timeout=600)
+            self.runner.run([XFS_GROWFS, mountpoint], timeout=600)
         else:
-            self.runner.run(["resize2fs", device], timeout=600)
+            self.runner.run([RESIZE2FS, device], timeout=600)

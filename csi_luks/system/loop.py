@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from csi_luks.system.programs import LOSETUP
 from csi_luks.system.runner import Runner
 
 
@@ -14,7 +15,7 @@ class LoopDevices:
 
     def find(self, backing_file: str) -> str | None:
         """The loop device backing_file is attached to, if any (no in-memory state needed)."""
-        listing = self.runner.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"]).stdout
+        listing = self.runner.run([LOSETUP, "--list", "--json", "--output", "NAME,BACK-FILE"]).stdout
         wanted = os.path.realpath(backing_file)
         for device in json.loads(listing or '{"loopdevices": []}').get("loopdevices", []):
             back = (device.get("back-file") or "").removesuffix(" (deleted)")
@@ -27,11 +28,11 @@ class LoopDevices:
         existing = self.find(backing_file)
         if existing:
             return existing
-        return self.runner.run(["losetup", "--find", "--show", backing_file]).stdout.strip()
+        return self.runner.run([LOSETUP, "--find", "--show", backing_file]).stdout.strip()
 
     def detach(self, device: str) -> None:
-        self.runner.run(["losetup", "--detach", device])
+        self.runner.run([LOSETUP, "--detach", device])
 
     def refresh_size(self, device: str) -> None:
         """Make the loop device pick up a grown backing file."""
-        self.runner.run(["losetup", "--set-capacity", device])
+        self.runner.run([LOSETUP, "--set-capacity", device])

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_luks.quoting import quoted
+from csi_luks.system.programs import RADOS, RBD
 from csi_luks.system.runner import CommandError, CommandResult, Runner
 from csi_luks.system.udev import DeviceWaitTimeout, block_device_events
 from csi_luks.volume_metadata import NAME, PREFIX
@@ -163,7 +164,7 @@ class _Rbd:
         """Run rbd as the user; `hide` (a wrapped DEK) is redacted from logs like the key."""
         try:
             return self.runner.run(
-                ["rbd", *self.connection, *argv], secrets=[self.secret, hide], timeout=timeout or self.timeout
+                [RBD, *self.connection, *argv], secrets=[self.secret, hide], timeout=timeout or self.timeout
             )
         except CommandError as exc:
             raise _translate(exc, argv) from None
@@ -213,7 +214,7 @@ class _Rbd:
         namespace = ["--namespace", ref.namespace] if ref.namespace else []
         try:
             return self.runner.run(
-                ["rados", *self.connection, "--pool", ref.pool, *namespace, *argv],
+                [RADOS, *self.connection, "--pool", ref.pool, *namespace, *argv],
                 secrets=[self.secret],
                 timeout=self.timeout,
             )
@@ -548,7 +549,7 @@ class RbdBackend(VolumeBackend):
         found = []
         for kind in kinds:
             # krbd: sysfs; rbd-nbd: its daemons. Neither needs the cluster or credentials.
-            argv = ["rbd", "device", "list", "--device-type", kind, "--format", "json"]
+            argv = [RBD, "device", "list", "--device-type", kind, "--format", "json"]
             try:
                 out = self.runner.run(argv, timeout=self.timeout).stdout
             except CommandError as exc:
@@ -565,7 +566,7 @@ class RbdBackend(VolumeBackend):
         if mapping is not None:
             device = str(mapping["device"])
             try:
-                argv = ["rbd", "device", "unmap", "--device-type", mapping["type"], device]
+                argv = [RBD, "device", "unmap", "--device-type", mapping["type"], device]
                 self.runner.run(argv, timeout=self.timeout)
             except CommandError as exc:
                 error = _translate(exc, ("device", "unmap"))

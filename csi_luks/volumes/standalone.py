@@ -37,6 +37,7 @@ from typing import Any
 
 from csi_luks.quoting import quoted
 from csi_luks.system.loop import LoopDevices
+from csi_luks.system.programs import CP
 from csi_luks.system.runner import CommandError, Runner
 from csi_luks.volumes.base import (
     BackendUnavailable,
@@ -245,7 +246,7 @@ class StandaloneBackend(VolumeBackend):
             try:
                 if source is not None:
                     self.runner.run(
-                        ["cp", "--reflink=auto", "--sparse=always", "--", str(source), temp], timeout=3600
+                        [CP, "--reflink=auto", "--sparse=always", "--", str(source), temp], timeout=3600
                     )
                     size = max(size, os.stat(source).st_size)
                 os.ftruncate(fd, size)

@@ -2,7 +2,7 @@
 
 A real kube-apiserver (Secrets, ConfigMaps, TokenRequest, TokenReview) and a real OpenBao whose
 Kubernetes auth reviews tokens through it. The plugin runs in-process as the `kube-system/csi-luks`
-ServiceAccount of deploy/rbac.yaml, on the standalone backend.
+ServiceAccount of deploy/kustomize/base/rbac.yaml, on the standalone backend.
 """
 
 from __future__ import annotations

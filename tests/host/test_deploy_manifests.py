@@ -1,7 +1,9 @@
-"""Every object in deploy/ is accepted by a real API server (server-side dry run: validated, not stored)."""
+"""Every object of the kustomize base (deploy/kustomize/base) is accepted by a real API server (server-side
+dry run: validated, not stored), and its sidecars are the versions the suite runs."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +11,15 @@ import pytest
 import yaml
 from kubernetes import utils
 
+from tests.support import csi_tools
+from tests.support.deployed_plugin import DEPLOY_BASE
 from tests.support.kube import KubeCluster
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+MANIFESTS = [
+    DEPLOY_BASE / name
+    for name in yaml.safe_load((DEPLOY_BASE / "kustomization.yaml").read_text())["resources"]
+]
+SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -35,6 +42,30 @@ def test_the_api_server_accepts_every_object(kube: KubeCluster, manifest: Path) 
                 )
             except utils.FailToCreateError as failure:
                 for exc in failure.api_exceptions:
-                    # deploy/rbac.yaml is applied for real by the KMS tests of the same session: it exists,
+                    # rbac.yaml is applied for real by the KMS tests of the same session: it exists,
                     # so it was validated when it was created.
                     assert exc.status == 409 and manifest.name == "rbac.yaml", f"{name}: {exc.body}"
+
+
+def test_the_sidecars_are_the_versions_the_suite_runs() -> None:
+    """Each sidecar image's tag is the one ../shared/tools builds: the e2e tier runs the plugin with it."""
+    if not csi_tools.BUILD_SCRIPT.exists():
+        if csi_tools.STRICT:
+            pytest.fail(csi_tools.HOW_TO_GET)
+        pytest.skip(csi_tools.HOW_TO_GET)
+    listed = subprocess.run(
+        ["bash", str(csi_tools.BUILD_SCRIPT), "--list"], capture_output=True, text=True, check=True
+    ).stdout
+    tested = {name: stem.rsplit("-", 1)[1] for name, stem in (line.split() for line in listed.splitlines())}
+    images = [
+        container["image"]
+        for path in MANIFESTS
+        for doc in _documents(path)
+        if doc["kind"] in ("Deployment", "DaemonSet")
+        for container in doc["spec"]["template"]["spec"]["containers"]
+        if container["image"].startswith(SIDECAR_REGISTRY)
+    ]
+    assert len(images) == 6  # provisioner, attacher, resizer, snapshotter; registrar, livenessprobe
+    for image in images:
+        name, tag = image.removeprefix(SIDECAR_REGISTRY).split(":")
+        assert tag == tested[name], f"{image}: the suite runs {name} {tested[name]}"

@@ -187,7 +187,7 @@ def test_snapshot_rules_and_idempotency(plugin: RunningPlugin) -> None:
 def test_snapshot_accepts_the_snapshotters_extra_metadata_and_refuses_other_parameters(
     plugin: RunningPlugin,
 ) -> None:
-    """csi-snapshotter --extra-create-metadata (as deploy/controller.yaml runs it) adds its own keys."""
+    """csi-snapshotter --extra-create-metadata (as the deployed controller runs it) adds its own keys."""
     source = plugin.create("pvc-meta", 16 * MiB, LOCAL_1)
     metadata = {
         "csi.storage.k8s.io/volumesnapshot/name": "snap-meta",

@@ -399,7 +399,7 @@ def test_vaulttokens_over_tls_with_the_ca_and_the_tenant_token_from_secrets(
 def test_a_ca_secret_read_through_the_api_server_as_the_plugin(
     tls_bao: TLSBao, backend: StandaloneBackend, kms_env: KmsEnv, plugin_kube_client: None
 ) -> None:
-    """A real API server and the plugin's RBAC (deploy/rbac.yaml): the Secret read, a missing one refused."""
+    """A real API server and the plugin's RBAC (deploy/kustomize/base): Secret read, a missing one refused."""
     kms_env.put_secret(SYSTEM_NAMESPACE, "csi-luks-vault-ca", {"cert": tls_bao.good_pem})
     keys = {"vaultCAFromSecretNamespace": SYSTEM_NAMESPACE}
     config = KMSConfig(

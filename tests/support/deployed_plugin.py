@@ -1,7 +1,7 @@
 """`csi-luks serve` as separate controller and node processes, started the way deploy/ starts them.
 
-The command line and the environment come from the csi-luks container of deploy/controller.yaml and
-deploy/node-plugin.yaml, so a flag or variable changed there changes what the real-client tests run.
+The command line and the environment come from the csi-luks container of controller.yaml and node-plugin.yaml
+in deploy/kustomize/base, so a flag or variable changed there changes what the real-client tests run.
 Only what names a place on a real node is replaced: the endpoint, the state directory, the cluster list,
 and (where the test has no Kubernetes API) the KMS ConfigMap, by a KMS configuration file.
 """
@@ -25,9 +25,10 @@ import yaml
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_BASE = REPO_ROOT / "deploy" / "kustomize" / "base"  # the plugin's objects; overlays build on them
 MANIFESTS = {
-    "controller": REPO_ROOT / "deploy" / "controller.yaml",
-    "node": REPO_ROOT / "deploy" / "node-plugin.yaml",
+    "controller": DEPLOY_BASE / "controller.yaml",
+    "node": DEPLOY_BASE / "node-plugin.yaml",
 }
 CONTAINER = "csi-luks"
 START_TIMEOUT = 300.0  # under TCG, importing grpc, kubernetes and hvac alone takes a minute or more

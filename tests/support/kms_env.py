@@ -2,8 +2,8 @@
 
 OpenBao's Kubernetes auth reviews tokens through the API server (TokenReview, with a reviewer
 ServiceAccount bound to system:auth-delegator). The plugin's identity is the ServiceAccount
-`kube-system/csi-luks` with the RBAC of deploy/rbac.yaml; tenants are namespaces with their own token
-Secret or ServiceAccount. Everything here is real: no call is mocked.
+`kube-system/csi-luks` with the RBAC of deploy/kustomize/base/rbac.yaml; tenants are namespaces with their
+own token Secret or ServiceAccount. Everything here is real: no call is mocked.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import hvac
 import kubernetes.client as k8s
 import kubernetes.utils
 
+from tests.support.deployed_plugin import DEPLOY_BASE
 from tests.support.kube import KubeCluster
 from tests.support.openbao import OpenBao
 
 SYSTEM_NAMESPACE = "kube-system"
-NODE_SA = "csi-luks"  # the plugin's own ServiceAccount, from deploy/rbac.yaml
-RBAC_MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
+NODE_SA = "csi-luks"  # the plugin's own ServiceAccount, from deploy/kustomize/base/rbac.yaml
+RBAC_MANIFEST = DEPLOY_BASE / "rbac.yaml"
 STRANGER_SA = "someone-else"  # a ServiceAccount Vault's roles do not bind
 TENANT_SA = "csi-luks-vault-sa"  # the default of the vaulttenantsa type
 TOKEN_SECRET = "csi-luks-vault-token"  # the default Secret name of the vaulttokens type
@@ -44,7 +45,7 @@ class Tenant:
 class KmsEnv:
     bao: OpenBao
     kube: KubeCluster
-    node_token_file: Path  # a JWT of kube-system/csi-luks (deploy/rbac.yaml), which role csi-luks binds
+    node_token_file: Path  # a JWT of kube-system/csi-luks (deploy/kustomize/base/rbac.yaml), bound
     stranger_token_file: Path  # a JWT of kube-system/someone-else, which no role binds
     tenant: Tenant  # its ServiceAccount is bound to role `tenant`, its token Secret grants DEK_POLICY
     outsider: Tenant  # its ServiceAccount is bound to no role, its token Secret grants nothing

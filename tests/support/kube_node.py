@@ -3,10 +3,10 @@
 etcd and kube-apiserver come from tests/support/kube.py; this adds kube-controller-manager,
 kube-scheduler, containerd (Debian's, with runc) and a kubelet registered as node `NODE_NAME`, all on
 127.0.0.1, then the plugin as two processes (`csi-luks serve --mode controller` and `--mode node`, as
-deploy/controller.yaml and deploy/node-plugin.yaml run them) with the sidecars of the kubernetes-csi
-project as plain processes with --kubeconfig: csi-provisioner (--extra-create-metadata), csi-attacher,
-csi-resizer, csi-snapshotter with snapshot-controller and the snapshot CRDs, csi-node-driver-registrar
-(which registers the node plugin with kubelet) and livenessprobe.
+controller.yaml and node-plugin.yaml in deploy/kustomize/base run them) with the sidecars of the
+kubernetes-csi project as plain processes with --kubeconfig: csi-provisioner (--extra-create-metadata),
+csi-attacher, csi-resizer, csi-snapshotter with snapshot-controller and the snapshot CRDs,
+csi-node-driver-registrar (which registers the node plugin with kubelet) and livenessprobe.
 
 No registry is reachable: the pod and sandbox images are built from busybox-static (oci_image.py).
 Pods use hostNetwork (a loopback CNI configuration makes the node Ready).
@@ -39,7 +39,8 @@ import requests
 import yaml
 
 from tests.support import csi_tools
-from tests.support.kube import BINARY_ENV, BUILD_SCRIPT, REPO_ROOT, KubeCluster, free_ports, kube_cluster
+from tests.support.deployed_plugin import DEPLOY_BASE
+from tests.support.kube import BINARY_ENV, BUILD_SCRIPT, KubeCluster, free_ports, kube_cluster
 from tests.support.oci_image import LocalImages, busybox_archive
 
 NODE_NAME = "csi-luks-e2e-node"
@@ -573,7 +574,7 @@ def start_driver(
     start("controller", [*plugin, "--mode=controller", f"--endpoint=unix://{controller_socket}"], env)
     start("node", [*plugin, "--mode=node", f"--endpoint=unix://{node_socket}", f"--node-id={NODE_NAME}"], env)
     driver = CsiDriver(name, backend, node, controller_socket, node_socket, state, config, names)
-    csidriver = json.loads(json.dumps(_yaml_one(REPO_ROOT / "deploy" / "csidriver.yaml")))
+    csidriver = json.loads(json.dumps(_yaml_one(DEPLOY_BASE / "csidriver.yaml")))
     csidriver["metadata"]["name"] = name
     node.create(csidriver)
     for socket in (controller_socket, node_socket):

@@ -51,7 +51,7 @@ def k8s_node() -> Iterator[KubeNode]:
 
 @pytest.fixture(scope="session")
 def luks_driver(k8s_node: KubeNode) -> CsiDriver:
-    """csi-luks with the standalone backend and a `local` KMS, as deploy/*.yaml run it."""
+    """csi-luks with the standalone backend and a `local` KMS, as deploy/kustomize/base runs it."""
     keys = k8s_node.workdir / "keys"
     keys.mkdir(exist_ok=True)
     kms = {LOCAL_KMS: {"encryptionKMSType": "local", "keyFile": str(keys / "kek-1")}}

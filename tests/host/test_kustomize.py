@@ -1,0 +1,154 @@
+"""The kustomize base and overlays render with the real `kubectl kustomize`, and the API server accepts every
+object as an operator would apply it: `kubectl apply -k DIR --dry-run=server` (validated, not stored).
+
+kubectl is built from the same Debian source as the test kube-apiserver (scripts/build-kube-apiserver.sh);
+it carries kustomize v2.0.3, so what renders here renders with every later kubectl too. The snapshot CRDs
+(for the VolumeSnapshotClass) come from ../shared/tools, the tag the suite runs its sidecars at.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.support import csi_tools
+from tests.support.deployed_plugin import DEPLOY_BASE
+from tests.support.kube import BUILD_SCRIPT, KubeCluster, kube_apiserver_binary
+
+KUSTOMIZE = DEPLOY_BASE.parent
+OVERLAYS = {"base": DEPLOY_BASE} | {p.name: p for p in sorted((KUSTOMIZE / "overlays").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def kubectl() -> Path:
+    kube_apiserver_binary()  # builds kubectl with it when the cache has neither
+    printed = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "--print-path", "kubectl"], capture_output=True, text=True, check=True
+    )
+    return Path(printed.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The admin's kubeconfig for the session's API server, with the snapshot CRDs installed."""
+    crds = sorted(csi_tools.tool("snapshot-controller").parent.glob("snapshot-crds-*"))
+    assert crds, "build-csi-tools.sh unpacks the snapshot CRDs beside snapshot-controller"
+    with kube.api_client() as api:
+        extensions = client.ApiextensionsV1Api(api)
+        existing = {crd.metadata.name for crd in extensions.list_custom_resource_definition().items}
+        for path in sorted(crds[-1].glob("snapshot.storage.k8s.io_*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            if crd["metadata"]["name"] not in existing:
+                extensions.create_custom_resource_definition(crd)
+    path = tmp_path_factory.mktemp("kubectl") / "kubeconfig"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "test", "cluster": {"server": kube.url, "certificate-authority": str(kube.ca_file)}}
+        ],
+        "users": [{"name": "admin", "user": {"token": kube.admin_token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
+        "current-context": "test",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def _kubectl(kubectl: Path, *args: str, kubeconfig: Path | None = None) -> str:
+    config = [f"--kubeconfig={kubeconfig}"] if kubeconfig else []
+    result = subprocess.run([str(kubectl), *config, *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def _render(kubectl: Path, directory: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(_kubectl(kubectl, "kustomize", str(directory))) if doc]
+
+
+def _names(documents: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(doc["kind"], doc["metadata"]["name"]) for doc in documents}
+
+
+def _containers(documents: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
+    for doc in documents:
+        if doc["kind"] == kind:
+            yield from doc["spec"]["template"]["spec"]["containers"]
+
+
+def _plugin_env(documents: list[dict[str, Any]], kind: str) -> dict[str, str]:
+    plugin = next(c for c in _containers(documents, kind) if c["name"] == "csi-luks")
+    return {e["name"]: e.get("value", "") for e in plugin.get("env", [])}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_api_server_accepts_every_rendered_object(kubectl: Path, kubeconfig: Path, name: str) -> None:
+    rendered = _render(kubectl, OVERLAYS[name])
+    applied = _kubectl(
+        kubectl, "apply", "-k", str(OVERLAYS[name]), "--dry-run=server", "-o", "name", kubeconfig=kubeconfig
+    )
+    # -o name prints kind.group/name for every object the server accepted; any refusal fails the command.
+    accepted = {(line.split("/")[0].split(".")[0], line.split("/")[1]) for line in applied.split()}
+    assert {(kind.lower(), obj) for kind, obj in _names(rendered)} == accepted
+    assert {"CSIDriver", "Deployment", "DaemonSet", "ClusterRole", "ServiceAccount"} <= {
+        k for k, _ in _names(rendered)
+    }
+
+
+def test_the_base_is_the_deploy_manifests(kubectl: Path) -> None:
+    files = yaml.safe_load((DEPLOY_BASE / "kustomization.yaml").read_text())["resources"]
+    listed = [doc for f in files for doc in yaml.safe_load_all((DEPLOY_BASE / f).read_text()) if doc]
+    assert sorted(DEPLOY_BASE.glob("*.yaml")) == sorted(
+        [DEPLOY_BASE / f for f in files] + [DEPLOY_BASE / "kustomization.yaml"]
+    )
+    assert _names(_render(kubectl, DEPLOY_BASE)) == _names(listed)
+
+
+def test_the_standalone_overlay_runs_both_roles_on_local_files(kubectl: Path) -> None:
+    rendered = _render(kubectl, OVERLAYS["standalone"])
+    for kind in ("Deployment", "DaemonSet"):
+        env = _plugin_env(rendered, kind)
+        assert env["CSI_LUKS_BACKEND"] == "standalone"
+        assert "CSI_LUKS_CEPH_CONFIG" not in env
+    assert "ceph-csi-config" not in yaml.safe_dump_all(rendered)  # no volume waits for a ConfigMap never made
+    kms = next(
+        d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "csi-luks-kms-config"
+    )
+    classes = [d for d in rendered if d["kind"] == "StorageClass"]
+    assert [c["parameters"]["encryptionKMSID"] for c in classes] == list(kms["data"])
+    assert yaml.safe_load(kms["data"]["local-1"])["encryptionKMSType"] == "local"
+
+
+def test_the_rbd_vault_overlay_names_only_kms_ids_it_configures(kubectl: Path) -> None:
+    rendered = _render(kubectl, OVERLAYS["rbd-vault"])
+    kms = next(
+        d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "csi-luks-kms-config"
+    )
+    types = {key: yaml.safe_load(value)["encryptionKMSType"] for key, value in kms["data"].items()}
+    assert set(types.values()) == {"vault", "vault-transit", "vaulttenantsa"}
+    for storage_class in (d for d in rendered if d["kind"] == "StorageClass"):
+        assert storage_class["parameters"]["encryptionKMSID"] in types
+    ceph = next(
+        d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "ceph-csi-config"
+    )
+    cluster_ids = {entry["clusterID"] for entry in yaml.safe_load(ceph["data"]["config.json"])}
+    assert {c["parameters"]["clusterID"] for c in rendered if c["kind"] == "StorageClass"} <= cluster_ids
+    assert _plugin_env(rendered, "DaemonSet")["CSI_LUKS_BACKEND"] == "rbd"
+
+
+def test_the_controller_runs_unprivileged_and_the_node_plugin_privileged(kubectl: Path) -> None:
+    rendered = _render(kubectl, DEPLOY_BASE)
+    controller = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert controller["securityContext"]["runAsNonRoot"] is True
+    for container in controller["containers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], container["name"]
+    node = next(c for c in _containers(rendered, "DaemonSet") if c["name"] == "csi-luks")
+    assert node["securityContext"]["privileged"] is True
