@@ -24,6 +24,8 @@ def pytest_configure(config: pytest.Config) -> None:
     report_path = os.environ.get(guest.REPORT_ENV)
     if guest.IN_GUEST and report_path:
         config.pluginmanager.register(guest.GuestReporter(report_path), "csi-luks-guest-reporter")
+    if not guest.IN_GUEST:
+        config.pluginmanager.register(_GuestProxies(), "csi-luks-guest-proxies")
 
 
 def pytest_collection_modifyitems(
@@ -36,7 +38,14 @@ def pytest_collection_modifyitems(
             item.add_marker(pytest.mark.vm)
     # The audit checks what every other test spawned, so it runs last.
     items.sort(key=lambda item: item.get_closest_marker("audit") is not None)
-    if not guest.IN_GUEST:
+
+
+class _GuestProxies:
+    """Swaps the VM tests for their stand-ins after -k/-m deselection (trylast), so the guest runs
+    exactly the selected tests."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         guest.proxy_guest_items(config, items)
 
 

@@ -68,7 +68,7 @@ class PluginProcess:
                 self.process.wait()
 
 
-def _csi_luks() -> str:
+def csi_luks_program() -> str:
     beside = Path(sys.executable).parent / "csi-luks"  # the project's virtualenv
     return str(beside) if beside.exists() else "csi-luks"
 
@@ -83,7 +83,7 @@ def start_plugin(role: str, workdir: Path, env: Mapping[str, str | None]) -> Plu
     log = workdir / f"{role}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [_csi_luks(), *args],
+            [csi_luks_program(), *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

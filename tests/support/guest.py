@@ -40,6 +40,8 @@ STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "3000"))
 # Half of it is the guest's /tmp (a tmpfs), where the tests keep volumes: csi-sanity asks for 1 GiB ones.
 GUEST_MEMORY = os.environ.get("CSI_LUKS_GUEST_MEMORY", "4G")
+# With the e2e tier: etcd, the control plane, containerd, kubelet, the sidecars and two plugins as well.
+KUBE_NODE_MEMORY = os.environ.get("CSI_LUKS_GUEST_MEMORY", "6G")
 CEPH_ENV = "CSI_LUKS_CEPH_DIR"
 # A directory the guest's tests may copy logs into, to read on the host while (or after) the guest runs.
 ARTIFACTS_ENV = "CSI_LUKS_GUEST_ARTIFACTS"
@@ -55,12 +57,19 @@ class GuestSession:
     """Boots the guest once, on first use, for every proxied node id."""
 
     def __init__(
-        self, nodeids: list[str], rootdir: Path, *, needs_ceph: bool = False, needs_csi_tools: bool = False
+        self,
+        nodeids: list[str],
+        rootdir: Path,
+        *,
+        needs_ceph: bool = False,
+        needs_csi_tools: bool = False,
+        needs_kube_node: bool = False,
     ) -> None:
         self.nodeids = nodeids
         self.rootdir = rootdir
         self.needs_ceph = needs_ceph
         self.needs_csi_tools = needs_csi_tools
+        self.needs_kube_node = needs_kube_node
         self._report: dict[str, Any] | None = None
         self._error: str | None = None
         self._started = False
@@ -101,6 +110,11 @@ class GuestSession:
         if self.needs_csi_tools:
             # Every tool: cached builds are instant.
             env[csi_tools.CSI_TOOLS_ENV] = csi_tools.handover([], workdir / "csi-tools")
+        if self.needs_kube_node:
+            # The guest hides /var/cache, where the Kubernetes programs and the sidecars are cached.
+            from tests.support.kube_node import stage_programs
+
+            env.update(stage_programs(workdir / "programs"))
         command = " ".join(
             [
                 sys.executable,
@@ -119,7 +133,7 @@ class GuestSession:
                 workdir,
                 cwd=str(self.rootdir),
                 env=env,
-                memory=GUEST_MEMORY,
+                memory=KUBE_NODE_MEMORY if self.needs_kube_node else GUEST_MEMORY,
                 timeout=GUEST_TIMEOUT,
             )
         except vm.GuestUnavailable as exc:
@@ -201,11 +215,13 @@ def proxy_guest_items(config: pytest.Config, items: list[pytest.Item]) -> None:
     # fixturenames is the closure of every fixture a test requests, so indirect use counts too.
     needs_ceph = any("ceph" in getattr(item, "fixturenames", ()) for item in in_guest)
     needs_csi_tools = any(item.get_closest_marker("csi_tools") for item in in_guest)
+    needs_kube_node = any("k8s_node" in getattr(item, "fixturenames", ()) for item in in_guest)
     config.stash[_SESSION] = GuestSession(
         [item.nodeid for item in in_guest],
         config.rootpath,
         needs_ceph=needs_ceph,
         needs_csi_tools=needs_csi_tools,
+        needs_kube_node=needs_kube_node,
     )
     for index, item in enumerate(items):
         if item.get_closest_marker("vm"):

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,7 +38,7 @@ import requests
 import yaml
 
 from tests.support import csi_tools
-from tests.support.deployed_plugin import DEPLOY_BASE
+from tests.support.deployed_plugin import DEPLOY_BASE, csi_luks_program, deployed_command
 from tests.support.kube import BINARY_ENV, BUILD_SCRIPT, KubeCluster, free_ports, kube_cluster
 from tests.support.oci_image import LocalImages, busybox_archive
 
@@ -142,7 +141,7 @@ class Process:
     name: str
     argv: list[str]
     log: Path
-    env: Mapping[str, str] | None = None
+    env: Mapping[str, str | None] | None = None  # over os.environ; None removes a variable
     restart: bool = False
     popen: subprocess.Popen[bytes] | None = None
 
@@ -152,7 +151,8 @@ class Process:
             out.flush()
             self.popen = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(self.env or {})}, start_new_session=True,
+                env={k: v for k, v in {**os.environ, **(self.env or {})}.items() if v is not None},
+                start_new_session=True,
             )  # fmt: skip
 
     def stop(self, timeout: float = 20) -> None:
@@ -185,7 +185,7 @@ class Processes:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
 
-    def start(self, name: str, argv: Sequence[str | Path], env: Mapping[str, str] | None = None,
+    def start(self, name: str, argv: Sequence[str | Path], env: Mapping[str, str | None] | None = None,
               restart: bool = False) -> Process:  # fmt: skip
         """Start a program; with restart, start it again whenever it exits (as kubelet restarts a
         sidecar container: csi-attacher gives the plugin 1 s for its first calls, too little under TCG)."""
@@ -544,10 +544,15 @@ def start_driver(
     name: str = DRIVER,
     backend: str = "standalone",
     kms_config: Mapping[str, Mapping[str, str]] | None = None,
-    extra_args: Sequence[str] = (),
+    ceph_config: Path | None = None,
     plugin_kubeconfig: Path | None = None,
 ) -> CsiDriver:
-    """Start the plugin's two processes and every sidecar for driver `name`; wait until kubelet has it."""
+    """Start the plugin's two processes and every sidecar for driver `name`; wait until kubelet has it.
+
+    The plugin's command line and environment are the csi-luks containers' of deploy/kustomize/base/controller.yaml
+    and node-plugin.yaml; only what names a place or the backend is replaced (the endpoint, the state
+    directory, the cluster list, the driver name and node id the Pod would get, and a KMS configuration
+    file instead of the ConfigMap, which the scenarios edit)."""
     progs, processes, admin = node.programs, node.processes, node.admin_kubeconfig
     short = name.split(".")[0]
     root = node.workdir / f"driver-{short}"
@@ -560,19 +565,25 @@ def start_driver(
     node_dir = node.kubelet_root / "plugins" / name
     node_dir.mkdir(parents=True, exist_ok=True)
     node_socket = node_dir / "csi.sock"
-    plugin = [str(Path(sys.executable).parent / "csi-luks"), "--log-level=debug", "serve",
-              f"--driver-name={name}", f"--backend={backend}", f"--state-dir={state}",
-              f"--kms-config={config}", "--grace-period=10", *extra_args]  # fmt: skip
-    env = {"KUBECONFIG": str(plugin_kubeconfig or admin), "PYTHONUNBUFFERED": "1"}
+    overrides = {
+        "CSI_LUKS_KMS_CONFIG_MAP": None, "CSI_LUKS_KMS_CONFIG": str(config), "CSI_LUKS_BACKEND": backend,
+        "CSI_LUKS_STATE_DIR": str(state), "CSI_LUKS_CEPH_CONFIG": str(ceph_config) if ceph_config else None,
+        "CSI_DRIVER_NAME": name, "NODE_ID": NODE_NAME, "CSI_LUKS_LOG_LEVEL": "debug",
+        "KUBECONFIG": str(plugin_kubeconfig or admin), "PYTHONUNBUFFERED": "1",
+    }  # fmt: skip
     names = []
 
-    def start(suffix: str, argv: Sequence[str | Path], extra_env: Mapping[str, str] | None = None) -> None:
+    def start(
+        suffix: str, argv: Sequence[str | Path], extra_env: Mapping[str, str | None] | None = None
+    ) -> None:
         names.append(f"{short}-{suffix}")
         sidecar = suffix not in ("controller", "node")  # the plugin is restarted by the tests only
         processes.start(f"{short}-{suffix}", [str(a) for a in argv], extra_env, restart=sidecar)
 
-    start("controller", [*plugin, "--mode=controller", f"--endpoint=unix://{controller_socket}"], env)
-    start("node", [*plugin, "--mode=node", f"--endpoint=unix://{node_socket}", f"--node-id={NODE_NAME}"], env)
+    for role, socket in (("controller", controller_socket), ("node", node_socket)):
+        args, env = deployed_command(role)
+        args = [f"unix://{socket}" if a.startswith("unix://") else a for a in args]  # --endpoint's value
+        start(role, [csi_luks_program(), *args], {**env, **overrides})
     driver = CsiDriver(name, backend, node, controller_socket, node_socket, state, config, names)
     csidriver = json.loads(json.dumps(_yaml_one(DEPLOY_BASE / "csidriver.yaml")))
     csidriver["metadata"]["name"] = name

@@ -151,3 +151,29 @@ def test_stand_ins_carry_no_per_test_timeout(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="import pytest\n@pytest.mark.vm\ndef test_in_guest():\n    pass\n")
     result = pytester.runpytest("--collect-only", "-s", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["TIMEOUT test_in_guest (0,)"])
+
+
+def test_the_guest_runs_only_the_tests_left_after_deselection(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-k` or `-m` narrow the guest's run too: the stand-ins are made after deselection, and the guest
+    gets exactly their node ids (before, a `-k` run booted a guest for every VM test collected)."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    pytester.makepyfile(
+        probe=(
+            "import pytest\n"
+            "from tests.support import guest\n"
+            "@pytest.hookimpl(trylast=True)\n"
+            "def pytest_collection_finish(session):\n"
+            "    nodeids = session.config.stash[guest._SESSION].nodeids\n"
+            "    print('GUEST', sorted(i.split('::')[1] for i in nodeids))\n"
+        )
+    )
+    result = pytester.runpytest_subprocess(
+        "--collect-only", "-s", "-p", "probe", "-k", "rotation", f"--rootdir={root}",
+        str(root / "tests" / "vm" / "test_operations.py"),
+    )  # fmt: skip
+    result.stdout.fnmatch_lines(
+        ["GUEST ['test_node_stage_finishes_a_rotation_killed_after_its_key_was_added']"]
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,12 @@ import grpc
 import pytest
 
 from csi_luks.csi import csi_pb2
-from csi_luks.luks import Cryptsetup, mapper_name
+from csi_luks.csiaddons import encryptionkeyrotation_pb2 as pb
+from csi_luks.csiaddons import encryptionkeyrotation_pb2_grpc as pb_grpc
+from csi_luks.kms.config import KMSConfig
+from csi_luks.luks import Cryptsetup, WrongPassphrase, mapper_name
+from csi_luks.operations.header_backup import header_backup_matches
+from csi_luks.operations.tool import Tool
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import STATE
 from csi_luks.volumes.rbd import decode_volume_id
@@ -173,5 +180,56 @@ def test_rbd_nbd_mounter_maps_through_a_userspace_daemon(
     assert plugin.server.backend.find_attachment(volume_id) is None and not mapped(volume_id)
     stage(plugin, volume_id, staging, secrets)
     assert (staging / "data.bin").read_bytes() == MARKER
+    unstage(plugin, volume_id, staging)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
+
+
+@pytest.mark.timeout(1800)  # a dozen rbd maps and CLI calls, each seconds under TCG, and a CLI start
+def test_rotation_on_krbd_staged_then_unstaged_keeps_the_data(
+    plugin: RunningPlugin, ceph: CephCluster, ceph_config: Path, secrets: dict[str, str], tmp_path: Path
+) -> None:
+    """Key rotation on the RBD backend: EncryptionKeyRotate under a mounted filesystem (through the
+    node's krbd mapping), then `csi-luks rotate` of the unstaged volume (mapped for the duration);
+    each leaves one key slot, the old DEK opens nothing, and a restage reads the data."""
+    staging = tmp_path / "staging"
+    volume_id = plugin.create("pvc-rbd-rotate", 64 * MiB, parameters(ceph), secrets=secrets).volume_id
+    stage(plugin, volume_id, staging, secrets)
+    (staging / "data.bin").write_bytes(MARKER)
+    os.sync()
+    tool = Tool(plugin.server.backend.for_request(secrets), KMSConfig.from_file(str(plugin.kms_config)))
+    deks = [tool.encryption(volume_id).get_passphrase(volume_id)]
+    stub = pb_grpc.EncryptionKeyRotationControllerStub(plugin.channel)
+    stub.EncryptionKeyRotate(
+        pb.EncryptionKeyRotateRequest(volume_id=volume_id, volume_path=str(staging), secrets=secrets)
+    )
+    assert (staging / "data.bin").read_bytes() == MARKER  # the mapping never noticed
+    deks.append(tool.encryption(volume_id).get_passphrase(volume_id))
+    unstage(plugin, volume_id, staging)
+
+    secrets_file = tmp_path / "secrets.json"
+    secrets_file.write_text(json.dumps(secrets))
+    rotated = subprocess.run(
+        [sys.executable, "-m", "csi_luks.cli", "rotate", volume_id, "--backend", "rbd",
+         "--ceph-config", str(ceph_config), "--state-dir", str(plugin.state_dir),
+         "--kms-config", str(plugin.kms_config), "--secrets-file", str(secrets_file)],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert rotated.returncode == 0, rotated.stderr
+    assert "DEK rotated" in rotated.stdout
+    assert plugin.server.backend.find_attachment(volume_id) is None, "mapped only for the rotation"
+    deks.append(tool.encryption(volume_id).get_passphrase(volume_id))
+    assert len(set(deks)) == 3
+    meta = image_meta(ceph, volume_id)
+    assert meta[STATE] == "encrypted" and "csi-luks/dek-pending" not in meta
+    stage(plugin, volume_id, staging, secrets)
+    assert (staging / "data.bin").read_bytes() == MARKER
+    device = plugin.server.backend.find_attachment(volume_id)
+    assert device is not None
+    cryptsetup = Cryptsetup()  # the header is read from the mapped image; the open mapping is left alone
+    for old in deks[:2]:
+        with pytest.raises(WrongPassphrase):
+            cryptsetup.verify_passphrase(device, old)
+    assert cryptsetup.active_slots(device) == [cryptsetup.verify_passphrase(device, deks[2])]
+    assert header_backup_matches(cryptsetup, tool.backend, volume_id, device) is True
     unstage(plugin, volume_id, staging)
     plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
