@@ -550,9 +550,9 @@ def start_driver(
     """Start the plugin's two processes and every sidecar for driver `name`; wait until kubelet has it.
 
     The plugin's command line and environment are the csi-luks containers' of controller.yaml and
-    node-plugin.yaml in deploy/kustomize/base; only what names a place or the backend is replaced (the endpoint, the state
-    directory, the cluster list, the driver name and node id the Pod would get, and a KMS configuration
-    file instead of the ConfigMap, which the scenarios edit)."""
+    node-plugin.yaml in deploy/kustomize/base; only what names a place or the backend is replaced (the
+    endpoint, the state directory, the cluster list, the driver name and node id the Pod would get, and
+    a KMS configuration file instead of the ConfigMap, which the scenarios edit)."""
     progs, processes, admin = node.programs, node.processes, node.admin_kubeconfig
     short = name.split(".")[0]
     root = node.workdir / f"driver-{short}"
