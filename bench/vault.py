@@ -1,0 +1,107 @@
+"""CreateVolume+DeleteVolume pairs per second with the `vault` KMS (KV v2) vs the bare hvac calls.
+
+Everything runs against one real OpenBao dev server started here (as the tests start it), in alternating
+rounds, so a noisy neighbour slows every side alike. The sides:
+- grpc: the plugin's controller on a unix socket (standalone backend), CreateVolume then DeleteVolume;
+- kms: only the KMS work of such a pair, as the controller does it (a KMS built from the configuration
+  per call; store the DEK; remove the pending and the current DEK): the Vault path itself;
+- local: the gRPC pair with the `local` KMS, no Vault at all: what the backend and gRPC cost;
+- bare: hvac alone writing, reading and destroying one secret per pair (the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import hvac
+
+from bench.table import Row, Target
+from csi_luks.csi import csi_pb2
+from csi_luks.encryption import volume_encryption
+from csi_luks.kms.base import KMSContext
+from csi_luks.settings import Mode
+from tests.support.openbao import ROOT_TOKEN, OpenBao, openbao_server
+from tests.support.plugin import RunningPlugin, running_plugin
+
+TARGET = Target("ratio", ">=", 0.8)
+KMS_ID = "vault-kv"
+
+
+def _grpc_pair(plugin: RunningPlugin, kms_id: str) -> Callable[[int], None]:
+    def pair(i: int) -> None:
+        volume = plugin.create(f"{kms_id}-{i}", parameters={"encrypted": "true", "encryptionKMSID": kms_id})
+        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+    return pair
+
+
+def _kms_pair(plugin: RunningPlugin) -> Callable[[int], None]:
+    config, backend, context = plugin.server.kms_config, plugin.backend, KMSContext(secrets={})
+
+    def pair(i: int) -> None:
+        volume_id = backend.volume_id_for(f"kms-only-{i}", {})
+        volume_encryption(config, KMS_ID, context, backend).new_passphrase(volume_id)
+        volume_encryption(config, KMS_ID, context, backend).remove(volume_id)
+
+    return pair
+
+
+def _bare_pair(bao: OpenBao) -> Callable[[int], None]:
+    kv = hvac.Client(url=bao.address, token=ROOT_TOKEN).secrets.kv.v2
+
+    def pair(i: int) -> None:
+        path = f"bare/{uuid.uuid4()}"
+        kv.create_or_update_secret(path=path, secret={"passphrase": uuid.uuid4().hex}, mount_point="secret")
+        kv.read_secret_version(path=path, mount_point="secret", raise_on_deleted_version=True)
+        kv.delete_metadata_and_all_versions(path=path, mount_point="secret")
+
+    return pair
+
+
+def _timed(pair: Callable[[int], None], first: int, count: int) -> float:
+    started = time.perf_counter()
+    for i in range(first, first + count):
+        pair(i)
+    return time.perf_counter() - started
+
+
+def measure(pairs: int = 200, rounds: int = 5) -> list[Row]:
+    """pairs per side, split over rounds that alternate plugin and bare; one warm-up pair each first."""
+    with tempfile.TemporaryDirectory(prefix="csi-luks-bench-vault-") as scratch:
+        root = Path(scratch)
+        with openbao_server(root / "openbao") as bao:
+            (root / "plugin").mkdir()
+            token = root / "plugin" / "token"
+            token.write_text(ROOT_TOKEN)
+            entry = {"encryptionKMSType": "vault", "vaultAddress": bao.address,
+                     "vaultTokenFile": str(token), "vaultPassphrasePath": "csi-luks/"}  # fmt: skip
+            local = {"encryptionKMSType": "local", "keyFile": str(root / "plugin" / "kek")}
+            (root / "plugin" / "kms-config.json").write_text(json.dumps({KMS_ID: entry, "local": local}))
+            with running_plugin(root / "plugin", mode=Mode.CONTROLLER) as plugin:
+                sides = {
+                    "grpc": _grpc_pair(plugin, KMS_ID),
+                    "kms": _kms_pair(plugin),
+                    "local": _grpc_pair(plugin, "local"),
+                    "bare": _bare_pair(bao),
+                }
+                seconds = dict.fromkeys(sides, 0.0)
+                for pair in sides.values():
+                    pair(-1)  # warm-up: connections, logins, imports
+                per_round = max(1, pairs // rounds)
+                for r in range(rounds):
+                    for side, pair in sides.items():
+                        seconds[side] += _timed(pair, r * per_round, per_round)
+    rate = {side: per_round * rounds / spent for side, spent in seconds.items()}
+    bare = "bare hvac write+read+destroy"
+    grpc_pair = "vault KV v2: CreateVolume+DeleteVolume (gRPC)"
+    return [
+        Row(grpc_pair, rate["grpc"], "pairs/s", rate["bare"], bare, TARGET),
+        Row("vault KV v2: the KMS calls of a pair", rate["kms"], "pairs/s", rate["bare"], bare, TARGET),
+        # What the backend and gRPC leave for the KMS: the same pair without Vault.
+        Row(grpc_pair, rate["grpc"], "pairs/s", rate["local"], "the same with the local KMS"),
+    ]
