@@ -62,7 +62,11 @@ def _node_in_guest(args: argparse.Namespace) -> list[Row]:
                f"--samples {args.samples} --concurrent {args.concurrent}")  # fmt: skip
     print("node: booting a virtme-ng guest (about 20 s) ...", file=sys.stderr, flush=True)
     result = vm.run_in_guest(
-        command, workdir, cwd=str(REPO), on_output=lambda text: print(text, end="", file=sys.stderr)
+        command,
+        workdir,
+        cwd=str(REPO),
+        timeout=3600,
+        on_output=lambda text: print(text, end="", file=sys.stderr),
     )
     if result.returncode != 0 or not rows_file.exists():
         raise SystemExit(f"the node part failed in the guest (exit {result.returncode}); see {workdir}")

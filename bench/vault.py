@@ -70,7 +70,7 @@ def _timed(pair: Callable[[int], None], first: int, count: int) -> float:
     return time.perf_counter() - started
 
 
-def measure(pairs: int = 200, rounds: int = 5) -> list[Row]:
+def measure(pairs: int = 500, rounds: int = 25) -> list[Row]:
     """pairs per side, split over rounds that alternate plugin and bare; one warm-up pair each first."""
     with tempfile.TemporaryDirectory(prefix="csi-luks-bench-vault-") as scratch:
         root = Path(scratch)
