@@ -24,17 +24,13 @@ FLAT = Target("ratio", "<=", 1.5)  # "does not grow": noise on a shared machine 
 ENCRYPTED = {"encrypted": "true", "encryptionKMSID": "local-1"}
 
 
-def _latencies(plugin: RunningPlugin, prefix: str, samples: int) -> tuple[float, float]:
-    """Median CreateVolume and DeleteVolume latency (ms) of `samples` new encrypted volumes."""
-    creates, deletes = [], []
-    for i in range(samples):
-        started = time.perf_counter()
-        volume = plugin.create(f"{prefix}-{i}", parameters=ENCRYPTED)
-        created = time.perf_counter()
-        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
-        creates.append(created - started)
-        deletes.append(time.perf_counter() - created)
-    return statistics.median(creates) * 1000, statistics.median(deletes) * 1000
+def _pair_latency(plugin: RunningPlugin, name: str) -> tuple[float, float]:
+    """CreateVolume and DeleteVolume latency (s) of one new encrypted volume."""
+    started = time.perf_counter()
+    volume = plugin.create(name, parameters=ENCRYPTED)
+    created = time.perf_counter()
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    return created - started, time.perf_counter() - created
 
 
 def _populate(plugin: RunningPlugin, upto: int) -> None:
@@ -43,25 +39,21 @@ def _populate(plugin: RunningPlugin, upto: int) -> None:
         plugin.create(f"existing-{i}", parameters=ENCRYPTED)
 
 
-def start_to_ready(root: Path, tries: int = 3) -> float:
-    """Seconds from starting `csi-luks serve` (a new process, controller mode) until Probe says ready;
-    the median of tries."""
-    results = []
-    for attempt in range(tries):
-        socket = root / f"start-{attempt}.sock"
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "csi_luks.cli", "--log-level", "warning", "serve", "--mode", "controller",
-             "--endpoint", f"unix://{socket}", "--state-dir", str(root / "state"),
-             "--kms-config", str(root / "kms-config.json"), "--node-id", "bench"],
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            results.append(_wait_ready(socket, started, process))
-        finally:
-            process.terminate()
-            process.wait(30)
-    return statistics.median(results)
+def start_to_ready(root: Path, attempt: int) -> float:
+    """Seconds from starting `csi-luks serve` (a new process, controller mode) until Probe says ready."""
+    socket = root / f"start-{attempt}.sock"
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "csi_luks.cli", "--log-level", "warning", "serve", "--mode", "controller",
+         "--endpoint", f"unix://{socket}", "--state-dir", str(root / "state"),
+         "--kms-config", str(root / "kms-config.json"), "--node-id", "bench"],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        return _wait_ready(socket, started, process)
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def _wait_ready(socket: Path, started: float, process: subprocess.Popen[bytes], timeout: float = 60) -> float:
@@ -80,21 +72,35 @@ def _wait_ready(socket: Path, started: float, process: subprocess.Popen[bytes], 
     raise RuntimeError(f"the plugin was not ready within {timeout:g}s")
 
 
-def measure(few: int = 10, many: int = 1000, samples: int = 30) -> list[Row]:
+def measure(few: int = 10, many: int = 1000, samples: int = 30, starts: int = 5) -> list[Row]:
+    """Two state directories, with `few` and with `many` volumes, measured in alternation (a burst of load
+    from elsewhere hits both alike); each figure is the median of its samples."""
     with tempfile.TemporaryDirectory(prefix="csi-luks-bench-standalone-") as scratch:
         root = Path(scratch)
-        ready_empty = start_to_ready(root)
-        with running_plugin(root, mode=Mode.CONTROLLER, state_dir=root / "state") as plugin:
-            _populate(plugin, few)
-            create_few, delete_few = _latencies(plugin, "few", samples)
-            _populate(plugin, many)
-            create_many, delete_many = _latencies(plugin, "many", samples)
-        ready_many = start_to_ready(root)
+        latency: dict[str, tuple[list[float], list[float]]] = {"few": ([], []), "many": ([], [])}
+        with (
+            running_plugin(root / "few", mode=Mode.CONTROLLER) as small,
+            running_plugin(root / "many", mode=Mode.CONTROLLER) as large,
+        ):
+            _populate(small, few)
+            _populate(large, many)
+            for i in range(samples):
+                for label, plugin in (("few", small), ("many", large)):
+                    create, delete = _pair_latency(plugin, f"probe-{i}")
+                    latency[label][0].append(create)
+                    latency[label][1].append(delete)
+        (root / "empty").mkdir()
+        ready: dict[str, list[float]] = {"empty": [], "many": []}
+        for attempt in range(starts):
+            for label in ready:
+                ready[label].append(start_to_ready(root / label, attempt))
+    create_few, delete_few = (statistics.median(v) * 1000 for v in latency["few"])
+    create_many, delete_many = (statistics.median(v) * 1000 for v in latency["many"])
     return [
         Row(f"standalone CreateVolume, {many} volumes", create_many, "ms",
             reference=create_few, reference_name=f"{few} volumes", target=FLAT),
         Row(f"standalone DeleteVolume, {many} volumes", delete_many, "ms",
             reference=delete_few, reference_name=f"{few} volumes", target=FLAT),
-        Row(f"plugin start to ready, {many} volumes", ready_many, "s",
-            reference=ready_empty, reference_name="0 volumes", target=FLAT),
+        Row(f"plugin start to ready, {many} volumes", statistics.median(ready["many"]), "s",
+            reference=statistics.median(ready["empty"]), reference_name="0 volumes", target=FLAT),
     ]  # fmt: skip
