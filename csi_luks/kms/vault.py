@@ -1,6 +1,7 @@
 """KMS types `vault` (DEKs kept in a KV engine) and `vault-transit` (DEKs wrapped by a Transit key).
 
-Both speak to Vault or OpenBao through hvac. One client per KMS id is kept and reused; a call that
+Both speak to Vault or OpenBao through hvac. One connection per KMS entry (its client, HTTP session,
+token and detected KV versions) is kept and reused until the entry changes; a call that
 fails for a transient reason (server down, sealed, 5xx, timeout) is retried with backoff until a
 deadline, then reported as KMSUnavailable. A token that expired is renewed by logging in again. A server
 certificate that does not verify is reported at once (KMSTLSError): waiting does not fix a wrong CA.
@@ -173,6 +174,9 @@ class VaultConnection:
         self._lock = threading.Lock()
         self._client: hvac.Client | None = None
         self._ca_file = CABundleFile() if settings.ca_secret is not None else None
+        # The KV engine version of each mount used, asked once: it changes only if the engine is remounted,
+        # which a configuration change (a new connection) or a restart picks up.
+        self._kv_versions: dict[str, int] = {}
 
     def _login(self) -> hvac.Client:
         s = self.settings
@@ -189,6 +193,21 @@ class VaultConnection:
         )
         s.auth.login(client, s.kms_id)
         return client
+
+    def kv_version(self, mount: str, volume_id: str) -> int:
+        """The version (1 or 2) of the KV engine at mount, asked of Vault once (any token may read it)."""
+        with self._lock:
+            known = self._kv_versions.get(mount)
+        if known is not None:
+            return known
+        answer = self.call(
+            "detect KV version", volume_id, lambda c: c.adapter.get(f"/v1/sys/internal/ui/mounts/{mount}")
+        )
+        options = (answer.get("data") or {}).get("options") or {}
+        version = 2 if str(options.get("version", "1")) == "2" else 1
+        with self._lock:
+            self._kv_versions[mount] = version
+        return version
 
     def current_token(self) -> str | None:
         """The token in use, if logged in (for tests and diagnostics; never logged)."""
@@ -277,16 +296,21 @@ def _errors(exc: hvac.exceptions.VaultError) -> str:
     return "; ".join(map(str, errors)) if errors else str(exc) or type(exc).__name__
 
 
-_CONNECTIONS: dict[VaultSettings, VaultConnection] = {}
+# One connection per KMS entry and identity (a tenant's login differs from the next tenant's): calls
+# share its client, HTTP session, token and detected KV versions. An entry whose settings changed gets a
+# new connection, and the old one is dropped once its calls are done.
+_CONNECTIONS: dict[tuple[str, VaultAuth], VaultConnection] = {}
 _CONNECTIONS_LOCK = threading.Lock()
 
 
 def connection_for(settings: VaultSettings) -> VaultConnection:
-    """The shared connection of these settings (a changed configuration gets a new one)."""
+    """The shared connection of these settings (a changed configuration replaces it)."""
+    slot = (settings.kms_id, settings.auth)
     with _CONNECTIONS_LOCK:
-        if settings not in _CONNECTIONS:
-            _CONNECTIONS[settings] = VaultConnection(settings)
-        return _CONNECTIONS[settings]
+        connection = _CONNECTIONS.get(slot)
+        if connection is None or connection.settings != settings:
+            connection = _CONNECTIONS[slot] = VaultConnection(settings)
+        return connection
 
 
 class VaultKVKMS(EncryptionKMS, DEKStore):
@@ -352,16 +376,10 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
         return f"{self.prefix}{volume_id}{self.suffix}"
 
     def kv_version(self, volume_id: str) -> int:
-        """The engine's version, as configured or asked of Vault once (any token may read it)."""
-        if self._kv_version is None:
-            answer = self.connection.call(
-                "detect KV version",
-                volume_id,
-                lambda c: c.adapter.get(f"/v1/sys/internal/ui/mounts/{self.mount}"),
-            )
-            options = (answer.get("data") or {}).get("options") or {}
-            self._kv_version = 2 if str(options.get("version", "1")) == "2" else 1
-        return self._kv_version
+        """The engine's version: as configured, else detected once per connection."""
+        if self._kv_version is not None:
+            return self._kv_version
+        return self.connection.kv_version(self.mount, volume_id)
 
     def store_dek(self, volume_id: str, dek: str) -> None:
         secret = {_PASSPHRASE_FIELD: dek}
@@ -377,8 +395,9 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
             self.connection.call(
                 "store DEK",
                 volume_id,
+                # KV v1 takes PUT and POST alike; without a method hvac reads the secret first to choose.
                 lambda c: c.secrets.kv.v1.create_or_update_secret(
-                    path=self.path(volume_id), secret=secret, mount_point=self.mount
+                    path=self.path(volume_id), secret=secret, mount_point=self.mount, method="PUT"
                 ),
             )
 

@@ -275,7 +275,10 @@ class StandaloneBackend(VolumeBackend):
             os.close(fd)
 
     def _sweep_trash(self) -> None:
-        """Remove directories of deleted volumes (ours, or left by a crash during an earlier delete)."""
+        """Remove every directory of a deleted volume (left by a crash or a failure in an earlier delete).
+
+        A scan of all volumes: only a delete that finds its volume gone already (a retry) pays for it.
+        """
         try:
             trash = [e.path for e in os.scandir(self._volumes) if e.name.startswith(_TRASH)]
         except FileNotFoundError:
@@ -283,10 +286,14 @@ class StandaloneBackend(VolumeBackend):
         except OSError as exc:
             raise _unavailable(exc, self._volumes, "list") from exc
         for path in trash:
-            try:
-                _remove_tree(path)
-            except OSError as exc:
-                raise _unavailable(exc, Path(path), "remove") from exc
+            self._remove_trash(path)
+
+    @staticmethod
+    def _remove_trash(path: str) -> None:
+        try:
+            _remove_tree(path)
+        except OSError as exc:
+            raise _unavailable(exc, Path(path), "remove") from exc
 
     # --- the interface -------------------------------------------------------------------------------
 
@@ -409,23 +416,28 @@ class StandaloneBackend(VolumeBackend):
         if not _ID.fullmatch(volume_id):
             return  # not ours, so not there
         directory = self._volumes / volume_id
-        if os.path.lexists(directory):
-            try:
-                with self._locked(directory):
-                    device = self.loops.find(str(directory / IMAGE))
-                    if device is not None:
-                        raise VolumeInUse(f"volume {volume_id} is attached to {device}; detach it first")
-                    # One rename takes the whole volume away: a crash after it leaves only trash, which
-                    # the next delete sweeps, never half a volume. Waiters on the lock see it move.
-                    trash = self._volumes / f"{_TRASH}{volume_id}.{uuid.uuid4().hex}"
-                    try:
-                        os.rename(directory, trash)
-                        _fsync_dir(self._volumes)
-                    except OSError as exc:
-                        raise _unavailable(exc, directory, "delete") from exc
-            except _DirectoryGone:
-                pass  # deleted concurrently
-        self._sweep_trash()
+        if not os.path.lexists(directory):
+            self._sweep_trash()  # a retry: finish whatever an earlier attempt left
+            return
+        try:
+            with self._locked(directory):
+                device = self.loops.find(str(directory / IMAGE))
+                if device is not None:
+                    raise VolumeInUse(f"volume {volume_id} is attached to {device}; detach it first")
+                # One rename takes the whole volume away: a crash after it leaves only trash, which the
+                # retried delete sweeps, never half a volume. Waiters on the lock see it move.
+                trash = self._volumes / f"{_TRASH}{volume_id}.{uuid.uuid4().hex}"
+                try:
+                    os.rename(directory, trash)
+                    _fsync_dir(self._volumes)
+                except OSError as exc:
+                    raise _unavailable(exc, directory, "delete") from exc
+        except _DirectoryGone:
+            self._sweep_trash()  # deleted concurrently
+            return
+        # Only this volume's trash: a scan of the whole directory would cost every delete more with
+        # every volume there is.
+        self._remove_trash(str(trash))
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
         directory = self._dir(volume_id)

@@ -8,7 +8,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -338,6 +338,28 @@ def test_a_crash_during_delete_leaves_trash_that_the_next_delete_sweeps(
         backend.get(volume_id)
     backend.delete(volume_id)  # the retry
     assert files_in(state / "volumes") == []
+
+
+def test_a_delete_does_not_scan_the_other_volumes(
+    backend: StandaloneBackend, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its cost must not grow with the number of volumes: only a retry looks for left-over trash."""
+    others = [new_volume(backend, f"pvc-other-{i}") for i in range(3)]
+    volume_id = new_volume(backend, "pvc-d")
+    scanned: list[str] = []
+    scandir = os.scandir
+
+    def recording(path: str | int) -> Iterator[os.DirEntry[str]]:
+        if not isinstance(path, int):  # rmtree scans the trash by file descriptor
+            scanned.append(os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", recording)
+    backend.delete(volume_id)
+    assert scanned == []
+    assert sorted(files_in(state / "volumes")) == sorted(others)  # its own trash is gone too
+    backend.delete(volume_id)  # the retry sweeps
+    assert scanned == [str(state / "volumes")]
 
 
 def test_a_metadata_update_waiting_on_a_delete_does_not_resurrect_the_volume(

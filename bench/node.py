@@ -1,0 +1,210 @@
+"""Node side, inside a guest with dm-crypt (run as root): NodeStage/NodeUnstage vs the raw commands.
+
+Three flows over the same kind of volume (a sparse image on a loop device, LUKS2, ext4), timed here:
+- the plugin: NodeStageVolume (first: attach, luksFormat, open, mkfs, mount; again: attach, open,
+  mount) and NodeUnstageVolume, over gRPC;
+- raw: the same commands by hand, with the plugin's own luksFormat flags;
+- Ceph-CSI: the raw commands with Ceph-CSI's luksFormat flags (argon2id, 32 MiB, time-benchmarked).
+Then 16 first stages at once against a plugin process in a cgroup of its own: memory.peak counts the
+plugin and every command it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from bench.table import Row, Target
+from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from csi_luks.luks.options import FormatOptions
+from csi_luks.settings import Mode
+from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
+
+RAW = Target("ratio", "<=", 1.1)
+CEPH_CSI = Target("ratio", "<=", 0.35)
+MEMORY = Target("value", "<=", 150)
+ENCRYPTED = {"encrypted": "true", "encryptionKMSID": "local-1"}
+KEY = b"0123456789abcdef0123456789abcdef0123456789a"  # a DEK-shaped passphrase for the raw flows
+CEPH_CSI_FLAGS = ("--type", "luks2", "--hash", "sha256", "--pbkdf", "argon2id", "--pbkdf-memory", "32768")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def plugin_format_flags() -> list[str]:
+    """The luksFormat flags csi-luks passes by default (cryptsetup.py's format), for the raw flow."""
+    options = FormatOptions()
+    return ["--type", "luks2", "--cipher", options.cipher, "--key-size",
+            str(options.key_size), "--hash", options.hash, *options.pbkdf_args(),
+            "--key-slot", str(options.key_slot)]  # fmt: skip
+
+
+def _run(argv: Sequence[str], stdin: bytes | None = None) -> str:
+    return subprocess.run(list(argv), input=stdin, capture_output=True, check=True).stdout.decode().strip()
+
+
+@dataclass
+class RawVolume:
+    """One image staged by hand: the commands NodeStage/NodeUnstage run, without the plugin."""
+
+    image: Path
+    target: Path
+    name: str
+    format_flags: Sequence[str]
+    device: str = ""
+
+    def stage(self, first: bool) -> None:
+        self.device = _run(["losetup", "--find", "--show", str(self.image)])
+        if first:
+            flags = ["--batch-mode", *self.format_flags, "--key-file=-"]
+            _run(["cryptsetup", "luksFormat", *flags, self.device], stdin=KEY)
+        _run(["cryptsetup", "open", "--type", "luks2", "--disable-keyring", "--key-file=-", self.device,
+              self.name], stdin=KEY)  # fmt: skip
+        if first:
+            _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                  f"/dev/mapper/{self.name}"])  # fmt: skip
+        self.target.mkdir(parents=True, exist_ok=True)
+        _run(["mount", "-t", "ext4", f"/dev/mapper/{self.name}", str(self.target)])
+
+    def unstage(self) -> None:
+        _run(["umount", str(self.target)])
+        _run(["cryptsetup", "close", self.name])
+        _run(["losetup", "--detach", self.device])
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def _timed(action: Callable[..., object], *args: object) -> float:
+    started = time.perf_counter()
+    action(*args)
+    return time.perf_counter() - started
+
+
+def raw_flow(scratch: Path, label: str, flags: Sequence[str], size: int, samples: int) -> dict[str, float]:
+    """Median ms of first stage, unstage, stage again, unstage, by hand with these luksFormat flags."""
+    times: dict[str, list[float]] = {"first": [], "again": [], "unstage": []}
+    for i in range(samples):
+        image = scratch / f"{label}-{i}.img"
+        with image.open("wb") as f:
+            f.truncate(size)
+        volume = RawVolume(image, scratch / f"{label}-{i}-mnt", f"bench-{label}-{i}", flags)
+        times["first"].append(_timed(volume.stage, True))
+        times["unstage"].append(_timed(volume.unstage))
+        times["again"].append(_timed(volume.stage, False))
+        times["unstage"].append(_timed(volume.unstage))
+        image.unlink()
+    return {step: _median_ms(values) for step, values in times.items()}
+
+
+def _stage(plugin: csi_pb2_grpc.NodeStub, volume_id: str, staging: Path) -> None:
+    plugin.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=str(staging), volume_capability=mount_capability(),
+    ))  # fmt: skip
+
+
+def _unstage(plugin: csi_pb2_grpc.NodeStub, volume_id: str, staging: Path) -> None:
+    plugin.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging))
+    )
+
+
+def plugin_flow(plugin: RunningPlugin, scratch: Path, size: int, samples: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {"first": [], "again": [], "unstage": []}
+    for i in range(samples):
+        volume_id = plugin.create(f"bench-node-{i}", size, ENCRYPTED).volume_id
+        staging = scratch / f"plugin-{i}-staging"
+        times["first"].append(_timed(_stage, plugin.node, volume_id, staging))
+        times["unstage"].append(_timed(_unstage, plugin.node, volume_id, staging))
+        times["again"].append(_timed(_stage, plugin.node, volume_id, staging))
+        times["unstage"].append(_timed(_unstage, plugin.node, volume_id, staging))
+        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+    return {step: _median_ms(values) for step, values in times.items()}
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str) -> Iterator[Path]:
+    """A cgroup v2 group with the memory controller (cgroup2 is mounted first if the guest has not)."""
+    if not (CGROUP_ROOT / "cgroup.controllers").exists():
+        _run(["mount", "-t", "cgroup2", "cgroup2", str(CGROUP_ROOT)])
+    (CGROUP_ROOT / "cgroup.subtree_control").write_text("+memory")
+    group = CGROUP_ROOT / name
+    group.mkdir(exist_ok=True)
+    try:
+        yield group
+    finally:
+        for _ in range(50):  # the last processes may take a moment to leave
+            with contextlib.suppress(OSError):
+                group.rmdir()
+                break
+            time.sleep(0.1)
+
+
+def concurrent_first_stages(scratch: Path, count: int, size: int) -> float:
+    """memory.peak (MiB) of a plugin process and its children while `count` first stages run at once."""
+    volume_ids = []
+    with running_plugin(scratch / "concurrent", mode=Mode.CONTROLLER) as creator:
+        for i in range(count):
+            volume_ids.append(creator.create(f"bench-concurrent-{i}", size, ENCRYPTED).volume_id)
+    root = scratch / "concurrent"
+    socket = root / "node.sock"
+    with memory_cgroup("csi-luks-bench") as group:
+        # The shell joins the cgroup, then becomes the plugin: every child it starts is counted too.
+        command = (f'echo $$ > {group / "cgroup.procs"} && exec {sys.executable} -m csi_luks.cli '
+                   f"--log-level warning serve --mode all --endpoint unix://{socket} --node-id bench "
+                   f"--state-dir {root / 'state'} --kms-config {root / 'kms-config.json'}")  # fmt: skip
+        process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL)
+        try:
+            with grpc.insecure_channel(f"unix://{socket}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=60)
+                node = csi_pb2_grpc.NodeStub(channel)
+                errors: list[BaseException] = []
+
+                def stage(volume_id: str, i: int) -> None:
+                    try:
+                        _stage(node, volume_id, scratch / f"concurrent-{i}-staging")
+                    except BaseException as exc:
+                        errors.append(exc)
+
+                threads = [threading.Thread(target=stage, args=(v, i)) for i, v in enumerate(volume_ids)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                if errors:
+                    raise RuntimeError(f"{len(errors)} of {count} concurrent stages failed: {errors[0]}")
+                peak = int((group / "memory.peak").read_text()) / MiB
+                for i, volume_id in enumerate(volume_ids):
+                    _unstage(node, volume_id, scratch / f"concurrent-{i}-staging")
+        finally:
+            process.terminate()
+            process.wait(30)
+    return peak
+
+
+def measure(size_mib: int = 64, samples: int = 5, concurrent: int = 16) -> list[Row]:
+    size = size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="csi-luks-bench-node-") as name:
+        scratch = Path(name)
+        with running_plugin(scratch / "plugin", mode=Mode.ALL) as plugin:
+            ours = plugin_flow(plugin, scratch, size, samples)
+        raw = raw_flow(scratch, "raw", plugin_format_flags(), size, samples)
+        ceph = raw_flow(scratch, "ceph", CEPH_CSI_FLAGS, size, samples)
+        peak = concurrent_first_stages(scratch, concurrent, size)
+    rows = []
+    steps = (("first", "NodeStage, first"), ("again", "NodeStage, again"), ("unstage", "NodeUnstage"))
+    for step, title in steps:
+        rows.append(Row(title, ours[step], "ms", raw[step], "raw commands", RAW))
+        if step != "unstage":  # no KDF runs in an unstage: nothing for Ceph-CSI's flags to change
+            rows.append(Row(title, ours[step], "ms", ceph[step], "Ceph-CSI luksFormat flags", CEPH_CSI))
+    rows.append(Row(f"{concurrent} concurrent first NodeStage: memory.peak", peak, "MiB", target=MEMORY))
+    return rows
