@@ -468,6 +468,11 @@ class RbdBackend(VolumeBackend):
             except VolumeInUse as exc:
                 log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
                 return  # this id names no volume of its own: it is deleted
+            if metadata.get(_OWNER) != volume_id:
+                # An unfinished copy may have its header backup already (the controller removes only a
+                # complete volume's). Before the image: a crash between leaves an image a retry finds.
+                with contextlib.suppress(VolumeNotFound):
+                    rbd.rados(ref, "rm", _header_object(ref))
             rbd.remove_image(ref)
 
     # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).

@@ -392,3 +392,26 @@ def test_a_controller_call_killed_at_a_crash_point_converges_on_retry(
 ) -> None:
     h = harnesses(config)
     SCENARIOS[scenario](h, f"crash-{config}-{scenario}-{point}", point)
+
+
+# A copy the CO gives up on (it deletes the volume instead of retrying), killed where most is half-made.
+ABANDONED = [
+    ("standalone-local", "standalone-create.after-header-backup"),
+    ("rbd-local", "rbd-create.after-header-backup"),
+]
+
+
+@pytest.mark.parametrize(("config", "point"), ABANDONED, ids=["/".join(case) for case in ABANDONED])
+def test_a_copy_given_up_after_a_crash_is_deleted_without_a_trace(
+    harnesses: Callable[[str], Harness], config: str, point: str
+) -> None:
+    h = harnesses(config)
+    name = f"crash-{config}-abandoned-{point}"
+    snapshot = csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=h.snapshot_id)
+    request = h.create_request(name, csi_pb2.VolumeContentSource(snapshot=snapshot))
+    crash(h, point, lambda c: c.CreateVolume(request))
+    volume_id = h.backend.volume_id_for(name, h.parameters)
+    h.made.add(volume_id)
+    assert h.traces(volume_id) != []  # half a volume is there
+    h.delete(volume_id)  # and DeleteVolume leaves nothing of it
+    h.assert_consistent()
