@@ -394,24 +394,28 @@ def test_a_controller_call_killed_at_a_crash_point_converges_on_retry(
     SCENARIOS[scenario](h, f"crash-{config}-{scenario}-{point}", point)
 
 
-# A copy the CO gives up on (it deletes the volume instead of retrying), killed where most is half-made.
+# A create the CO gives up on (it deletes the volume instead of retrying), killed where most is half-made.
 ABANDONED = [
-    ("standalone-local", "standalone-create.after-header-backup"),
-    ("rbd-local", "rbd-create.after-header-backup"),
+    ("standalone-local", "restore", "standalone-create.after-header-backup"),
+    ("standalone-vault", "create", "prepare-key.after-new-dek"),  # a DEK in Vault, no state yet
+    ("rbd-local", "restore", "rbd-create.after-header-backup"),
 ]
 
 
-@pytest.mark.parametrize(("config", "point"), ABANDONED, ids=["/".join(case) for case in ABANDONED])
-def test_a_copy_given_up_after_a_crash_is_deleted_without_a_trace(
-    harnesses: Callable[[str], Harness], config: str, point: str
+@pytest.mark.parametrize(
+    ("config", "scenario", "point"), ABANDONED, ids=["/".join(case) for case in ABANDONED]
+)
+def test_a_create_given_up_after_a_crash_is_deleted_without_a_trace(
+    harnesses: Callable[[str], Harness], config: str, scenario: str, point: str
 ) -> None:
     h = harnesses(config)
     name = f"crash-{config}-abandoned-{point}"
     snapshot = csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=h.snapshot_id)
-    request = h.create_request(name, csi_pb2.VolumeContentSource(snapshot=snapshot))
+    source = csi_pb2.VolumeContentSource(snapshot=snapshot) if scenario == "restore" else None
+    request = h.create_request(name, source)
     crash(h, point, lambda c: c.CreateVolume(request))
     volume_id = h.backend.volume_id_for(name, h.parameters)
     h.made.add(volume_id)
     assert h.traces(volume_id) != []  # half a volume is there
-    h.delete(volume_id)  # and DeleteVolume leaves nothing of it
+    h.delete(volume_id)  # and DeleteVolume leaves nothing of it (and no DEK: assert_consistent)
     h.assert_consistent()
