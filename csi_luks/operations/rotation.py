@@ -56,10 +56,6 @@ __all__ = ["CRASH_POINTS", "CRASH_POINT_ENV", "STEPS", "KeyRotation", "RotationR
 MAX_SLOTS = 32  # LUKS2
 
 
-def _Step(name: str) -> Step:
-    return Step("rotation", name)
-
-
 @dataclass
 class RotationResult:
     volume_id: str
@@ -97,9 +93,9 @@ class KeyRotation:
                 " it is formatted with its DEK at its first NodeStage, and there is no key slot to rotate"
             )
         if self.encryption.get_pending_passphrase(volume_id) is None:
-            with _Step("store-pending"):
+            with Step("rotation", "store-pending"):
                 self.encryption.new_pending_passphrase(volume_id)
-        with _Step("mark-rotating"):
+        with Step("rotation", "mark-rotating"):
             self.backend.set_metadata(volume_id, STATE, EncryptionState.ROTATING.value)
         result = self._finish(volume_id, device)
         result.resumed = False
@@ -125,21 +121,21 @@ class KeyRotation:
                         f"volume {volume_id}: neither its current nor its pending DEK opens the LUKS header "
                         f"on {device}; restore the header from its backup (csi-luks header restore)"
                     )
-                with _Step("add-key"):
+                with Step("rotation", "add-key"):
                     used = set(self.cryptsetup.active_slots(device))
                     free = next((s for s in range(MAX_SLOTS) if s not in used), None)
                     if free is None:
                         raise OperationRefused(f"volume {volume_id}: every key slot of {device} is in use")
                     self.cryptsetup.add_key(device, current, pending, free)
                     refresh_header_backup(self.cryptsetup, self.backend, volume_id, device)
-            with _Step("test-key"):
+            with Step("rotation", "test-key"):
                 pending_slot = self.cryptsetup.slot_of(device, pending)
                 if pending_slot is None:
                     raise OperationRefused(
                         f"volume {volume_id}: the new DEK was added but does not open {device}; the "
                         "current DEK still does, and the rotation can be retried"
                     )
-            with _Step("promote"):
+            with Step("rotation", "promote"):
                 self.encryption.make_current(volume_id, pending)
             current, current_slot = pending, pending_slot
         if current_slot is None:
@@ -150,15 +146,15 @@ class KeyRotation:
         # Idempotent: also after a kill between a promotion and this (the old versions are gone or not).
         self.encryption.forget_previous_versions(volume_id)
         killed = []
-        with _Step("kill-old-slots"):
+        with Step("rotation", "kill-old-slots"):
             for slot in self.cryptsetup.active_slots(device):
                 if slot != current_slot:
                     self.cryptsetup.kill_slot(device, slot, current)
                     killed.append(slot)
             refresh_header_backup(self.cryptsetup, self.backend, volume_id, device)
-        with _Step("remove-pending"):
+        with Step("rotation", "remove-pending"):
             self.encryption.remove_pending(volume_id)
-        with _Step("mark-encrypted"):
+        with Step("rotation", "mark-encrypted"):
             self.backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
         log.info(
             "volume %s: DEK rotated (key slot %d; wiped %s)", volume_id, current_slot, killed or "nothing"

@@ -17,6 +17,7 @@ from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
+from csi_luks.operations.crash import Step
 from csi_luks.quoting import quoted, quoted_list
 from csi_luks.services.validation import (
     capability_problem,
@@ -187,7 +188,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
-                    with self._copy_slot(f"CreateVolume {quoted(name)}") if source_id else nullcontext():
+                    with (
+                        self._copy_slot(f"CreateVolume {quoted(name)}") if source_id else nullcontext(),
+                        Step("create-volume", "backing-store"),
+                    ):
                         info = backend.create(
                             volume_id,
                             name,
@@ -248,7 +252,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             self.kms_config, record.kms_id, self._context(secrets, record), backend
         )
         if record.source is None:
-            encryption.new_passphrase(volume_id)
+            with Step("prepare-key", "new-dek"):
+                encryption.new_passphrase(volume_id)
             state = EncryptionState.PREPARED
         else:
             try:
@@ -260,10 +265,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             source_encryption = volume_encryption(
                 self.kms_config, source.kms_id, self._context(secrets, source), backend
             )
-            source_encryption.copy_to(record.source, encryption, volume_id)
+            with Step("prepare-key", "copy-dek"):
+                source_encryption.copy_to(record.source, encryption, volume_id)
             assert record.source_state is not None  # noqa: S101 - _copy_marks sets both
             state = record.source_state
-        backend.set_metadata(volume_id, STATE, state.value)
+        with Step("prepare-key", "mark-state"):
+            backend.set_metadata(volume_id, STATE, state.value)
         log.info(
             "volume %s (%s): DEK %s with KMS %r",
             volume_id,
@@ -362,11 +369,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if record.encrypted:
             # The DEKs go first: a crash after them leaves an object that a retry deletes, never a key
             # with nothing to open.
-            volume_encryption(self.kms_config, record.kms_id, self._context(secrets, record), backend).remove(
-                object_id
+            encryption = volume_encryption(
+                self.kms_config, record.kms_id, self._context(secrets, record), backend
             )
-            backend.remove_header_backup(object_id)
-        backend.delete(object_id)
+            with Step("delete", "remove-dek"):
+                encryption.remove(object_id)
+            with Step("delete", "remove-header-backup"):
+                backend.remove_header_backup(object_id)
+        with Step("delete", "remove-data"):
+            backend.delete(object_id)
 
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
@@ -382,8 +393,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             capacity = capacity_from_range(request.capacity_range, True, current=record.capacity)
             if capacity > record.capacity:
                 backend.check_capacity(backing_bytes(capacity, record.encrypted))
-                backend.resize(volume_id, backing_bytes(capacity, record.encrypted))
-                backend.set_metadata(volume_id, CAPACITY, str(capacity))
+                with Step("controller-expand", "resize"):
+                    backend.resize(volume_id, backing_bytes(capacity, record.encrypted))
+                with Step("controller-expand", "record-capacity"):
+                    backend.set_metadata(volume_id, CAPACITY, str(capacity))
                 log.info("volume %s grown to %d bytes", volume_id, capacity)
             # The node must grow the attachment, the dm-crypt mapping and the filesystem.
             return csi_pb2.ControllerExpandVolumeResponse(
@@ -527,7 +540,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     CREATED: str(time.time_ns()),
                     **_copy_marks(source_id, source),
                 }
-                with self._copy_slot(f"CreateSnapshot {quoted(name)}"):
+                with (
+                    self._copy_slot(f"CreateSnapshot {quoted(name)}"),
+                    Step("create-snapshot", "backing-store"),
+                ):
                     info = backend.create(
                         snapshot_id, name, source.backing_bytes, metadata, source_id=source_id
                     )

@@ -23,6 +23,7 @@ from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.operations.crash import crash_point
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.rotation import KeyRotation
 from csi_luks.quoting import quoted
@@ -110,6 +111,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             _, layout = self._volume(backend, volume_id)
             was_attached = backend.find_attachment(volume_id) is not None
             device = backend.attach(volume_id)
+            # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
+            crash_point("node-stage.after-attach")
             try:
                 if layout.record.encrypted:
                     device = self._open_encrypted(backend, volume_id, device, layout, dict(request.secrets))
@@ -146,8 +149,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 self.cryptsetup.format(
                     device, encryption.get_passphrase(volume_id), FormatOptions(label=label)
                 )
+                crash_point("node-stage.after-luks-format")
                 refresh_header_backup(self.cryptsetup, backend, volume_id, device)
+                crash_point("node-stage.after-header-backup")
                 backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+                crash_point("node-stage.after-mark-encrypted")
                 log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
             else:
                 raise failed_precondition(
@@ -169,12 +175,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 "not finish); delete and recreate it"
             )
         try:
-            return self.cryptsetup.open(device, layout.mapper, encryption.get_passphrase(volume_id))
+            mapped = self.cryptsetup.open(device, layout.mapper, encryption.get_passphrase(volume_id))
         except WrongPassphrase:
             raise failed_precondition(
                 f"the key of KMS {record.kms_id or 'secrets'!r} does not open volume {volume_id}; "
                 "the device was left untouched (check the KMS configuration and the volume's DEK)"
             ) from None
+        crash_point("node-stage.after-open")
+        return mapped
 
     def _mount_filesystem(
         self, volume_id: str, device: str, staging: str, mount: csi_pb2.VolumeCapability.MountVolume
@@ -185,6 +193,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         found = self.filesystems.probe(device)
         if found.empty:
             self.filesystems.mkfs(device, fs_type)
+            crash_point("node-stage.after-mkfs")
             log.info("volume %s: made %s on %s", volume_id, fs_type, device)
         elif found.type != fs_type:
             raise failed_precondition(
@@ -201,9 +210,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodeUnstageVolume"):
             self.filesystems.unmount(staging)
+            crash_point("node-unstage.after-unmount")
             # Closing by the deterministic name works after a plugin restart, and for a volume whose
             # metadata is already gone.
             self.cryptsetup.close(mapper_name(volume_id))
+            crash_point("node-unstage.after-close")
             with contextlib.suppress(VolumeNotFound):
                 backend.detach(volume_id)
             log.info("volume %s unstaged from %s", volume_id, staging)
@@ -255,11 +266,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if not os.path.exists(path):
                 raise not_found(f"volume path {quoted(path)} does not exist")
             backend.refresh_attachment_size(volume_id)
+            crash_point("node-expand.after-refresh-attachment")
             device = self._device(backend, volume_id, layout)
             if device is None:
                 raise failed_precondition(f"volume {volume_id} is not staged on this node")
             if layout.record.encrypted:
                 self.cryptsetup.resize(layout.mapper)  # no passphrase: the key is in dm-crypt
+                crash_point("node-expand.after-resize-mapping")
             if self.filesystems.is_mounted(path) and os.path.isdir(path):
                 fs_type = self.filesystems.probe(device).type or "ext4"
                 self.filesystems.grow(device, path, fs_type)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from csi_luks.operations.crash import Step
 from csi_luks.quoting import quoted
 from csi_luks.system.programs import RADOS, RBD
 from csi_luks.system.runner import CommandError, CommandResult, Runner
@@ -373,7 +374,8 @@ class RbdBackend(VolumeBackend):
             present: dict[str, str] = {}
             if source_id is None:
                 try:
-                    rbd.run("create", "--size", f"{size_mib}M", *options, ref.spec)
+                    with Step("rbd-create", "image"):
+                        rbd.run("create", "--size", f"{size_mib}M", *options, ref.spec)
                 except VolumeNotFound as exc:  # not the volume: where it was to go
                     raise BackendRequestError(
                         f"cannot create {ref.spec}: its pool, RADOS namespace or data pool does not exist "
@@ -384,18 +386,23 @@ class RbdBackend(VolumeBackend):
                 self._copy(rbd, source, ref, options)
                 header = rbd.get_object(source, _header_object(source))
                 if header is not None:  # the copy's LUKS header is the source's: so is its backup
-                    rbd.put_object(ref, _header_object(ref), header)
-                size = rbd.grow_to(ref, size_bytes)
+                    with Step("rbd-create", "header-backup"):
+                        rbd.put_object(ref, _header_object(ref), header)
+                with Step("rbd-create", "grow"):
+                    size = rbd.grow_to(ref, size_bytes)
                 # A deep copy brings the source's metadata (its DEK among it): only ours may stay.
                 present = rbd.metadata(ref) or {}
-                for key in present:
-                    if key.startswith(PREFIX) and key not in metadata:
-                        rbd.remove_meta(ref, key)
+                with Step("rbd-create", "drop-source-metadata"):
+                    for key in present:
+                        if key.startswith(PREFIX) and key not in metadata:
+                            rbd.remove_meta(ref, key)
             # Each key is one rbd call (seconds under emulation): skip what is already so.
-            for key, value in metadata.items():
-                if present.get(key, "") != value:
-                    rbd.set_meta(ref, key, value)
-            rbd.set_meta(ref, _OWNER, volume_id)
+            with Step("rbd-create", "metadata"):
+                for key, value in metadata.items():
+                    if present.get(key, "") != value:
+                        rbd.set_meta(ref, key, value)
+            with Step("rbd-create", "owner"):
+                rbd.set_meta(ref, _OWNER, volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a copy of {source_id}" if source_id else "")  # fmt: skip
             return self._info(volume_id, size, {**metadata, _OWNER: volume_id})
@@ -408,16 +415,20 @@ class RbdBackend(VolumeBackend):
             )
         snapshot = _COPY_SNAPSHOT_PREFIX + target.image
         rbd.remove_snapshot(source, snapshot)  # left by an interrupted copy
-        rbd.run("snap", "create", "--no-progress", source.snapshot(snapshot))
+        with Step("rbd-copy", "snapshot"):
+            rbd.run("snap", "create", "--no-progress", source.snapshot(snapshot))
         try:
-            rbd.run(
-                "deep", "copy", "--no-progress", *options, source.snapshot(snapshot), target.spec,
-                timeout=BULK_TIMEOUT,
-            )  # fmt: skip
+            with Step("rbd-copy", "deep-copy"):
+                rbd.run(
+                    "deep", "copy", "--no-progress", *options, source.snapshot(snapshot), target.spec,
+                    timeout=BULK_TIMEOUT,
+                )  # fmt: skip
         finally:
-            rbd.remove_snapshot(source, snapshot)
+            with Step("rbd-copy", "remove-snapshot"):
+                rbd.remove_snapshot(source, snapshot)
         # The copy brings the source's snapshots along (other copies in flight): it keeps none.
-        rbd.run("snap", "purge", "--no-progress", target.spec, timeout=BULK_TIMEOUT)
+        with Step("rbd-copy", "purge"):
+            rbd.run("snap", "purge", "--no-progress", target.spec, timeout=BULK_TIMEOUT)
 
     def get(self, volume_id: str) -> VolumeInfo:
         ref = decode_volume_id(volume_id)
@@ -458,6 +469,11 @@ class RbdBackend(VolumeBackend):
             except VolumeInUse as exc:
                 log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
                 return  # this id names no volume of its own: it is deleted
+            if metadata.get(_OWNER) != volume_id:
+                # An unfinished copy may have its header backup already (the controller removes only a
+                # complete volume's). Before the image: a crash between leaves an image a retry finds.
+                with contextlib.suppress(VolumeNotFound):
+                    rbd.rados(ref, "rm", _header_object(ref))
             rbd.remove_image(ref)
 
     # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_luks.operations.crash import Step
 from csi_luks.quoting import quoted
 from csi_luks.system.loop import LoopDevices
 from csi_luks.system.programs import CP
@@ -368,7 +369,8 @@ class StandaloneBackend(VolumeBackend):
         metadata: Mapping[str, str],
         source: Path | None,
     ) -> VolumeInfo:
-        """Under the lock: create what is missing, in order (meta.json, then the image)."""
+        """Under the lock: create what is missing, in order (meta.json, a copy's header backup, then the
+        image, whose presence completes the volume)."""
         image = directory / IMAGE
         try:
             meta = self._read_meta(directory)
@@ -377,11 +379,17 @@ class StandaloneBackend(VolumeBackend):
                 # without meta.json is a leftover and is never handed out again.
                 image.unlink(missing_ok=True)
                 meta = _Meta(name=name, size=size_bytes, metadata=dict(metadata))
-                self._write_meta(directory, meta)
-                self._make_image(directory, meta.size, source)
+                with Step("standalone-create", "meta"):
+                    self._write_meta(directory, meta)
                 if source is not None and (source.parent / HEADER_BACKUP).exists():
-                    # The copy's header is the source's: so is its backup.
-                    write_atomically(directory / HEADER_BACKUP, (source.parent / HEADER_BACKUP).read_bytes())
+                    # The copy's header is the source's: so is its backup. Before the image: a complete
+                    # volume is never handed out without it.
+                    with Step("standalone-create", "header-backup"):
+                        write_atomically(
+                            directory / HEADER_BACKUP, (source.parent / HEADER_BACKUP).read_bytes()
+                        )
+                with Step("standalone-create", "image"):
+                    self._make_image(directory, meta.size, source)
             else:
                 # An existing volume is returned unchanged; an image short of its recorded size (a crash
                 # while growing it) is finished first.
@@ -428,8 +436,9 @@ class StandaloneBackend(VolumeBackend):
                 # retried delete sweeps, never half a volume. Waiters on the lock see it move.
                 trash = self._volumes / f"{_TRASH}{volume_id}.{uuid.uuid4().hex}"
                 try:
-                    os.rename(directory, trash)
-                    _fsync_dir(self._volumes)
+                    with Step("standalone-delete", "rename"):
+                        os.rename(directory, trash)
+                        _fsync_dir(self._volumes)
                 except OSError as exc:
                     raise _unavailable(exc, directory, "delete") from exc
         except _DirectoryGone:
@@ -437,7 +446,8 @@ class StandaloneBackend(VolumeBackend):
             return
         # Only this volume's trash: a scan of the whole directory would cost every delete more with
         # every volume there is.
-        self._remove_trash(str(trash))
+        with Step("standalone-delete", "sweep"):
+            self._remove_trash(str(trash))
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
         directory = self._dir(volume_id)
@@ -450,9 +460,11 @@ class StandaloneBackend(VolumeBackend):
             recorded = meta.size
             if size_bytes > recorded:
                 meta.size = size_bytes
-                self._write_meta(directory, meta)
+                with Step("standalone-resize", "record-size"):
+                    self._write_meta(directory, meta)
             try:
-                return self._grow_image(image, meta.size)
+                with Step("standalone-resize", "grow"):
+                    return self._grow_image(image, meta.size)
             except OSError as exc:
                 if meta.size != recorded:
                     # A refused grow leaves the volume as it was: a recorded size the image never reaches
