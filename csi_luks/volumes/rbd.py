@@ -95,7 +95,11 @@ _MiB = 1024 * 1024
 BULK_TIMEOUT = 24 * 3600.0
 _SYSFS_RBD = "/sys/bus/rbd/devices"
 # errno values the rbd CLI exits with.
-_EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ETIMEDOUT = 1, 2, 13, 16, 17, 110
+_EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ENOTEMPTY, _ETIMEDOUT = 1, 2, 13, 16, 17, 39, 110
+
+
+class VolumeHasSnapshots(VolumeBackendError):
+    """rbd rm refused an image that still has snapshots."""
 
 
 @dataclass(frozen=True)
@@ -203,10 +207,13 @@ class _Rbd:
         return size
 
     def remove_image(self, ref: ImageRef) -> None:
+        """Remove the image and its snapshots (only an interrupted copy leaves one: purged on demand)."""
         with contextlib.suppress(VolumeNotFound):
-            self.run("snap", "purge", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
-        with contextlib.suppress(VolumeNotFound):
-            self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+            try:
+                self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+            except VolumeHasSnapshots:
+                self.run("snap", "purge", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+                self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
 
     def rados(self, ref: ImageRef, *argv: str) -> CommandResult:
         """The rados CLI on the image's pool and RADOS namespace, as the user."""
@@ -247,6 +254,8 @@ def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
     code = exc.returncode
     if code == _ENOENT or "No such file or directory" in exc.stderr:
         return VolumeNotFound(f"{what}: {detail}")
+    if code == _ENOTEMPTY or "image has snapshots" in exc.stderr:
+        return VolumeHasSnapshots(f"{what}: {detail}")
     if code == _EBUSY or "still has watchers" in exc.stderr:
         return VolumeInUse(f"{what}: the image is in use (mapped or open elsewhere): {detail}")
     if "failed to decode key" in exc.stderr:
@@ -285,7 +294,10 @@ class RbdBackend(VolumeBackend):
         self.timeout = timeout
         self.map_timeout = map_timeout
         self.connect_timeout = connect_timeout
-        self._fetched: dict[str, VolumeInfo] = {}  # per request: for_request makes a new instance
+        # What this request read of its volumes (for_request makes a new instance): each rbd call costs a
+        # process, a cephx handshake and a monitor round trip, seconds on a slow node, so none is repeated.
+        self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
+        self._absent: set[str] = set()  # ids whose image get() found missing
 
     def for_request(self, secrets: Mapping[str, str]) -> RbdBackend:
         credentials = Credentials.from_secrets(secrets)
@@ -358,7 +370,7 @@ class RbdBackend(VolumeBackend):
         if mounter == MOUNTER_NBD:
             metadata = {**metadata, MOUNTER: MOUNTER_NBD}  # the node maps it so at every stage
         with self._session(ref) as rbd:
-            existing = rbd.metadata(ref)
+            existing = None if volume_id in self._absent else rbd.metadata(ref)
             if existing is not None and existing.get(_OWNER) == volume_id:
                 return self._info(volume_id, rbd.size(ref), existing)
             if existing is not None:
@@ -395,6 +407,7 @@ class RbdBackend(VolumeBackend):
                 if present.get(key, "") != value:
                     rbd.set_meta(ref, key, value)
             rbd.set_meta(ref, _OWNER, volume_id)
+            self._absent.discard(volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a copy of {source_id}" if source_id else "")  # fmt: skip
             return self._info(volume_id, size, {**metadata, _OWNER: volume_id})
@@ -427,6 +440,8 @@ class RbdBackend(VolumeBackend):
                 return record
         with self._session(ref) as rbd:
             metadata = rbd.metadata(ref)
+            if metadata is None:
+                self._absent.add(volume_id)
             if metadata is None or metadata.get(_OWNER) != volume_id:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
             info = self._info(volume_id, rbd.size(ref), metadata)
@@ -449,15 +464,19 @@ class RbdBackend(VolumeBackend):
         if self.find_attachment(volume_id) is not None:
             raise VolumeInUse(f"volume {volume_id} is mapped on this machine")
         with self._session(ref) as rbd:
-            metadata = rbd.metadata(ref)
-            if metadata is None:
-                return
-            try:
-                _refuse_if_owned_by_another(ref, volume_id, metadata)
-            except VolumeInUse as exc:
-                log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
-                return  # this id names no volume of its own: it is deleted
+            # get() in this request found the image complete and owned by this id: no need to ask again.
+            if volume_id not in self._fetched:
+                metadata = rbd.metadata(ref)
+                if metadata is None:
+                    return
+                try:
+                    _refuse_if_owned_by_another(ref, volume_id, metadata)
+                except VolumeInUse as exc:
+                    log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
+                    return  # this id names no volume of its own: it is deleted
             rbd.remove_image(ref)
+        self._fetched.pop(volume_id, None)
+        self._absent.add(volume_id)
 
     # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).
     keeps_header_backups = True
@@ -489,6 +508,7 @@ class RbdBackend(VolumeBackend):
         ref = decode_volume_id(volume_id)
         with self._session(ref) as rbd:
             rbd.set_meta(ref, key, value)
+        self._remember(volume_id, key, value)
         record = self._attachment_record(volume_id)
         if record is not None and key != _DEK:
             self._write_record(
@@ -497,10 +517,23 @@ class RbdBackend(VolumeBackend):
 
     def remove_metadata(self, volume_id: str, key: str) -> None:
         ref = decode_volume_id(volume_id)
+        fetched = self._fetched.get(volume_id)
+        if fetched is not None and key not in fetched.metadata:
+            return  # the volume exists without the key, as this request read it
         with self._session(ref) as rbd:
-            if rbd.metadata(ref) is None:
+            if fetched is None and rbd.metadata(ref) is None:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
             rbd.remove_meta(ref, key)
+        self._remember(volume_id, key, "")
+
+    def _remember(self, volume_id: str, key: str, value: str) -> None:
+        """Keep what this request read of a volume true after it set (or, with "", removed) a key."""
+        fetched = self._fetched.get(volume_id)
+        if fetched is not None:
+            metadata = {k: v for k, v in fetched.metadata.items() if k != key}
+            self._fetched[volume_id] = replace(
+                fetched, metadata={**metadata, key: value} if value else metadata
+            )
 
     # --- attachments ---------------------------------------------------------------------------------
 

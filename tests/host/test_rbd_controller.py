@@ -106,6 +106,49 @@ def test_create_keeps_state_in_image_metadata_and_delete_removes_the_image(
         assert not exists(ceph, volume_id)
 
 
+def rbd_commands(since: int) -> list[str]:
+    """The rbd/rados subcommands spawned since the audit's count was `since` (connection options left out)."""
+    commands = []
+    for spawn in AUDIT.ceph_spawns[since:]:
+        words = list(spawn.argv[1:])
+        while words and words[0] in ("--conf", "--id", "--keyfile"):
+            words = words[2:]
+        commands.append(" ".join([spawn.argv[0], *words[:2]]))
+    return commands
+
+
+def test_create_and_delete_ask_the_cluster_nothing_twice(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    # Each rbd call is a process, a cephx handshake and a monitor round trip: seconds on a slow node.
+    before = len(AUDIT.ceph_spawns)
+    volume = plugin.create("pvc-rbd-calls", 16 * MiB, encrypted(ceph), secrets=secrets)
+    created = rbd_commands(before)
+    assert created.count("rbd image-meta list") == 1, created  # the lookup; create() knows it found none
+    assert created.count("rbd create --size") == 1
+
+    before = len(AUDIT.ceph_spawns)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets))
+    deleted = rbd_commands(before)
+    assert deleted.count("rbd image-meta list") == 1, deleted  # get(): the rest trusts what it read
+    # The DEK is shredded; the pending DEK of a rotation, which this volume never had, costs no call.
+    assert deleted.count("rbd image-meta remove") == 1, deleted
+    assert "rbd snap purge" not in deleted  # the image has no snapshot: rm alone removes it
+    assert len(deleted) <= 7, deleted
+    assert not exists(ceph, volume.volume_id)
+
+
+def test_delete_purges_the_snapshots_an_interrupted_copy_left(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume = plugin.create("pvc-rbd-snapped", 16 * MiB, encrypted(ceph), secrets=secrets)
+    ceph.run("rbd", "snap", "create", f"{spec(volume.volume_id)}@csi-copy-csi-vol-left-behind")
+    before = len(AUDIT.ceph_spawns)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets))
+    assert rbd_commands(before)[-3:] == ["rbd rm --no-progress", "rbd snap purge", "rbd rm --no-progress"]
+    assert not exists(ceph, volume.volume_id)
+
+
 def test_expand_grows_the_image(plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]) -> None:
     volume = plugin.create("pvc-rbd-grow", 16 * MiB, encrypted(ceph), secrets=secrets)
     response = plugin.controller.ControllerExpandVolume(
