@@ -8,12 +8,14 @@ specs run here; the Node specs need both and run in the VM (tests/vm/test_csi_sa
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.support.ceph import CephCluster
-from tests.support.csi_sanity import NODE_SPECS, SanityRun, rbd_encrypted, run_sanity
+from tests.support.csi_sanity import NODE_SPECS, SanityRun, focus_on, rbd_encrypted, run_sanity, specs_of
+from tests.support.csi_tools import tool
 from tests.support.deployed_plugin import deployed_plugins
 
 pytestmark = pytest.mark.csi_tools
@@ -32,3 +34,20 @@ def test_csi_sanity_rbd_encrypted_identity_and_controller(
     run = SanityRun(parameters, ceph_secrets, skip=NODE_SPECS, min_passed=MIN_PASSED, timeout=RUN_TIMEOUT)
     with deployed_plugins(tmp_path, env) as plugins:
         run_sanity(tmp_path, plugins, run)
+
+
+def test_a_rerun_focus_selects_exactly_the_named_specs(tmp_path: Path) -> None:
+    """What run_sanity reruns after csi-sanity's connect race: csi-sanity itself (a dry run) picks them."""
+    names = [
+        "Controller Service [Controller Server] CreateVolume should fail when no name is provided",
+        "GroupController Service [GroupController Server] GroupControllerGetCapabilities should return "
+        "appropriate capabilities",
+    ]
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [str(tool("csi-sanity")), "--csi.endpoint=unix:///nonexistent", "--ginkgo.dry-run",
+         f"--ginkgo.focus={focus_on(names)}", f"--ginkgo.json-report={report}"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    selected = [name for name, state in specs_of(report) if state == "passed"]  # a dry run passes them
+    assert sorted(selected) == sorted(names)
