@@ -286,6 +286,7 @@ class RbdBackend(VolumeBackend):
         timeout: float = 60.0,
         map_timeout: float = 60.0,
         connect_timeout: float = CONNECT_TIMEOUT,
+        one_request: bool = False,
     ) -> None:
         self.clusters = clusters
         self.state_dir = Path(state_dir)
@@ -294,18 +295,19 @@ class RbdBackend(VolumeBackend):
         self.timeout = timeout
         self.map_timeout = map_timeout
         self.connect_timeout = connect_timeout
-        # What this request read of its volumes (for_request makes a new instance): each rbd call costs a
-        # process, a cephx handshake and a monitor round trip, seconds on a slow node, so none is repeated.
+        # With one_request (see VolumeBackend.for_request), what this request read of its volumes: each rbd
+        # call costs a process, a cephx handshake and a monitor round trip, seconds on a slow node.
+        self.one_request = one_request
         self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
         self._absent: set[str] = set()  # ids whose image get() found missing
 
-    def for_request(self, secrets: Mapping[str, str]) -> RbdBackend:
+    def for_request(self, secrets: Mapping[str, str], *, one_request: bool = True) -> RbdBackend:
         credentials = Credentials.from_secrets(secrets)
         if credentials is None:
             return self
         return RbdBackend(
             self.clusters, self.state_dir, self.runner, credentials, self.timeout, self.map_timeout,
-            self.connect_timeout,
+            self.connect_timeout, one_request,
         )  # fmt: skip
 
     # --- placement -----------------------------------------------------------------------------------
@@ -438,14 +440,17 @@ class RbdBackend(VolumeBackend):
             record = self._attachment_record(volume_id)
             if record is not None:
                 return record
+        if volume_id in self._fetched:  # read in this request already (its own changes kept since)
+            return self._fetched[volume_id]
         with self._session(ref) as rbd:
             metadata = rbd.metadata(ref)
-            if metadata is None:
+            if metadata is None and self.one_request:
                 self._absent.add(volume_id)
             if metadata is None or metadata.get(_OWNER) != volume_id:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
             info = self._info(volume_id, rbd.size(ref), metadata)
-        self._fetched[volume_id] = info  # attach() in the same request records it without asking again
+        if self.one_request:
+            self._fetched[volume_id] = info
         return info
 
     @staticmethod
@@ -476,7 +481,8 @@ class RbdBackend(VolumeBackend):
                     return  # this id names no volume of its own: it is deleted
             rbd.remove_image(ref)
         self._fetched.pop(volume_id, None)
-        self._absent.add(volume_id)
+        if self.one_request:
+            self._absent.add(volume_id)
 
     # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).
     keeps_header_backups = True
@@ -501,6 +507,7 @@ class RbdBackend(VolumeBackend):
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
         ref = decode_volume_id(volume_id)
+        self._fetched.pop(volume_id, None)  # its size changes
         with self._session(ref) as rbd:
             return rbd.grow_to(ref, size_bytes)
 

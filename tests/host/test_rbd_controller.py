@@ -107,9 +107,14 @@ def test_create_keeps_state_in_image_metadata_and_delete_removes_the_image(
 
 
 def rbd_commands(since: int) -> list[str]:
-    """The rbd/rados subcommands spawned since the audit's count was `since` (connection options left out)."""
+    """The plugin's rbd/rados subcommands since the audit's count was `since` (connection options left out).
+
+    The test's own calls as client.admin (CephCluster.run) name the cluster in CEPH_CONF; the plugin's never.
+    """
     commands = []
     for spawn in AUDIT.ceph_spawns[since:]:
+        if "CEPH_CONF" in dict(spawn.env):
+            continue
         words = list(spawn.argv[1:])
         while words and words[0] in ("--conf", "--id", "--keyfile"):
             words = words[2:]
@@ -136,6 +141,27 @@ def test_create_and_delete_ask_the_cluster_nothing_twice(
     assert "rbd snap purge" not in deleted  # the image has no snapshot: rm alone removes it
     assert len(deleted) <= 7, deleted
     assert not exists(ceph, volume.volume_id)
+
+
+def test_a_request_reads_a_volume_once_and_keeps_its_own_changes(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume_id = plugin.create("pvc-rbd-read-once", 16 * MiB, encrypted(ceph), secrets=secrets).volume_id
+    request = plugin.server.backend.for_request(secrets)  # what one RPC uses
+    before = len(AUDIT.ceph_spawns)
+    first = request.get(volume_id)
+    assert request.get(volume_id) == first  # the node's stage, then its DEK fetch
+    request.set_metadata(volume_id, "csi-luks/test-key", "1")
+    assert request.get(volume_id).metadata["csi-luks/test-key"] == "1"
+    request.remove_metadata(volume_id, "csi-luks/test-key")
+    assert "csi-luks/test-key" not in request.get(volume_id).metadata
+    assert rbd_commands(before).count("rbd image-meta list") == 1
+    assert "csi-luks/test-key" not in image_meta(ceph, volume_id)  # the cluster agrees
+
+    request.resize(volume_id, 32 * MiB + LUKS_HEADER_BYTES)
+    assert request.get(volume_id).size_bytes == image_size(ceph, volume_id) >= 32 * MiB  # read again
+    assert rbd_commands(before).count("rbd image-meta list") == 2
+    assert plugin.server.backend.for_request(secrets).get(volume_id) == request.get(volume_id)  # a new one
 
 
 def test_delete_purges_the_snapshots_an_interrupted_copy_left(
