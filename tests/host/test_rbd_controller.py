@@ -22,7 +22,7 @@ from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
-from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, running_plugin
+from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, mount_capability, running_plugin
 
 DEK = "csi-luks/dek"
 
@@ -162,6 +162,32 @@ def test_a_request_reads_a_volume_once_and_keeps_its_own_changes(
     assert request.get(volume_id).size_bytes == image_size(ceph, volume_id) >= 32 * MiB  # read again
     assert rbd_commands(before).count("rbd image-meta list") == 2
     assert plugin.server.backend.for_request(secrets).get(volume_id) == request.get(volume_id)  # a new one
+
+
+def test_node_publish_answers_from_the_stage_record_without_the_cluster(
+    tmp_path: Path, ceph_config: Path, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    with running_plugin(tmp_path / "plugin", ceph_config=ceph_config) as plugin:  # controller and node
+        volume_id = plugin.create("pvc-rbd-publish", 16 * MiB, encrypted(ceph), secrets=secrets).volume_id
+        publish = csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(tmp_path / "staging"),
+            target_path=str(tmp_path / "target"), volume_capability=mount_capability(), secrets=secrets,
+        )  # fmt: skip
+
+        before = len(AUDIT.ceph_spawns)
+        # No record: the volume is read with the request's credentials (nothing is mounted at the staging
+        # path on this host, so it is not staged either way).
+        assert "is not staged" in details_of(plugin.node.NodePublishVolume, publish)
+        assert rbd_commands(before).count("rbd image-meta list") == 1
+
+        # What NodeStageVolume records before it maps the image (the host has no krbd to map it).
+        request = plugin.server.backend.for_request(secrets)
+        assert isinstance(request, RbdBackend)
+        request._write_record(request.get(volume_id))
+        before = len(AUDIT.ceph_spawns)
+        assert code_of(plugin.node.NodePublishVolume, publish) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is not staged" in details_of(plugin.node.NodePublishVolume, publish)
+        assert rbd_commands(before) == []
 
 
 def test_delete_purges_the_snapshots_an_interrupted_copy_left(
