@@ -300,6 +300,7 @@ class RbdBackend(VolumeBackend):
         self.one_request = one_request
         self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
         self._absent: set[str] = set()  # ids whose image get() found missing
+        self._mapped: builtins.list[dict[str, Any]] | None = None  # this machine's mappings, until it maps
 
     def for_request(self, secrets: Mapping[str, str], *, one_request: bool = True) -> RbdBackend:
         credentials = Credentials.from_secrets(secrets)
@@ -554,6 +555,7 @@ class RbdBackend(VolumeBackend):
         if device is None:
             kind = _NBD if info.metadata.get(MOUNTER) == MOUNTER_NBD else _KRBD
             with self._session(ref) as rbd, block_device_events() as wait:
+                self._mapped = None
                 device = rbd.run("device", "map", "--device-type", kind, ref.spec).stdout.strip()
                 try:
                     wait(device, self.map_timeout)
@@ -583,7 +585,12 @@ class RbdBackend(VolumeBackend):
         return None
 
     def _mappings(self) -> builtins.list[dict[str, Any]]:
-        """krbd and (if the nbd module is loaded) rbd-nbd mappings, each tagged with its device type."""
+        """krbd and (if the nbd module is loaded) rbd-nbd mappings, each tagged with its device type.
+
+        With one_request, listed once until the request maps or unmaps (NodeStageVolume asks twice).
+        """
+        if self._mapped is not None:
+            return self._mapped
         kinds = [_KRBD, _NBD] if os.path.isdir("/sys/module/nbd") else [_KRBD]
         found = []
         for kind in kinds:
@@ -597,6 +604,8 @@ class RbdBackend(VolumeBackend):
                 if isinstance(m, dict):
                     # The image is "name" in krbd's list and "image" in rbd-nbd's.
                     found.append({**m, "name": m.get("name", m.get("image")), "type": kind})
+        if self.one_request:
+            self._mapped = found
         return found
 
     def detach(self, volume_id: str) -> None:
@@ -604,6 +613,7 @@ class RbdBackend(VolumeBackend):
         mapping = self._mapping(volume_id)
         if mapping is not None:
             device = str(mapping["device"])
+            self._mapped = None
             try:
                 argv = ["rbd", "device", "unmap", "--device-type", mapping["type"], device]
                 self.runner.run(argv, timeout=self.timeout)
