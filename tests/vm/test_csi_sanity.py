@@ -6,6 +6,11 @@ Identity and Controller specs of that configuration need neither krbd nor device
 host (tests/host/test_csi_sanity_rbd.py), where an rbd call takes 0.1 s rather than the seconds it takes
 under TCG. Every spec that runs must pass; the counts are printed (pytest -rA shows them) and a spec that
 fails is named with its failure and the plugin logs.
+
+The RBD Node specs cost about 200 rbd/rados processes (7 volumes created and deleted, 5 of them staged,
+the idempotent spec staging and publishing 10 times), estimated from the per-RPC counts of the host run;
+all of them together (Controller specs too) did not finish in 27 minutes before each request stopped
+repeating its rbd calls.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ RUN_TIMEOUT = 900.0  # seconds; a standalone run takes about 2 minutes under TCG
 # 65 of 92 specs apply to what csi-luks advertises (measured: 65 passed, 26 skipped, 1 pending); far
 # fewer means a capability stopped being advertised or the suite stopped reaching the plugin.
 MIN_PASSED = 50
-# Of the 23 Node specs, all but the NodeGetVolumeStats-after-expand one apply on RBD; far fewer passing
-# means the node stopped reaching its volumes.
-MIN_NODE_PASSED = 15
+# All 23 Node specs apply (csi-luks's node offers stage, expand, stats and volume condition); far fewer
+# passing means the node stopped reaching its volumes.
+MIN_NODE_PASSED = 20
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 120)
