@@ -76,7 +76,11 @@ class Tool:
             if kind is Backend.RBD
             else StandaloneBackend(state_dir)
         )
-        return cls(volumes.for_request(secrets), KMSConfig.from_file(kms_config, config_map), secrets=secrets)
+        return cls(
+            volumes.for_request(secrets, one_request=False),
+            KMSConfig.from_file(kms_config, config_map),
+            secrets=secrets,
+        )
 
     def record(self, volume_id: str) -> VolumeRecord:
         return VolumeRecord.parse(self.backend.get(volume_id).metadata)

@@ -30,7 +30,7 @@ from csi_luks.quoting import quoted
 from csi_luks.services.validation import checked_id, require_path, validate_capability
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
-from csi_luks.volumes.base import VolumeBackend, VolumeInfo, VolumeNotFound
+from csi_luks.volumes.base import BackendRequestError, VolumeBackend, VolumeInfo, VolumeNotFound
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         validate_capability(request.volume_capability, request.HasField("volume_capability"))
         volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodePublishVolume"):
-            _, layout = self._volume(backend, volume_id)
+            try:
+                # A staged volume is known from what this node recorded at its stage (RBD: no cluster call;
+                # kubelet publishes once per pod, and each rbd call takes a process and a round trip).
+                _, layout = self._volume(self.backend.for_request({}), volume_id)
+            except BackendRequestError:  # no record here, so never staged: ask with the credentials
+                _, layout = self._volume(backend, volume_id)
             if request.volume_capability.WhichOneof("access_type") == "block":
                 device = self._device(backend, volume_id, layout)
                 if device is None:

@@ -72,8 +72,13 @@ class VolumeBackend(ABC):
     # and GetCapacity carry none).
     can_list: bool = True
 
-    def for_request(self, secrets: Mapping[str, str]) -> VolumeBackend:
-        """This backend acting with a request's credentials (RBD: its cephx user); by default itself."""
+    def for_request(self, secrets: Mapping[str, str], *, one_request: bool = True) -> VolumeBackend:
+        """This backend acting with a request's credentials (RBD: its cephx user); by default itself.
+
+        one_request: the result serves one request, short, under the volume's lock, so it may trust what
+        it read of a volume until the request ends (RBD: no rbd call repeated). An operator command that
+        lives through many volumes and other processes' changes passes False.
+        """
         return self
 
     @abstractmethod

@@ -97,7 +97,11 @@ _MiB = 1024 * 1024
 BULK_TIMEOUT = 24 * 3600.0
 _SYSFS_RBD = "/sys/bus/rbd/devices"
 # errno values the rbd CLI exits with.
-_EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ETIMEDOUT = 1, 2, 13, 16, 17, 110
+_EPERM, _ENOENT, _EACCES, _EBUSY, _EEXIST, _ENOTEMPTY, _ETIMEDOUT = 1, 2, 13, 16, 17, 39, 110
+
+
+class VolumeHasSnapshots(VolumeBackendError):
+    """rbd rm refused an image that still has snapshots."""
 
 
 @dataclass(frozen=True)
@@ -205,10 +209,13 @@ class _Rbd:
         return size
 
     def remove_image(self, ref: ImageRef) -> None:
+        """Remove the image and its snapshots (only an interrupted copy leaves one: purged on demand)."""
         with contextlib.suppress(VolumeNotFound):
-            self.run("snap", "purge", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
-        with contextlib.suppress(VolumeNotFound):
-            self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+            try:
+                self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+            except VolumeHasSnapshots:
+                self.run("snap", "purge", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+                self.run("rm", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
 
     def rados(self, ref: ImageRef, *argv: str) -> CommandResult:
         """The rados CLI on the image's pool and RADOS namespace, as the user."""
@@ -249,6 +256,8 @@ def _translate(exc: CommandError, argv: tuple[str, ...]) -> VolumeBackendError:
     code = exc.returncode
     if code == _ENOENT or "No such file or directory" in exc.stderr:
         return VolumeNotFound(f"{what}: {detail}")
+    if code == _ENOTEMPTY or "image has snapshots" in exc.stderr:
+        return VolumeHasSnapshots(f"{what}: {detail}")
     if code == _EBUSY or "still has watchers" in exc.stderr:
         return VolumeInUse(f"{what}: the image is in use (mapped or open elsewhere): {detail}")
     if "failed to decode key" in exc.stderr:
@@ -279,6 +288,7 @@ class RbdBackend(VolumeBackend):
         timeout: float = 60.0,
         map_timeout: float = 60.0,
         connect_timeout: float = CONNECT_TIMEOUT,
+        one_request: bool = False,
     ) -> None:
         self.clusters = clusters
         self.state_dir = Path(state_dir)
@@ -287,15 +297,20 @@ class RbdBackend(VolumeBackend):
         self.timeout = timeout
         self.map_timeout = map_timeout
         self.connect_timeout = connect_timeout
-        self._fetched: dict[str, VolumeInfo] = {}  # per request: for_request makes a new instance
+        # With one_request (see VolumeBackend.for_request), what this request read of its volumes: each rbd
+        # call costs a process, a cephx handshake and a monitor round trip, seconds on a slow node.
+        self.one_request = one_request
+        self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
+        self._absent: set[str] = set()  # ids whose image get() found missing
+        self._mapped: builtins.list[dict[str, Any]] | None = None  # this machine's mappings, until it maps
 
-    def for_request(self, secrets: Mapping[str, str]) -> RbdBackend:
+    def for_request(self, secrets: Mapping[str, str], *, one_request: bool = True) -> RbdBackend:
         credentials = Credentials.from_secrets(secrets)
         if credentials is None:
             return self
         return RbdBackend(
             self.clusters, self.state_dir, self.runner, credentials, self.timeout, self.map_timeout,
-            self.connect_timeout,
+            self.connect_timeout, one_request,
         )  # fmt: skip
 
     # --- placement -----------------------------------------------------------------------------------
@@ -360,7 +375,7 @@ class RbdBackend(VolumeBackend):
         if mounter == MOUNTER_NBD:
             metadata = {**metadata, MOUNTER: MOUNTER_NBD}  # the node maps it so at every stage
         with self._session(ref) as rbd:
-            existing = rbd.metadata(ref)
+            existing = None if volume_id in self._absent else rbd.metadata(ref)
             if existing is not None and existing.get(_OWNER) == volume_id:
                 return self._info(volume_id, rbd.size(ref), existing)
             if existing is not None:
@@ -403,6 +418,7 @@ class RbdBackend(VolumeBackend):
                         rbd.set_meta(ref, key, value)
             with Step("rbd-create", "owner"):
                 rbd.set_meta(ref, _OWNER, volume_id)
+            self._absent.discard(volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a copy of {source_id}" if source_id else "")  # fmt: skip
             return self._info(volume_id, size, {**metadata, _OWNER: volume_id})
@@ -437,12 +453,17 @@ class RbdBackend(VolumeBackend):
             record = self._attachment_record(volume_id)
             if record is not None:
                 return record
+        if volume_id in self._fetched:  # read in this request already (its own changes kept since)
+            return self._fetched[volume_id]
         with self._session(ref) as rbd:
             metadata = rbd.metadata(ref)
+            if metadata is None and self.one_request:
+                self._absent.add(volume_id)
             if metadata is None or metadata.get(_OWNER) != volume_id:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
             info = self._info(volume_id, rbd.size(ref), metadata)
-        self._fetched[volume_id] = info  # attach() in the same request records it without asking again
+        if self.one_request:
+            self._fetched[volume_id] = info
         return info
 
     @staticmethod
@@ -461,20 +482,25 @@ class RbdBackend(VolumeBackend):
         if self.find_attachment(volume_id) is not None:
             raise VolumeInUse(f"volume {volume_id} is mapped on this machine")
         with self._session(ref) as rbd:
-            metadata = rbd.metadata(ref)
-            if metadata is None:
-                return
-            try:
-                _refuse_if_owned_by_another(ref, volume_id, metadata)
-            except VolumeInUse as exc:
-                log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
-                return  # this id names no volume of its own: it is deleted
-            if metadata.get(_OWNER) != volume_id:
-                # An unfinished copy may have its header backup already (the controller removes only a
-                # complete volume's). Before the image: a crash between leaves an image a retry finds.
-                with contextlib.suppress(VolumeNotFound):
-                    rbd.rados(ref, "rm", _header_object(ref))
+            # get() in this request found the image complete and owned by this id: no need to ask again.
+            if volume_id not in self._fetched:
+                metadata = rbd.metadata(ref)
+                if metadata is None:
+                    return
+                try:
+                    _refuse_if_owned_by_another(ref, volume_id, metadata)
+                except VolumeInUse as exc:
+                    log.warning("DeleteVolume %s: nothing deleted: %s", volume_id, exc)
+                    return  # this id names no volume of its own: it is deleted
+                if metadata.get(_OWNER) != volume_id:
+                    # An unfinished copy may have its header backup already (the controller removes only a
+                    # complete volume's). Before the image: a crash between leaves an image a retry finds.
+                    with contextlib.suppress(VolumeNotFound):
+                        rbd.rados(ref, "rm", _header_object(ref))
             rbd.remove_image(ref)
+        self._fetched.pop(volume_id, None)
+        if self.one_request:
+            self._absent.add(volume_id)
 
     # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).
     keeps_header_backups = True
@@ -499,6 +525,7 @@ class RbdBackend(VolumeBackend):
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
         ref = decode_volume_id(volume_id)
+        self._fetched.pop(volume_id, None)  # its size changes
         with self._session(ref) as rbd:
             return rbd.grow_to(ref, size_bytes)
 
@@ -506,6 +533,7 @@ class RbdBackend(VolumeBackend):
         ref = decode_volume_id(volume_id)
         with self._session(ref) as rbd:
             rbd.set_meta(ref, key, value)
+        self._remember(volume_id, key, value)
         record = self._attachment_record(volume_id)
         if record is not None and key != _DEK:
             self._write_record(
@@ -514,10 +542,23 @@ class RbdBackend(VolumeBackend):
 
     def remove_metadata(self, volume_id: str, key: str) -> None:
         ref = decode_volume_id(volume_id)
+        fetched = self._fetched.get(volume_id)
+        if fetched is not None and key not in fetched.metadata:
+            return  # the volume exists without the key, as this request read it
         with self._session(ref) as rbd:
-            if rbd.metadata(ref) is None:
+            if fetched is None and rbd.metadata(ref) is None:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
             rbd.remove_meta(ref, key)
+        self._remember(volume_id, key, "")
+
+    def _remember(self, volume_id: str, key: str, value: str) -> None:
+        """Keep what this request read of a volume true after it set (or, with "", removed) a key."""
+        fetched = self._fetched.get(volume_id)
+        if fetched is not None:
+            metadata = {k: v for k, v in fetched.metadata.items() if k != key}
+            self._fetched[volume_id] = replace(
+                fetched, metadata={**metadata, key: value} if value else metadata
+            )
 
     # --- attachments ---------------------------------------------------------------------------------
 
@@ -531,6 +572,7 @@ class RbdBackend(VolumeBackend):
         if device is None:
             kind = _NBD if info.metadata.get(MOUNTER) == MOUNTER_NBD else _KRBD
             with self._session(ref) as rbd, block_device_events() as wait:
+                self._mapped = None
                 device = rbd.run("device", "map", "--device-type", kind, ref.spec).stdout.strip()
                 try:
                     wait(device, self.map_timeout)
@@ -560,7 +602,12 @@ class RbdBackend(VolumeBackend):
         return None
 
     def _mappings(self) -> builtins.list[dict[str, Any]]:
-        """krbd and (if the nbd module is loaded) rbd-nbd mappings, each tagged with its device type."""
+        """krbd and (if the nbd module is loaded) rbd-nbd mappings, each tagged with its device type.
+
+        With one_request, listed once until the request maps or unmaps (NodeStageVolume asks twice).
+        """
+        if self._mapped is not None:
+            return self._mapped
         kinds = [_KRBD, _NBD] if os.path.isdir("/sys/module/nbd") else [_KRBD]
         found = []
         for kind in kinds:
@@ -574,6 +621,8 @@ class RbdBackend(VolumeBackend):
                 if isinstance(m, dict):
                     # The image is "name" in krbd's list and "image" in rbd-nbd's.
                     found.append({**m, "name": m.get("name", m.get("image")), "type": kind})
+        if self.one_request:
+            self._mapped = found
         return found
 
     def detach(self, volume_id: str) -> None:
@@ -581,6 +630,7 @@ class RbdBackend(VolumeBackend):
         mapping = self._mapping(volume_id)
         if mapping is not None:
             device = str(mapping["device"])
+            self._mapped = None
             try:
                 argv = [RBD, "device", "unmap", "--device-type", mapping["type"], device]
                 self.runner.run(argv, timeout=self.timeout)

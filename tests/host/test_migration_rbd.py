@@ -89,7 +89,7 @@ def test_migrate_on_rbd_moves_every_dek_and_resumes_after_a_kill(
     backend = RbdBackend(CephClusters(str(ceph_config)), node_dir)
     config = KMSConfig.from_file(str(kms_config))
     controller = ControllerService(backend, config, OperationLocks())
-    tool = Tool(backend.for_request(ceph_secrets), config, secrets=ceph_secrets)
+    tool = Tool(backend.for_request(ceph_secrets, one_request=False), config, secrets=ceph_secrets)
     parameters = {"clusterID": CLUSTER_ID, "pool": ceph.pool, "encrypted": "true", "encryptionKMSID": SOURCE}
 
     ids, deks = [], {}

@@ -22,7 +22,7 @@ from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
-from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, running_plugin
+from tests.support.plugin import MiB, RunningPlugin, code_of, details_of, mount_capability, running_plugin
 
 DEK = "csi-luks/dek"
 
@@ -104,6 +104,102 @@ def test_create_keeps_state_in_image_metadata_and_delete_removes_the_image(
         for _ in range(2):  # a repeated delete is a no-op
             plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
         assert not exists(ceph, volume_id)
+
+
+def rbd_commands(since: int) -> list[str]:
+    """The plugin's rbd/rados subcommands since the audit's count was `since` (connection options left out).
+
+    The test's own calls as client.admin (CephCluster.run) name the cluster in CEPH_CONF; the plugin's never.
+    """
+    commands = []
+    for spawn in AUDIT.ceph_spawns[since:]:
+        if "CEPH_CONF" in dict(spawn.env):
+            continue
+        words = list(spawn.argv[1:])
+        while words and words[0] in ("--conf", "--id", "--keyfile"):
+            words = words[2:]
+        commands.append(" ".join([spawn.argv[0], *words[:2]]))
+    return commands
+
+
+def test_create_and_delete_ask_the_cluster_nothing_twice(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    # Each rbd call is a process, a cephx handshake and a monitor round trip: seconds on a slow node.
+    before = len(AUDIT.ceph_spawns)
+    volume = plugin.create("pvc-rbd-calls", 16 * MiB, encrypted(ceph), secrets=secrets)
+    created = rbd_commands(before)
+    assert created.count("rbd image-meta list") == 1, created  # the lookup; create() knows it found none
+    assert created.count("rbd create --size") == 1
+
+    before = len(AUDIT.ceph_spawns)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets))
+    deleted = rbd_commands(before)
+    assert deleted.count("rbd image-meta list") == 1, deleted  # get(): the rest trusts what it read
+    # The DEK is shredded; the pending DEK of a rotation, which this volume never had, costs no call.
+    assert deleted.count("rbd image-meta remove") == 1, deleted
+    assert "rbd snap purge" not in deleted  # the image has no snapshot: rm alone removes it
+    assert deleted.count("rbd device list") == 1, deleted  # "still mapped here?", asked once
+    assert len(deleted) <= 6, deleted
+    assert not exists(ceph, volume.volume_id)
+
+
+def test_a_request_reads_a_volume_once_and_keeps_its_own_changes(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume_id = plugin.create("pvc-rbd-read-once", 16 * MiB, encrypted(ceph), secrets=secrets).volume_id
+    request = plugin.server.backend.for_request(secrets)  # what one RPC uses
+    before = len(AUDIT.ceph_spawns)
+    first = request.get(volume_id)
+    assert request.get(volume_id) == first  # the node's stage, then its DEK fetch
+    request.set_metadata(volume_id, "csi-luks/test-key", "1")
+    assert request.get(volume_id).metadata["csi-luks/test-key"] == "1"
+    request.remove_metadata(volume_id, "csi-luks/test-key")
+    assert "csi-luks/test-key" not in request.get(volume_id).metadata
+    assert rbd_commands(before).count("rbd image-meta list") == 1
+    assert "csi-luks/test-key" not in image_meta(ceph, volume_id)  # the cluster agrees
+
+    request.resize(volume_id, 32 * MiB + LUKS_HEADER_BYTES)
+    assert request.get(volume_id).size_bytes == image_size(ceph, volume_id) >= 32 * MiB  # read again
+    assert rbd_commands(before).count("rbd image-meta list") == 2
+    assert plugin.server.backend.for_request(secrets).get(volume_id) == request.get(volume_id)  # a new one
+
+
+def test_node_publish_answers_from_the_stage_record_without_the_cluster(
+    tmp_path: Path, ceph_config: Path, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    with running_plugin(tmp_path / "plugin", ceph_config=ceph_config) as plugin:  # controller and node
+        volume_id = plugin.create("pvc-rbd-publish", 16 * MiB, encrypted(ceph), secrets=secrets).volume_id
+        publish = csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(tmp_path / "staging"),
+            target_path=str(tmp_path / "target"), volume_capability=mount_capability(), secrets=secrets,
+        )  # fmt: skip
+
+        before = len(AUDIT.ceph_spawns)
+        # No record: the volume is read with the request's credentials (nothing is mounted at the staging
+        # path on this host, so it is not staged either way).
+        assert "is not staged" in details_of(plugin.node.NodePublishVolume, publish)
+        assert rbd_commands(before).count("rbd image-meta list") == 1
+
+        # What NodeStageVolume records before it maps the image (the host has no krbd to map it).
+        request = plugin.server.backend.for_request(secrets)
+        assert isinstance(request, RbdBackend)
+        request._write_record(request.get(volume_id))
+        before = len(AUDIT.ceph_spawns)
+        assert code_of(plugin.node.NodePublishVolume, publish) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is not staged" in details_of(plugin.node.NodePublishVolume, publish)
+        assert rbd_commands(before) == []
+
+
+def test_delete_purges_the_snapshots_an_interrupted_copy_left(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume = plugin.create("pvc-rbd-snapped", 16 * MiB, encrypted(ceph), secrets=secrets)
+    ceph.run("rbd", "snap", "create", f"{spec(volume.volume_id)}@csi-copy-csi-vol-left-behind")
+    before = len(AUDIT.ceph_spawns)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets))
+    assert rbd_commands(before)[-3:] == ["rbd rm --no-progress", "rbd snap purge", "rbd rm --no-progress"]
+    assert not exists(ceph, volume.volume_id)
 
 
 def test_expand_grows_the_image(plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]) -> None:

@@ -136,6 +136,36 @@ def test_close_of_an_inactive_mapping_does_nothing() -> None:
     assert len(runner.calls) == 1
 
 
+NO_DM = "Cannot initialize device-mapper. Is dm_mod kernel module loaded?\n"
+
+
+def test_close_on_a_kernel_without_device_mapper_has_nothing_to_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.device_mapper_registered", lambda: False)
+    cs, runner = engine((1, "", NO_DM))
+    cs.close("n")  # no mapping can exist: NodeUnstageVolume of a never-staged volume succeeds
+    assert len(runner.calls) == 1
+    with pytest.raises(DeviceMapperUnavailable):  # status itself still says why it cannot look
+        engine((1, "", NO_DM))[0].status("n")
+
+
+def test_close_when_device_mapper_is_there_but_unreachable_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The driver is registered, so a mapping may be open behind the error (no privileges, no control node).
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.device_mapper_registered", lambda: True)
+    with pytest.raises(DeviceMapperUnavailable):
+        engine((1, "", NO_DM))[0].close("n")
+
+    def unreadable() -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.device_mapper_registered", unreadable)
+    with pytest.raises(DeviceMapperUnavailable):
+        engine((1, "", NO_DM))[0].close("n")
+
+
 def test_resize_without_passphrase_has_no_stdin() -> None:
     cs, runner = engine((0, "", ""), (0, "", ""))
     cs.resize("luks-v")

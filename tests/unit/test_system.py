@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from csi_luks.system import vm
-from csi_luks.system.kernel import device_mapper_missing_reason
+from csi_luks.system.kernel import device_mapper_missing_reason, device_mapper_registered
 
 
 def test_device_mapper_present(tmp_path: Path) -> None:
@@ -23,6 +23,16 @@ def test_device_mapper_missing_driver_despite_control_node(tmp_path: Path) -> No
     control.touch()
     reason = device_mapper_missing_reason(misc, control)
     assert reason is not None and "device-mapper" in reason
+
+
+def test_device_mapper_registered_reads_the_misc_drivers(tmp_path: Path) -> None:
+    misc = tmp_path / "misc"
+    misc.write_text("237 loop-control\n236 device-mapper\n")
+    assert device_mapper_registered(misc)
+    misc.write_text("237 loop-control\n229 fuse\n")
+    assert not device_mapper_registered(misc)
+    with pytest.raises(OSError):
+        device_mapper_registered(tmp_path / "absent")
 
 
 def test_device_mapper_missing_control_node(tmp_path: Path) -> None:
