@@ -2,8 +2,8 @@
 
 `csi-luks --log-level debug serve` runs as a real process (under a wrapper that records, through Python's
 audit hook, the argv and environment of every command it spawns and every temporary directory it makes).
-One lifecycle per KMS type (local, metadata, vault KV v2, vault-transit, secrets; then RBD with a cephx
-key): create, first format (as NodeStage does; the host has no device-mapper), a NodeStage that fails at
+One lifecycle per KMS type (local, metadata, vault KV v2, vault-transit, secrets; vaulttokens and
+vaulttenantsa on the test kube-apiserver; then RBD with a cephx key): create, first format (as NodeStage does; the host has no device-mapper), a NodeStage that fails at
 device-mapper with its secrets, a DEK rotation through EncryptionKeyRotate (cryptsetup with two DEKs),
 snapshot, expand, a few refused calls carrying secrets, delete. Every DEK is read back through its KMS.
 Then the secrets (DEKs raw, hex and base64; the local KEK; the metadata and secrets passphrases; a Vault
@@ -41,12 +41,14 @@ from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.luks import Cryptsetup, FormatOptions
 from csi_luks.operations.header_backup import refresh_header_backup
-from csi_luks.volume_metadata import STATE, EncryptionState
+from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes import ceph_clusters
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
+from tests.support.kms_env import KmsEnv
 from tests.support.openbao import OpenBao
+from tests.support.operations import write_kubeconfig
 from tests.support.plugin import MiB, mount_capability
 
 # Runs the CLI with an audit hook that appends each spawned command (argv, env) and each mkdtemp to a file.
@@ -106,7 +108,7 @@ class Secrets:
 
 
 class PluginProcess:
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.sock = root / "csi.sock"
         self.log = root / "plugin.log"
@@ -118,7 +120,7 @@ class PluginProcess:
             [sys.executable, str(wrapper), "--log-level", "debug", "serve", "--endpoint", str(self.sock),
              "--node-id", "hygiene-node", *args],
             stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "CSI_LUKS_TEST_SPAWN_LOG": str(self.spawn_log)},
+            env={**os.environ, "CSI_LUKS_TEST_SPAWN_LOG": str(self.spawn_log), **(env or {})},
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while not _accepts(self.sock):
@@ -220,14 +222,17 @@ class Lab:
     def encryption(self, kms_id: str, volume_id: str, request_secrets: dict[str, str]) -> str:
         """The volume's DEK, read back through its KMS."""
         backend = StandaloneBackend(self.state_dir)
-        context = KMSContext(secrets=request_secrets)
+        namespace = VolumeRecord.parse(backend.get(volume_id).metadata).pvc_namespace
+        context = KMSContext(secrets=request_secrets, pvc_namespace=namespace)
         config = KMSConfig.from_file(self.config)
         return volume_encryption(config, kms_id, context, backend).get_passphrase(volume_id)
 
 
-def lifecycle(lab: Lab, kms_id: str, request_secrets: dict[str, str]) -> None:
+def lifecycle(lab: Lab, kms_id: str, request_secrets: dict[str, str], namespace: str | None = None) -> None:
     plugin, found, label = lab.plugin, lab.found, kms_id or "secrets"
     parameters = {"encrypted": "true", "encryptionKMSID": kms_id}
+    if namespace is not None:
+        parameters["csi.storage.k8s.io/pvc/namespace"] = namespace
     create = csi_pb2.CreateVolumeRequest(
         name=f"pvc-{label}", capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MiB),
         volume_capabilities=[mount_capability()], parameters=parameters, secrets=request_secrets,
@@ -440,6 +445,42 @@ def test_no_cephx_key_in_clear(
         assert key_dirs, "no cephx key directory was made: the audit of the plugin is not working"
         assert [d for d in key_dirs if os.path.exists(d)] == []  # each removed after its call
         assert any(spawn.get("argv", [""])[0] == "rbd" for spawn in plugin.spawns())
+        assert_clean(lab, started, plugin)
+    finally:
+        if plugin.proc.poll() is None:
+            plugin.proc.kill()
+
+
+def test_no_secret_in_clear_for_the_tenant_vault_types(
+    tmp_path: Path, session_bao: OpenBao, found: Secrets, kms_env: KmsEnv, plugin_kube_client: None
+) -> None:
+    """vaulttokens (the tenant's Vault token from a Secret) and vaulttenantsa (a TokenRequest JWT)."""
+    started = time.time() - 1
+    root = tmp_path / "hygiene-tenant"
+    root.mkdir()
+    kubeconfig = write_kubeconfig(root, kms_env.kube, kms_env.node_token_file)
+    found.add("the tenant's Vault token", kms_env.tenant.vault_token)
+    found.add("the plugin's Kubernetes token", kms_env.node_token_file.read_text().strip())
+    # Their homes: the API server's store, the test's own token file, the plugin's kubeconfig.
+    found.homes |= {str(kms_env.kube.workdir), str(kms_env.node_token_file), str(kubeconfig)}
+    prefix = f"hygiene-{uuid.uuid4().hex[:8]}/"
+    config = root / "kms-config.json"
+    # The fixture's tenant policy (kms_env.DEK_POLICY) has no `secret/destroy/*`, which a rotation with
+    # vaultDestroyKeys needs; what is destroyed in Vault is not this test's subject.
+    tenant = {"vaultAddress": session_bao.address, "vaultPassphrasePath": prefix, "vaultDestroyKeys": "false"}
+    config.write_text(json.dumps({
+        "tokens": {"encryptionKMSType": "vaulttokens", **tenant},
+        "tenant-sa": {"encryptionKMSType": "vaulttenantsa", "vaultRole": "tenant", **tenant},
+    }))  # fmt: skip
+    state_dir = root / "state"
+    plugin = PluginProcess(
+        root, "--state-dir", str(state_dir), "--kms-config", str(config), env={"KUBECONFIG": str(kubeconfig)}
+    )
+    lab = Lab(root, plugin, config, state_dir, found)
+    try:
+        for kms_id in ("tokens", "tenant-sa"):
+            lifecycle(lab, kms_id, {}, namespace=kms_env.tenant.namespace)
+        assert len([name for name in found.values if name.startswith("DEK")]) == 6
         assert_clean(lab, started, plugin)
     finally:
         if plugin.proc.poll() is None:
