@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class Filesystems:
     def is_mounted(self, target: str) -> bool:
         wanted = os.path.realpath(target)
         with open("/proc/self/mountinfo") as mountinfo:
-            return any(line.split()[4] == wanted for line in mountinfo)
+            return any(_mountinfo_path(line.split()[4]) == wanted for line in mountinfo)
 
     def grow(self, device: str, mountpoint: str, fstype: str) -> None:
         """Grow a mounted filesystem to fill its (already grown) device."""
@@ -100,3 +101,9 @@ class Filesystems:
             self.runner.run(["xfs_growfs", mountpoint], timeout=600)
         else:
             self.runner.run(["resize2fs", device], timeout=600)
+
+
+def _mountinfo_path(field: str) -> str:
+    """A mount point as mountinfo writes it, decoded: the kernel escapes space, tab, newline and backslash
+    as octal (a staging path "a b" is "a\\040b" there), which a plain comparison never matches."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -454,3 +455,17 @@ def test_a_token_that_is_no_header_is_refused_without_showing_it(
         plugin.create("pvc-token", MiB, {"encrypted": "true", "encryptionKMSID": "vault"})
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert secret_part not in info.value.details()
+
+
+def test_a_target_path_with_blanks_is_seen_mounted_and_unpublished(sandbox: Sandbox, untouched: None) -> None:
+    """mountinfo writes a blank as \\040: before, such a target never looked mounted, so NodeUnpublish left
+    the mount (and NodeStage would have mounted a second time)."""
+    target = sandbox.root / "node" / "a target\twith blanks"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(target)], check=True)
+    try:
+        request = csi_pb2.NodeUnpublishVolumeRequest(volume_id=sandbox.volume_id, target_path=str(target))
+        assert answer(sandbox, "NodeUnpublishVolume", request) == grpc.StatusCode.OK
+        assert not target.exists()  # unmounted, then the empty directory removed
+    finally:
+        subprocess.run(["umount", str(target)], check=False, capture_output=True)

@@ -3,13 +3,14 @@
 `csi-luks --log-level debug serve` runs as a real process (under a wrapper that records, through Python's
 audit hook, the argv and environment of every command it spawns and every temporary directory it makes).
 One lifecycle per KMS type (local, metadata, vault KV v2, vault-transit, secrets; vaulttokens and
-vaulttenantsa on the test kube-apiserver; then RBD with a cephx key): create, first format (as NodeStage does; the host has no device-mapper), a NodeStage that fails at
-device-mapper with its secrets, a DEK rotation through EncryptionKeyRotate (cryptsetup with two DEKs),
-snapshot, expand, a few refused calls carrying secrets, delete. Every DEK is read back through its KMS.
-Then the secrets (DEKs raw, hex and base64; the local KEK; the metadata and secrets passphrases; a Vault
-token of its own; the cephx key) are looked for in: every log line, every gRPC error message, the plugin's
-/proc/<pid>/cmdline and environ, its children's argv and environment, every file under the state dir,
-and every file in /tmp and /dev/shm written during the test. Modes: what the README documents.
+vaulttenantsa on the test kube-apiserver; then RBD with a cephx key): create, first format (as NodeStage
+does; the host has no device-mapper), a NodeStage that fails at device-mapper with its secrets, a DEK
+rotation through EncryptionKeyRotate (cryptsetup with two DEKs), snapshot, expand, a few refused calls
+carrying secrets, delete. Every DEK is read back through its KMS. Then the secrets (DEKs raw, hex and
+base64; the local KEK; the metadata and secrets passphrases; a Vault token of its own; the cephx key) are
+looked for in: every log line, every gRPC error message, the plugin's /proc/<pid>/cmdline and environ, its
+children's argv and environment, every file under the state dir, and every file in /tmp and /dev/shm
+written during the test. Modes: what the README documents.
 """
 
 from __future__ import annotations
