@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from csi_luks.system.runner import Runner
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
 _BLKID_NOTHING_FOUND = 2
+_MAX_STACKED_MOUNTS = 16
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,13 @@ class Filesystems:
             os.close(fd)
 
     def unmount(self, target: str) -> None:
-        if self.is_mounted(target):
+        """Unmount target until nothing is mounted there: a mount stacked on ours (a repeated bind, a
+        mount a crash left under a retried one) would otherwise keep the path busy."""
+        for _ in range(_MAX_STACKED_MOUNTS):
+            if not self.is_mounted(target):
+                return
             self.runner.run(["umount", target])
+        raise OSError(errno.EBUSY, f"still mounted after {_MAX_STACKED_MOUNTS} unmounts", target)
 
     def is_mounted(self, target: str) -> bool:
         wanted = os.path.realpath(target)

@@ -457,15 +457,20 @@ def test_a_token_that_is_no_header_is_refused_without_showing_it(
     assert secret_part not in info.value.details()
 
 
-def test_a_target_path_with_blanks_is_seen_mounted_and_unpublished(sandbox: Sandbox, untouched: None) -> None:
+def test_a_target_path_with_blanks_and_stacked_mounts_is_unpublished(
+    sandbox: Sandbox, untouched: None
+) -> None:
     """mountinfo writes a blank as \\040: before, such a target never looked mounted, so NodeUnpublish left
     the mount (and NodeStage would have mounted a second time)."""
     target = sandbox.root / "node" / "a target\twith blanks"
     target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(target)], check=True)
+    # And a second mount on top: one umount left the path busy (rmdir: EBUSY, INTERNAL).
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(target)], check=True)
     try:
         request = csi_pb2.NodeUnpublishVolumeRequest(volume_id=sandbox.volume_id, target_path=str(target))
         assert answer(sandbox, "NodeUnpublishVolume", request) == grpc.StatusCode.OK
         assert not target.exists()  # unmounted, then the empty directory removed
     finally:
-        subprocess.run(["umount", str(target)], check=False, capture_output=True)
+        for _ in range(2):
+            subprocess.run(["umount", str(target)], check=False, capture_output=True)
