@@ -10,6 +10,7 @@ the file well under a minute).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from csi_luks.csi import csi_pb2
 from csi_luks.kms.base import KMSConfigError
 from csi_luks.kms.config import KMSConfig
 from csi_luks.settings import Mode
+from tests.support.ceph import CephCluster
+from tests.support.ceph_fixtures import CLUSTER_ID
 from tests.support.file_audit import FILE_AUDIT
 from tests.support.openbao import OpenBao, free_port
 from tests.support.operations import vault_login
@@ -474,3 +477,67 @@ def test_a_target_path_with_blanks_and_stacked_mounts_is_unpublished(
     finally:
         for _ in range(2):
             subprocess.run(["umount", str(target)], check=False, capture_output=True)
+
+
+def rbd_images(ceph: CephCluster) -> list[str]:
+    return sorted(json.loads(ceph.run("rbd", "ls", "--format", "json", ceph.pool) or "[]"))
+
+
+# --- RBD: the request's cephx credentials and the cluster parameters reach a key file and rbd's argv --------
+
+
+@pytest.fixture(scope="module")
+def rbd_sandbox(
+    tmp_path_factory: pytest.TempPathFactory, ceph: CephCluster, ceph_config: Path
+) -> Iterator[RunningPlugin]:
+    with running_plugin(
+        tmp_path_factory.mktemp("fuzz-rbd"), mode=Mode.CONTROLLER, ceph_config=ceph_config
+    ) as plugin:
+        yield plugin
+
+
+@FUZZ
+@given(data=st.data())
+def test_rbd_requests_with_malformed_credentials_and_parameters(
+    rbd_sandbox: RunningPlugin, ceph: CephCluster, ceph_secrets: dict[str, str], data: st.DataObject
+) -> None:
+    def mostly(valid: str, *others: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        return st.one_of(st.just(valid), st.just(valid), st.just(valid), text, *others)
+
+    key = ceph_secrets["userKey"]
+    wrong_key = base64.b64encode(bytes(range(40))).decode()  # well formed, refused by the cluster
+    credentials = {
+        "userID": data.draw(mostly(ceph_secrets["userID"], st.just("client.admin")), "userID"),
+        "userKey": data.draw(mostly(key, st.just(wrong_key), st.just(key + "\n[x]\nkey = y")), "userKey"),
+    }
+    credentials = {k: v for k, v in credentials.items() if v or data.draw(st.booleans())}
+    parameters = {
+        "clusterID": data.draw(mostly(CLUSTER_ID), "clusterID"),
+        "pool": data.draw(mostly(ceph.pool), "pool"),
+        **data.draw(
+            st.dictionaries(st.sampled_from(["dataPool", "imageFeatures", "mounter"]), text, max_size=1)
+        ),
+    }
+    images_before = rbd_images(ceph)
+    FILE_AUDIT.install()
+    FILE_AUDIT.writes.clear()
+    FILE_AUDIT.recording = True
+    try:
+        request = csi_pb2.CreateVolumeRequest(
+            name=f"pvc-rbd-fuzz-{uuid.uuid4().hex}", capacity_range=csi_pb2.CapacityRange(required_bytes=MiB),
+            volume_capabilities=[mount_capability()], parameters=parameters, secrets=credentials,
+        )  # fmt: skip
+        try:
+            volume_id = rbd_sandbox.controller.CreateVolume(request, timeout=120).volume.volume_id
+        except grpc.RpcError as exc:
+            assert exc.code() in DOCUMENTED_CODES, (exc.code(), exc.details())
+            assert rbd_images(ceph) == images_before
+        else:
+            delete = csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=ceph_secrets)
+            rbd_sandbox.controller.DeleteVolume(delete, timeout=120)
+    finally:
+        FILE_AUDIT.recording = False
+    # Every key directory made for the call is gone, and nothing was written outside the plugin's.
+    key_dirs = {path for event, path in FILE_AUDIT.writes if event == "tempfile.mkdtemp"}
+    assert [d for d in key_dirs if os.path.exists(d)] == []
+    assert FILE_AUDIT.outside(rbd_sandbox.state_dir.parent, *(Path(d) for d in key_dirs)) == []
