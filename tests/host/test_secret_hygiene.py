@@ -45,6 +45,7 @@ from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes import ceph_clusters
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
 from tests.support.kms_env import KmsEnv
@@ -84,6 +85,8 @@ class Secrets:
 
     def add(self, name: str, value: str | bytes) -> None:
         self.values[name] = value.encode() if isinstance(value, str) else value
+        if name.startswith("DEK") or "passphrase" in name:
+            AUDIT.register(value)  # the session's argv audit checks this process's cryptsetup calls too
 
     def forms(self) -> dict[str, bytes]:
         """Each secret as raw bytes, hex (both cases) and base64 (standard and URL-safe, unpadded); a DEK
