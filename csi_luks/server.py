@@ -42,7 +42,7 @@ from csi_luks.services.sanitize import sanitized
 from csi_luks.settings import Backend, Settings
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volumes.base import VolumeBackend
-from csi_luks.volumes.ceph_clusters import CephClusters
+from csi_luks.volumes.ceph_clusters import CephClusters, sweep_stale_key_dirs
 from csi_luks.volumes.rbd import RbdBackend
 from csi_luks.volumes.standalone import StandaloneBackend
 
@@ -173,6 +173,7 @@ def _umask(mask: int) -> Iterator[None]:
 
 def _backend(settings: Settings) -> VolumeBackend:
     if settings.backend is Backend.RBD:
+        sweep_stale_key_dirs()  # a SIGKILLed predecessor may have left a cephx key file behind
         return RbdBackend(CephClusters(settings.ceph_config), settings.state_dir)
     return StandaloneBackend(settings.state_dir)
 

@@ -278,10 +278,18 @@ def _validate(source: str, document: object) -> dict[str, dict[str, str]]:
             if not isinstance(value, str):
                 # The value is never shown: the key may be a token or a passphrase.
                 raise KMSConfigError(f"{where}, key {key!r}: the value must be a string, not {_kind(value)}")
+            _check_no_nul(where, key, value)
         if not entry[TYPE_KEY]:
             raise KMSConfigError(f"{where}, key {TYPE_KEY!r}: the value must not be empty")
         entries[kms_id] = dict(entry)
     return entries
+
+
+def _check_no_nul(where: str, key: str, value: str) -> None:
+    """Values become paths, URLs, headers and names, none of which can carry a NUL byte (a system call
+    given one raises ValueError, which would surface as INTERNAL far from the entry at fault)."""
+    if "\0" in value:
+        raise KMSConfigError(f"{where}, key {key!r}: the value must not hold a NUL byte")
 
 
 def _kind(value: object) -> str:
@@ -325,6 +333,8 @@ def _tenant_overrides(
             kms_id, namespace, name, ignored, sorted(allowed),
         )  # fmt: skip
     overrides = {key: value for key, value in data.items() if key in allowed}
+    for key, value in overrides.items():
+        _check_no_nul(f"KMS {kms_id!r}, tenant ConfigMap {namespace}/{name}", key, value)
     if overrides:
         log.info("KMS %r: tenant %s overrides %s", kms_id, namespace, sorted(overrides))
     return overrides

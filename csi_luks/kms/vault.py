@@ -12,12 +12,15 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, TypeVar
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
@@ -52,6 +55,11 @@ T = TypeVar("T")
 DEFAULT_SA_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
 _PASSPHRASE_FIELD = "passphrase"  # noqa: S105 - the field name in the KV secret
 PENDING_SUFFIX = "-pending"  # a rotation's next DEK: <prefix><volume id>-pending
+# Longer than any sane wait, and short enough for a socket timeout and tenacity's clock arithmetic
+# (which fail on NaN, infinity and 1e300 with ValueError or OverflowError: INTERNAL, not a bad entry).
+MAX_SECONDS = 86400.0
+# What an HTTP header value (X-Vault-Namespace) may hold: printable ASCII, no surrounding blanks.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def _flag(kms_id: str, entry: Mapping[str, str], key: str, default: bool) -> bool:
@@ -71,9 +79,44 @@ def _seconds(kms_id: str, entry: Mapping[str, str], key: str, default: float) ->
         seconds = float(value)
     except ValueError:
         raise KMSConfigError(f"KMS {kms_id!r}, key {key!r}: must be a number of seconds") from None
-    if seconds <= 0:
-        raise KMSConfigError(f"KMS {kms_id!r}, key {key!r}: must be positive")
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise KMSConfigError(
+            f"KMS {kms_id!r}, key {key!r}: must be a positive number, at most {MAX_SECONDS:g}"
+        )
     return seconds
+
+
+def _address(kms_id: str, address: str) -> str:
+    """vaultAddress checked the way requests will use it: an http(s) URL with a host and a valid port."""
+    problem = None
+    if not address.startswith(("http://", "https://")):
+        problem = "must be an http(s):// URL"
+    elif any(c.isspace() or not c.isprintable() or not c.isascii() for c in address):
+        problem = "must not hold blanks, control or non-ASCII characters (use the IDNA form of a name)"
+    else:
+        try:
+            parts = urlsplit(address)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError:
+            problem = "is not a valid URL (check the port)"
+        else:
+            if not parts.hostname:
+                problem = "names no host"
+            elif parts.query or parts.fragment or parts.username or parts.password:
+                problem = "must be scheme://host[:port][/path], without query, fragment or credentials"
+    if problem is not None:
+        raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultAddress': {problem}")
+    return address.rstrip("/")
+
+
+def _header_value(kms_id: str, entry: Mapping[str, str], key: str) -> str | None:
+    value = entry.get(key) or None
+    if value is not None and not _HEADER_SAFE.fullmatch(value):
+        raise KMSConfigError(
+            f"KMS {kms_id!r}, key {key!r}: must be printable ASCII without surrounding blanks (it is sent "
+            "as an HTTP header)"
+        )
+    return value
 
 
 def _auth(kms_id: str, entry: Mapping[str, str]) -> VaultAuth:
@@ -124,9 +167,7 @@ class VaultSettings:
     @classmethod
     def parse(cls, kms_id: str, entry: Mapping[str, str], auth: VaultAuth | None = None) -> VaultSettings:
         """The entry's settings; auth replaces the entry's own login keys (the tenant types choose it)."""
-        address = entry.get("vaultAddress", "")
-        if not address.startswith(("http://", "https://")):
-            raise KMSConfigError(f"KMS {kms_id!r}, key 'vaultAddress': must be an http(s):// URL")
+        address = _address(kms_id, entry.get("vaultAddress", ""))
         verify: bool | str = _flag(kms_id, entry, "vaultCAVerify", True)
         ca_file = entry.get("vaultCAFile")
         ca_secret_name = entry.get("vaultCAFromSecret")
@@ -147,8 +188,8 @@ class VaultSettings:
             )
         return cls(
             kms_id=kms_id,
-            address=address.rstrip("/"),
-            namespace=entry.get("vaultNamespace") or None,
+            address=address,
+            namespace=_header_value(kms_id, entry, "vaultNamespace"),
             verify=verify,
             auth=auth if auth is not None else _auth(kms_id, entry),
             timeout=_seconds(kms_id, entry, "vaultTimeout", 10.0),
@@ -289,6 +330,14 @@ def _translate(fn: Callable[[], T], operation: str, settings: VaultSettings, vol
         raise DEKNotFound(f"{where}: no DEK stored in Vault") from None
     except hvac.exceptions.VaultError as exc:
         raise VaultRequestError(f"{where}: Vault answered: {_errors(exc)}") from None
+    except requests.exceptions.InvalidHeader:
+        # Its message quotes the header value, which may be the token: never shown.
+        raise KMSConfigError(
+            f"{where}: a value sent to Vault as an HTTP header is not valid in one (is the Vault token "
+            "file or Secret a single line of printable text?)"
+        ) from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+        raise KMSConfigError(f"{where}: Vault at {settings.address} is not a usable URL: {exc}") from None
 
 
 def _errors(exc: hvac.exceptions.VaultError) -> str:

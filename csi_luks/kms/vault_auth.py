@@ -30,6 +30,8 @@ def _read(path: str, what: str, kms_id: str) -> str:
         value = Path(path).read_text().strip()
     except OSError as exc:
         raise KMSConfigError(f"KMS {kms_id!r}: cannot read {what} {path}: {exc.strerror}") from None
+    except ValueError:  # a NUL byte in the path, or a file that is not UTF-8 text
+        raise KMSConfigError(f"KMS {kms_id!r}: {what} {path!r} is not a readable text file") from None
     if not value:
         raise KMSConfigError(f"KMS {kms_id!r}: {what} {path} is empty")
     return value

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from csi_luks.system.runner import Runner
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
 _BLKID_NOTHING_FOUND = 2
+_MAX_STACKED_MOUNTS = 16
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,18 @@ class Filesystems:
             os.close(fd)
 
     def unmount(self, target: str) -> None:
-        if self.is_mounted(target):
+        """Unmount target until nothing is mounted there: a mount stacked on ours (a repeated bind, a
+        mount a crash left under a retried one) would otherwise keep the path busy."""
+        for _ in range(_MAX_STACKED_MOUNTS):
+            if not self.is_mounted(target):
+                return
             self.runner.run([UMOUNT, target])
+        raise OSError(errno.EBUSY, f"still mounted after {_MAX_STACKED_MOUNTS} unmounts", target)
 
     def is_mounted(self, target: str) -> bool:
         wanted = os.path.realpath(target)
         with open("/proc/self/mountinfo") as mountinfo:
-            return any(line.split()[4] == wanted for line in mountinfo)
+            return any(_mountinfo_path(line.split()[4]) == wanted for line in mountinfo)
 
     def grow(self, device: str, mountpoint: str, fstype: str) -> None:
         """Grow a mounted filesystem to fill its (already grown) device."""
@@ -101,3 +109,9 @@ class Filesystems:
             self.runner.run([XFS_GROWFS, mountpoint], timeout=600)
         else:
             self.runner.run([RESIZE2FS, device], timeout=600)
+
+
+def _mountinfo_path(field: str) -> str:
+    """A mount point as mountinfo writes it, decoded: the kernel escapes space, tab, newline and backslash
+    as octal (a staging path "a b" is "a\\040b" there), which a plain comparison never matches."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

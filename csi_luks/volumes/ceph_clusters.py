@@ -8,23 +8,28 @@ ConfigMap applies without a restart):
 
 Credentials arrive in each request's secrets (`userID`, `userKey`). The key is written to a 0600 key file
 in a private 0700 directory (on /dev/shm where there is one: RAM, not disk) for the length of one command
-batch and never appears in argv.
+batch and never appears in argv. The directory's name carries the owner's PID namespace and PID, so a
+plugin that starts after a SIGKILL removes what its dead predecessor left (sweep_stale_key_dirs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from csi_luks.volumes.base import BackendRequestError
+
+log = logging.getLogger(__name__)
 
 USER_ID, USER_KEY = "userID", "userKey"
 CONNECT_TIMEOUT = 15.0  # seconds
@@ -132,6 +137,64 @@ def _key_dir_parent() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
+_KEY_DIR_PREFIX = "csi-luks-ceph-"
+# csi-luks-ceph-<pid namespace inode>-<pid>-<random>; older releases wrote csi-luks-ceph-<random>.
+_KEY_DIR = re.compile(re.escape(_KEY_DIR_PREFIX) + r"(?:(\d+)-(\d+)-)?[A-Za-z0-9_]+")
+# A key directory of an older release names no owner; one this old belongs to no command still running.
+LEGACY_KEY_DIR_AGE = 24 * 3600.0
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return "0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # somebody else's process: alive
+    return True
+
+
+def _stale(name: str, path: str, namespace: str) -> bool:
+    match = _KEY_DIR.fullmatch(name)
+    if match is None:
+        return False
+    owner_namespace, pid = match.groups()
+    if owner_namespace is None:
+        try:
+            return time.time() - os.lstat(path).st_mtime > LEGACY_KEY_DIR_AGE
+        except OSError:
+            return False
+    # Another PID namespace (a sibling container sharing /dev/shm) cannot be checked: never ours to remove.
+    return owner_namespace == namespace and int(pid) != os.getpid() and not _alive(int(pid))
+
+
+def sweep_stale_key_dirs() -> list[str]:
+    """Remove the cephx key directories of plugin processes that died without cleaning up (a SIGKILL
+    between writing a key file and removing it). Returns what was removed."""
+    namespace = _pid_namespace()
+    removed = []
+    for parent in {_key_dir_parent() or tempfile.gettempdir(), tempfile.gettempdir()}:
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and _stale(entry.name, entry.path, namespace):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    if removed:
+        log.warning("removed %d cephx key directories left by a plugin that was killed: %s",
+                    len(removed), ", ".join(sorted(removed)))  # fmt: skip
+    return removed
+
+
 @contextlib.contextmanager
 def client_config(
     cluster: CephCluster, credentials: Credentials, connect_timeout: float = CONNECT_TIMEOUT
@@ -142,7 +205,8 @@ def client_config(
     inside a 0700 directory, and both are removed afterwards.
     """
     # 0700; in RAM where the machine has it, so the key is never written to a disk.
-    directory = tempfile.mkdtemp(prefix="csi-luks-ceph-", dir=_key_dir_parent())
+    owner = f"{_KEY_DIR_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    directory = tempfile.mkdtemp(prefix=owner, dir=_key_dir_parent())
     try:
         conf, keyfile = os.path.join(directory, "ceph.conf"), os.path.join(directory, "key")
         with open(conf, "x") as f:

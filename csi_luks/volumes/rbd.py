@@ -662,7 +662,8 @@ class RbdBackend(VolumeBackend):
 
     def _write_record(self, info: VolumeInfo) -> None:
         path = self._record_path(info.volume_id)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, not the umask's mode
+        path.parent.mkdir(exist_ok=True, mode=0o700)
         kept = {k: v for k, v in info.metadata.items() if k != _DEK}
         write_atomically(
             path, json.dumps({"name": info.name, "size": info.size_bytes, "metadata": kept}).encode()

@@ -232,7 +232,10 @@ class StandaloneBackend(VolumeBackend):
 
     def _make_dir(self, directory: Path) -> None:
         try:
-            self._volumes.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Private all the way down (the README's promise): parents=True alone would make the state
+            # directory itself with the umask's mode.
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._volumes.mkdir(mode=0o700, exist_ok=True)
             directory.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise _unavailable(exc, directory, "create") from exc
