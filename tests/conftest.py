@@ -48,6 +48,15 @@ class _GuestProxies:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         guest.proxy_guest_items(config, items)
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """The guests boot as the tests start, and run while the host runs its own tier."""
+        if not session.config.option.collectonly:
+            guest.start_guests(session.config)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        guest.stop_guests(session.config)  # an interrupted session leaves no guest behind
+
 
 @pytest.fixture(scope="session")
 def argv_audit() -> ArgvAudit:

@@ -90,11 +90,14 @@ def run_in_guest(
     memory: str = "2G",
     timeout: float = 1200.0,
     on_output: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> GuestResult:
     """Boot a guest, run `command` (a shell command line) as root in it, return its exit code and log.
 
     workdir is a host directory the guest can write; the guest's log and exit code land there.
     on_output, if given, receives the guest command's output as it is written (for progress).
+    on_start, if given, receives the guest's process (vng, leader of its process group) once it runs, so
+    a caller waiting elsewhere can kill it (kill_group).
     """
     vng = find_vng()
     kernel = find_kernel()
@@ -133,25 +136,32 @@ def run_in_guest(
         env=child_env,
         start_new_session=True,
     )
-    watchdog = _watchdog(proc.pid)
-    follower = _LogFollower(log_file, on_output) if on_output else None
+    watchdog: subprocess.Popen[bytes] | None = None
+    follower: _LogFollower | None = None
     try:
+        # Inside the try: an interrupt while the watchdog starts (a process spawn, slow on a loaded
+        # machine) must kill the guest too.
+        watchdog = _watchdog(proc.pid)
+        if on_start is not None:
+            on_start(proc)
+        follower = _LogFollower(log_file, on_output) if on_output else None
         console, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         console, _ = proc.communicate()
         (workdir / "console.log").write_bytes(console)
         raise GuestUnavailable(f"the guest did not finish within {timeout:g}s; see {workdir}") from None
     except BaseException:
         # Interrupted (Ctrl-C, a test runner's own timeout, any error here): the guest must not outlive
         # its caller, or guests pile up, each holding a core and gigabytes.
-        _kill_group(proc)
+        kill_group(proc)
         raise
     finally:
         if follower:
             follower.stop()
-        watchdog.stdin.close()  # type: ignore[union-attr]
-        watchdog.wait()
+        if watchdog is not None:
+            watchdog.stdin.close()  # type: ignore[union-attr]
+            watchdog.wait()
     (workdir / "console.log").write_bytes(console)
     log = log_file.read_text(errors="replace") if log_file.exists() else ""
     if rc_file.exists():
@@ -188,7 +198,7 @@ def _watchdog(pgid: int) -> subprocess.Popen[bytes]:
     )
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL vng and everything it started (qemu, virtiofsd): they share the session it leads."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ class GuestFailure(Exception):
 
 
 class GuestSession:
-    """Boots the guest once, on first use, for every proxied node id."""
+    """One guest boot for a group of proxied node ids, in a thread of its own: it starts when the test
+    loop starts (or on first use) and never boots twice."""
 
     def __init__(
         self,
@@ -64,28 +67,51 @@ class GuestSession:
         needs_ceph: bool = False,
         needs_csi_tools: bool = False,
         needs_kube_node: bool = False,
+        name: str = "guest",
     ) -> None:
         self.nodeids = nodeids
         self.rootdir = rootdir
         self.needs_ceph = needs_ceph
         self.needs_csi_tools = needs_csi_tools
         self.needs_kube_node = needs_kube_node
+        self.name = name
         self._report: dict[str, Any] | None = None
         self._error: str | None = None
-        self._started = False
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._guest: subprocess.Popen[bytes] | None = None
         self.result: vm.GuestResult | None = None
 
+    def start(self) -> None:
+        """Boot the guest in the background (once: a second call does nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name=f"csi-luks-{self.name}", daemon=True)
+            self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self._error = (
+                f"the guest session was interrupted ({type(exc).__name__}: {exc}); the guest was "
+                "stopped and no other is booted in this session"
+            )
+        finally:
+            self._done.set()
+
+    def stop(self) -> None:
+        """Kill the guest, if it runs (an interrupted session; the watchdog covers a killed pytest)."""
+        if self._guest is not None and self._guest.poll() is None:
+            vm.kill_group(self._guest)
+
     def report(self) -> dict[str, Any]:
-        if not self._started:
-            self._started = True  # never a second boot, whatever happens to the first
-            try:
-                self._run()
-            except BaseException as exc:
-                self._error = (
-                    f"the guest session was interrupted ({type(exc).__name__}: {exc}); the guest was "
-                    "stopped and no other is booted in this session"
-                )
-                raise
+        self.start()
+        try:
+            while not self._done.wait(1.0):
+                pass
+        except BaseException:
+            self.stop()  # Ctrl-C while waiting: the guest must not outlive the session
+            raise
         if self._error is not None:
             raise GuestFailure(self._error)
         if self._report is None:
@@ -135,12 +161,13 @@ class GuestSession:
                 env=env,
                 memory=KUBE_NODE_MEMORY if self.needs_kube_node else GUEST_MEMORY,
                 timeout=GUEST_TIMEOUT,
+                on_start=self._started_guest,
             )
         except vm.GuestUnavailable as exc:
             self._error = str(exc)
             return
         sys.stderr.write(
-            f"\n[guest] pytest inside the VM exited {self.result.returncode} after "
+            f"\n[{self.name}] pytest inside the VM exited {self.result.returncode} after "
             f"{self.result.duration:.0f}s; logs in {workdir}\n"
         )
         if not report_file.exists():
@@ -150,6 +177,9 @@ class GuestSession:
             )
             return
         self._report = json.loads(report_file.read_text())
+
+    def _started_guest(self, guest: subprocess.Popen[bytes]) -> None:
+        self._guest = guest
 
     def outcome(self, nodeid: str) -> dict[str, str]:
         outcomes: dict[str, dict[str, str]] = self.report()["outcomes"]
@@ -181,9 +211,9 @@ class GuestItem(pytest.Item):
     """Stands in on the host for a test that runs in the guest."""
 
     def runtest(self) -> None:
-        session: GuestSession = self.config.stash[_SESSION]
+        guests: GuestPool = self.config.stash[_SESSION]
         try:
-            result = session.outcome(self.nodeid)
+            result = guests.session_of(self.nodeid).outcome(self.nodeid)
         except GuestFailure as exc:
             if not STRICT and str(exc).startswith("cannot boot the test VM"):
                 pytest.skip(str(exc))
@@ -204,7 +234,46 @@ class GuestItem(pytest.Item):
         return self.path, None, f"{self.name} (in VM)"
 
 
-_SESSION = pytest.StashKey[GuestSession]()
+class GuestPool:
+    """The session's guests: each runs its own group of VM tests, all at once (a TCG guest keeps about one
+    core busy; two use a 2-core machine while the host waits, or runs its own tier)."""
+
+    def __init__(self, sessions: list[GuestSession]) -> None:
+        self.sessions = sessions
+        self.nodeids = [nodeid for session in sessions for nodeid in session.nodeids]
+
+    def start(self) -> None:
+        for session in self.sessions:
+            session.start()
+
+    def stop(self) -> None:
+        for session in self.sessions:
+            session.stop()
+
+    def session_of(self, nodeid: str) -> GuestSession:
+        return next(session for session in self.sessions if nodeid in session.nodeids)
+
+
+_SESSION = pytest.StashKey[GuestPool]()
+# How many guests the VM tier may boot at once (1: every VM test in one guest).
+GUESTS = int(os.environ.get("CSI_LUKS_GUESTS", "2"))
+
+
+def _uses_real_clients(item: pytest.Item) -> bool:
+    """csi-sanity, the sidecars and kubelet: the tests of their own guest when there are two."""
+    return bool(item.get_closest_marker("csi_tools")) or "k8s_node" in getattr(item, "fixturenames", ())
+
+
+def _session(name: str, items: list[pytest.Item], rootdir: Path) -> GuestSession:
+    # fixturenames is the closure of every fixture a test requests, so indirect use counts too.
+    return GuestSession(
+        [item.nodeid for item in items],
+        rootdir,
+        needs_ceph=any("ceph" in getattr(item, "fixturenames", ()) for item in items),
+        needs_csi_tools=any(item.get_closest_marker("csi_tools") for item in items),
+        needs_kube_node=any("k8s_node" in getattr(item, "fixturenames", ()) for item in items),
+        name=name,
+    )
 
 
 def proxy_guest_items(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -212,35 +281,49 @@ def proxy_guest_items(config: pytest.Config, items: list[pytest.Item]) -> None:
     in_guest = [item for item in items if item.get_closest_marker("vm")]
     if not in_guest:
         return
-    # fixturenames is the closure of every fixture a test requests, so indirect use counts too.
-    needs_ceph = any("ceph" in getattr(item, "fixturenames", ()) for item in in_guest)
-    needs_csi_tools = any(item.get_closest_marker("csi_tools") for item in in_guest)
-    needs_kube_node = any("k8s_node" in getattr(item, "fixturenames", ()) for item in in_guest)
-    config.stash[_SESSION] = GuestSession(
-        [item.nodeid for item in in_guest],
-        config.rootpath,
-        needs_ceph=needs_ceph,
-        needs_csi_tools=needs_csi_tools,
-        needs_kube_node=needs_kube_node,
-    )
+    clients = [item for item in in_guest if _uses_real_clients(item)]
+    kernel = [item for item in in_guest if not _uses_real_clients(item)]
+    if GUESTS >= 2 and clients and kernel:
+        groups = [("guest-kernel", kernel), ("guest-clients", clients)]
+    else:
+        groups = [("guest", in_guest)]
+    config.stash[_SESSION] = GuestPool([_session(name, group, config.rootpath) for name, group in groups])
     for index, item in enumerate(items):
         if item.get_closest_marker("vm"):
             assert item.parent is not None
             proxy = GuestItem.from_parent(item.parent, name=item.name)
             proxy.add_marker("vm")
             # The guest's own deadline is the one that applies: a per-test timeout firing in the stand-in
-            # that happens to boot the guest would cut the whole session short.
+            # that happens to wait for the guest would cut the whole session short.
             proxy.add_marker(pytest.mark.timeout(0))
             items[index] = proxy
 
 
+def start_guests(config: pytest.Config) -> None:
+    """Boot the session's guests now, in the background, while the host runs its own tests."""
+    guests = config.stash.get(_SESSION, None)
+    if guests is not None:
+        guests.start()
+
+
+def stop_guests(config: pytest.Config) -> None:
+    guests = config.stash.get(_SESSION, None)
+    if guests is not None:
+        guests.stop()
+
+
 def guest_audit(config: pytest.Config) -> dict[str, Any] | None:
-    """The guest's argv audit, if a guest ran in this session."""
-    session = config.stash.get(_SESSION, None)
-    if session is None or session._report is None:
+    """The guests' argv audit (summed), if a guest ran in this session."""
+    guests = config.stash.get(_SESSION, None)
+    reports = [s._report for s in guests.sessions if s._report is not None] if guests else []
+    if not reports:
         return None
-    audit: dict[str, Any] = session._report["audit"]
-    return audit
+    return {
+        "cryptsetup_calls": sum(r["audit"]["cryptsetup_calls"] for r in reports),
+        "ceph_calls": sum(r["audit"]["ceph_calls"] for r in reports),
+        "ceph_keys": sum(r["audit"]["ceph_keys"] for r in reports),
+        "leaks": [leak for r in reports for leak in r["audit"]["leaks"]],
+    }
 
 
 class GuestReporter:

@@ -6,6 +6,7 @@ qemu) shows that run_in_guest kills the whole group on its own deadline and on a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,8 +113,6 @@ def test_a_failed_boot_is_reported_to_every_test_and_never_repeated(
     monkeypatch.setattr(vm, "run_in_guest", hung_boot)
     monkeypatch.setattr(vm, "unavailable_reason", lambda: None)
     session = guest.GuestSession(["tests/vm/a.py::test_a", "tests/vm/b.py::test_b"], tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        session.outcome("tests/vm/a.py::test_a")
     for nodeid in ("tests/vm/a.py::test_a", "tests/vm/b.py::test_b"):
         with pytest.raises(guest.GuestFailure, match=r"interrupted .*KeyboardInterrupt.*no other is booted"):
             session.outcome(nodeid)
@@ -177,3 +176,43 @@ def test_the_guest_runs_only_the_tests_left_after_deselection(
     result.stdout.fnmatch_lines(
         ["GUEST ['test_node_stage_finishes_a_rotation_killed_after_its_key_was_added']"]
     )
+
+
+def test_two_guests_boot_at_once_each_for_its_own_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real clients' tests (csi-sanity, kubelet) and the kernel tests run in two guests at the same
+    time; each test waits for its own guest only, and a failure of one guest is not the other's."""
+    import threading
+
+    running: set[str] = set()
+    overlapped = threading.Event()
+    lock = threading.Lock()
+
+    def boot(command: str, workdir: Path, **kwargs: Any) -> vm.GuestResult:
+        name = "clients" if "b.py" in command else "kernel"
+        with lock:
+            running.add(name)
+            if len(running) == 2:
+                overlapped.set()
+        overlapped.wait(10)
+        if name == "clients":
+            raise vm.GuestUnavailable("the clients' guest did not finish within 1s")
+        report = Path(kwargs["env"][guest.REPORT_ENV])
+        outcomes = {"tests/vm/a.py::test_a": {"outcome": "passed", "text": ""}}
+        report.write_text(json.dumps({"outcomes": outcomes, "audit": {}}))
+        return vm.GuestResult(returncode=0, log="", console="", duration=1.0, workdir=workdir)
+
+    monkeypatch.setattr(vm, "run_in_guest", boot)
+    monkeypatch.setattr(vm, "unavailable_reason", lambda: None)
+    pool = guest.GuestPool(
+        [
+            guest.GuestSession(["tests/vm/a.py::test_a"], tmp_path, name="guest-kernel"),
+            guest.GuestSession(["tests/vm/b.py::test_b"], tmp_path, name="guest-clients"),
+        ]
+    )
+    pool.start()
+    assert pool.session_of("tests/vm/a.py::test_a").outcome("tests/vm/a.py::test_a")["outcome"] == "passed"
+    with pytest.raises(guest.GuestFailure, match="clients' guest did not finish"):
+        pool.session_of("tests/vm/b.py::test_b").outcome("tests/vm/b.py::test_b")
+    assert overlapped.is_set(), "the two guests did not run at the same time"
