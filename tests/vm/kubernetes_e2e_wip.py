@@ -147,7 +147,8 @@ def test_snapshot_restore_and_clone_are_readable_each_with_its_own_dek(local: Wo
 
 
 def filesystem_kib(work: Workloads, pod: str, pvc: str) -> int:
-    """The size of the pod's /data file system as the pod sees it (its `df -k`, every second)."""
+    """The size of the pod's /data file system as the pod sees it (its `df -kP`, every second: POSIX
+    output keeps a long device name and its numbers on one line, where busybox would wrap them)."""
     line = work.read_pod_file(pod, pvc, "df")
     return int(line.split()[1]) if line else 0
 
@@ -155,7 +156,7 @@ def filesystem_kib(work: Workloads, pod: str, pvc: str) -> int:
 def test_online_expansion_grows_the_filesystem_in_the_pod(local: Workloads) -> None:
     local.pvc("growing", "luks-local", "64Mi")
     volume_id = local.bound_volume("growing").spec.csi.volume_handle
-    df = f"df -k {MOUNT} | tail -n 1 > {MOUNT}/df.new && mv {MOUNT}/df.new {MOUNT}/df"
+    df = f"df -kP {MOUNT} | tail -n 1 > {MOUNT}/df.new && mv {MOUNT}/df.new {MOUNT}/df"
     local.pod("grower", "growing", loop=df)
     local.running("grower")
     before = local.wait("the pod's df", lambda: filesystem_kib(local, "grower", "growing"))
