@@ -516,7 +516,7 @@ class CsiDriver:
 
     @property
     def node_plugin(self) -> Process:
-        return self.node.processes.all[f"{self.name}-node"]
+        return self.node.processes.all[f"{self.name.split('.')[0]}-node"]  # as start_driver names it
 
     def log_names(self) -> list[str]:
         return [*self.process_names, "kubelet"]

@@ -188,7 +188,8 @@ class Workloads:
         with client:
             if kind == "volumesnapshot":
                 custom = k8s.CustomObjectsApi(client)
-                method = getattr(custom, f"{action}_namespaced_custom_object")
+                verb = {"read": "get", "delete": "delete"}[action]  # CustomObjectsApi reads with get_...
+                method = getattr(custom, f"{verb}_namespaced_custom_object")
                 return method(SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots", name)
             resource = {"pod": "pod", "pvc": "persistent_volume_claim"}[kind]
             return getattr(k8s.CoreV1Api(client), f"{action}_namespaced_{resource}")(name, self.namespace)

@@ -25,6 +25,10 @@ def free_port() -> int:
         return port
 
 
+# Well under a second here; minutes in the TCG guest, which reads the 100 MB binary over 9p.
+START_TIMEOUT = 300.0
+
+
 def bao_binary() -> str:
     beside = Path(sys.executable).parent / "bao"
     found = shutil.which("bao") or (str(beside) if beside.exists() else None)

@@ -1,8 +1,6 @@
 """csi-luks driven by a real Kubernetes node: kubelet, the CSI sidecars, PVCs, snapshots and pods (in the VM).
 
-WORK IN PROGRESS, NOT COLLECTED by the suite (the file name does not start with test_) until every
-scenario passes in the guest; run it alone with
-`.venv/bin/python -m pytest tests/vm/kubernetes_e2e_wip.py -rA` (one guest boot, with 6 GB).
+Run it alone with `.venv/bin/python -m pytest tests/vm/test_kubernetes_e2e.py -rA` (one guest, 6 GB).
 
 One cluster per guest boot (`k8s_node`: etcd, kube-apiserver, controller-manager, scheduler, containerd
 and kubelet, several minutes under TCG); every scenario runs on it. Nothing here calls the plugin's gRPC
