@@ -39,8 +39,8 @@ from tests.support.ceph import CephError, build_cluster
 IN_GUEST = os.environ.get("CSI_LUKS_IN_GUEST") == "1"
 REPORT_ENV = "CSI_LUKS_GUEST_REPORT"
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# Each guest's own deadline. Measured on a 2-core machine with the host tier beside them: about 45
-# minutes each; the margin keeps a slower machine from killing a guest (and failing all its tests).
+# Each guest's own deadline. Measured on a 2-core machine with the host tier beside them: 40 and 43
+# minutes; the margin keeps a slower machine from killing a guest (and failing all its tests).
 GUEST_TIMEOUT = float(os.environ.get("CSI_LUKS_GUEST_TIMEOUT", "4500"))
 # Half of it is the guest's /tmp (a tmpfs), where the tests keep volumes: csi-sanity asks for 1 GiB ones.
 GUEST_MEMORY = os.environ.get("CSI_LUKS_GUEST_MEMORY", "4G")
@@ -262,10 +262,8 @@ GUESTS = int(os.environ.get("CSI_LUKS_GUESTS", "2"))
 
 
 def _uses_real_clients(item: pytest.Item) -> bool:
-    """The e2e tier (kubelet and the sidecars) and what is marked to run beside it (the standalone
-    csi-sanity runs): the tests of their own guest when there are two. The rest, the RBD csi-sanity Node
-    specs among them, go to the other; measured, the two then take about as long."""
-    return bool(item.get_closest_marker("clients_guest")) or "k8s_node" in getattr(item, "fixturenames", ())
+    """csi-sanity, the sidecars and kubelet: the tests of their own guest when there are two."""
+    return bool(item.get_closest_marker("csi_tools")) or "k8s_node" in getattr(item, "fixturenames", ())
 
 
 def _session(name: str, items: list[pytest.Item], rootdir: Path) -> GuestSession:

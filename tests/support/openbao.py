@@ -90,7 +90,7 @@ def openbao_server(workdir: Path, tls_listeners: Sequence[tuple[Path, Path]] = (
         )  # fmt: skip
     server = OpenBao(address, process, log, tls_ports)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
                 healthy = requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200

@@ -35,14 +35,12 @@ MIN_NODE_PASSED = 20
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 120)
-@pytest.mark.clients_guest
 def test_csi_sanity_standalone_unencrypted(tmp_path: Path) -> None:
     with deployed_plugins(tmp_path, plugin_env(tmp_path, "standalone")) as plugins:
         run_sanity(tmp_path, plugins, SanityRun({"encrypted": "false"}, min_passed=MIN_PASSED))
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 120)
-@pytest.mark.clients_guest
 def test_csi_sanity_standalone_encrypted(tmp_path: Path) -> None:
     parameters = {"encrypted": "true", "encryptionKMSID": KMS_ID}
     with deployed_plugins(tmp_path, plugin_env(tmp_path, "standalone")) as plugins:
