@@ -93,11 +93,11 @@ def openbao_server(workdir: Path, tls_listeners: Sequence[tuple[Path, Path]] = (
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                healthy = requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200
+                healthy = requests.get(f"{address}/v1/sys/health", timeout=10).status_code == 200
                 if healthy and all(_listening(port) for port in tls_ports):
                     break
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or (in the TCG guest) too slow to answer yet
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"OpenBao did not start; log:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
