@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -87,6 +88,9 @@ def openbao_server(workdir: Path, tls_listeners: Sequence[tuple[Path, Path]] = (
             [bao_binary(), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
              f"-dev-listen-address={address.removeprefix('http://')}", *config_args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Dev mode writes its root token to $HOME/.vault-token: the workdir, not (read-only in the
+            # VM guest) /root.
+            env={**os.environ, "HOME": str(workdir)},
         )  # fmt: skip
     server = OpenBao(address, process, log, tls_ports)
     try:
