@@ -245,6 +245,11 @@ class _Rbd:
             path.write_bytes(data)
             self.rados(ref, "put", name, str(path))
 
+    def remove_object(self, ref: ImageRef, name: str) -> None:
+        """Remove a RADOS object; one that is not there is removed already."""
+        with contextlib.suppress(VolumeNotFound):
+            self.rados(ref, "rm", name)
+
     def remove_snapshot(self, ref: ImageRef, name: str) -> None:
         with contextlib.suppress(VolumeNotFound):
             self.run("snap", "rm", "--no-progress", ref.snapshot(name))
@@ -495,8 +500,7 @@ class RbdBackend(VolumeBackend):
                 if metadata.get(_OWNER) != volume_id:
                     # An unfinished copy may have its header backup already (the controller removes only a
                     # complete volume's). Before the image: a crash between leaves an image a retry finds.
-                    with contextlib.suppress(VolumeNotFound):
-                        rbd.rados(ref, "rm", _header_object(ref))
+                    rbd.remove_object(ref, _header_object(ref))
             rbd.remove_image(ref)
         self._fetched.pop(volume_id, None)
         if self.one_request:
@@ -520,8 +524,8 @@ class RbdBackend(VolumeBackend):
             ref = decode_volume_id(volume_id)
         except VolumeNotFound:
             return
-        with self._session(ref) as rbd, contextlib.suppress(VolumeNotFound):
-            rbd.rados(ref, "rm", _header_object(ref))
+        with self._session(ref) as rbd:
+            rbd.remove_object(ref, _header_object(ref))
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
         ref = decode_volume_id(volume_id)

@@ -47,6 +47,14 @@ def deployed_command(role: str) -> tuple[list[str], dict[str, str]]:
     raise LookupError(f"{MANIFESTS[role]} has no {CONTAINER} container")
 
 
+def deployed_argv(role: str, socket: Path) -> tuple[list[str], dict[str, str]]:
+    """deploy/'s command line of a role as this machine runs it (the project's csi-luks, serving on
+    socket instead of the Pod's path), and its literal env."""
+    args, env = deployed_command(role)
+    args = [f"unix://{socket}" if a.startswith("unix://") else a for a in args]  # --endpoint's value
+    return [csi_luks_program(), *args], env
+
+
 @dataclass
 class PluginProcess:
     role: str
@@ -75,15 +83,14 @@ def csi_luks_program() -> str:
 
 def start_plugin(role: str, workdir: Path, env: Mapping[str, str | None]) -> PluginProcess:
     """Start one role with deploy/'s command line; env overrides deploy/'s variables (None removes one)."""
-    args, deployed_env = deployed_command(role)
     socket_path = workdir / f"{role}.sock"
-    args = [f"unix://{socket_path}" if a.startswith("unix://") else a for a in args]  # --endpoint's value
+    argv, deployed_env = deployed_argv(role, socket_path)
     merged = {**deployed_env, **env}
     child_env = {k: v for k, v in {**os.environ, **merged}.items() if v is not None}
     log = workdir / f"{role}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [csi_luks_program(), *args],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -38,7 +38,7 @@ import requests
 import yaml
 
 from tests.support import csi_tools
-from tests.support.deployed_plugin import DEPLOY_BASE, csi_luks_program, deployed_command
+from tests.support.deployed_plugin import DEPLOY_BASE, deployed_argv
 from tests.support.kube import BINARY_ENV, BUILD_SCRIPT, KubeCluster, free_ports, kube_cluster
 from tests.support.oci_image import LocalImages, busybox_archive
 
@@ -581,9 +581,8 @@ def start_driver(
         processes.start(f"{short}-{suffix}", [str(a) for a in argv], extra_env, restart=sidecar)
 
     for role, socket in (("controller", controller_socket), ("node", node_socket)):
-        args, env = deployed_command(role)
-        args = [f"unix://{socket}" if a.startswith("unix://") else a for a in args]  # --endpoint's value
-        start(role, [csi_luks_program(), *args], {**env, **overrides})
+        argv, env = deployed_argv(role, socket)
+        start(role, argv, {**env, **overrides})
     driver = CsiDriver(name, backend, node, controller_socket, node_socket, state, config, names)
     csidriver = json.loads(json.dumps(_yaml_one(DEPLOY_BASE / "csidriver.yaml")))
     csidriver["metadata"]["name"] = name

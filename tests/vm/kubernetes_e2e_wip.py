@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 
-import hvac
 import pytest
 
 from tests.support.kms_env import build_kms_env
 from tests.support.kube_node_fixture import k8s_node, luks_driver
 from tests.support.kube_workloads import Workloads
 from tests.support.openbao import OpenBao
+from tests.support.operations import vault_kv_has
 from tests.vm.test_kubernetes_e2e import assert_unstaged, backend, local, writer
 
 __all__ = ["k8s_node", "local", "luks_driver"]
@@ -71,13 +71,5 @@ def test_vault_tenant_serviceaccount_writes_the_dek_of_a_pvc_in_its_namespace(
     tenant.delete("pvc", "tenant-data")
     tenant.wait(
         "the DEK removed from OpenBao with the volume",
-        lambda: not _vault_has(env.bao, f"e2e-tenants/{volume_id}"),
+        lambda: not vault_kv_has(env.bao, f"e2e-tenants/{volume_id}"),
     )
-
-
-def _vault_has(bao: OpenBao, path: str) -> bool:
-    try:
-        bao.client().secrets.kv.v2.read_secret_metadata(path=path, mount_point="secret")
-    except hvac.exceptions.InvalidPath:
-        return False
-    return True
