@@ -11,6 +11,7 @@ every process's log to k8s-logs/, beside the guest's report.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,9 +23,12 @@ from csi_luks.volumes.rbd import decode_volume_id
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
+from tests.support.kms_env import build_kms_env
 from tests.support.kube_node import CsiDriver, KubeNode, start_driver
 from tests.support.kube_node_fixture import LOCAL_KMS, k8s_node, luks_driver
 from tests.support.kube_workloads import MOUNT, Workloads, mount_path
+from tests.support.openbao import OpenBao
+from tests.support.operations import vault_kv_has
 
 __all__ = ["k8s_node", "luks_driver"]
 
@@ -187,6 +191,55 @@ def test_node_plugin_restart_keeps_the_pod_data_and_a_later_unstage_works(local:
     local.wait("the pod keeps reading its data", lambda: count() > after_restart + 2)
     local.delete("pod", "steady-user")
     assert_unstaged(local, volume_id)  # by the new process, from what it finds on the system
+
+
+def test_vault_tenant_serviceaccount_writes_the_dek_of_a_pvc_in_its_namespace(
+    local: Workloads, session_bao: OpenBao, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """vaulttenantsa: the plugin logs in to OpenBao as the PVC namespace's ServiceAccount.
+
+    The namespace reaches CreateVolume only through external-provisioner's --extra-create-metadata; a
+    namespace whose ServiceAccount OpenBao's role does not bind gets no volume.
+    """
+    env = build_kms_env(session_bao, local.node.api, tmp_path_factory.mktemp("e2e-kms-env"))
+    entry = {
+        "encryptionKMSType": "vaulttenantsa", "vaultAddress": session_bao.address,
+        "vaultRole": "tenant", "vaultPassphrasePath": "e2e-tenants/",
+    }  # fmt: skip
+    config = json.loads(local.driver.kms_config.read_text())
+    local.driver.kms_config.write_text(json.dumps({**config, "tenant-sa": entry}))
+    tenant = Workloads(local.driver, env.tenant.namespace)
+    tenant.create_namespace()
+    tenant.storage_class("luks-tenant-sa", {"encrypted": "true", "encryptionKMSID": "tenant-sa"})
+    tenant.pvc("tenant-data", "luks-tenant-sa")
+    volume_id = tenant.bound_volume("tenant-data").spec.csi.volume_handle
+    stored = env.bao.client().secrets.kv.v2.read_secret_version(
+        path=f"e2e-tenants/{volume_id}", mount_point="secret", raise_on_deleted_version=True
+    )
+    assert len(stored["data"]["data"]["passphrase"]) == 43
+
+    marker = f"csi-luks-e2e-tenant-{os.urandom(8).hex()}"
+    writer(tenant, "tenant-user", "tenant-data", marker)
+    tenant.delete("pod", "tenant-user")
+    assert_unstaged(tenant, volume_id)
+
+    # The outsider's ServiceAccount is bound to no role: provisioning fails and leaves no volume.
+    outsider = Workloads(local.driver, env.outsider.namespace)
+    outsider.create_namespace()
+    before = {v.volume_id for v in backend(local.driver).list()}
+    outsider.pvc("outsider-data", "luks-tenant-sa")
+    outsider.wait(
+        "ProvisioningFailed (permission denied) for the outsider's PVC",
+        lambda: "ProvisioningFailed" in (text := outsider.events_text()) and "ermission" in text,
+    )
+    assert {v.volume_id for v in backend(local.driver).list()} <= before | {volume_id}
+    outsider.delete("pvc", "outsider-data")
+
+    tenant.delete("pvc", "tenant-data")
+    tenant.wait(
+        "the DEK removed from OpenBao with the volume",
+        lambda: not vault_kv_has(env.bao, f"e2e-tenants/{volume_id}"),
+    )
 
 
 @pytest.fixture(scope="module")
