@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from csi_luks.system import vm
-from tests.support import csi_tools
+from tests.support import csi_tools, guest_pylib
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephError, build_cluster
 
@@ -143,7 +143,7 @@ class GuestSession:
             from tests.support.kube_node import stage_programs
 
             env.update(stage_programs(workdir / "programs"))
-        command = " ".join(
+        pytest_command = " ".join(
             [
                 sys.executable,
                 "-m",
@@ -152,9 +152,12 @@ class GuestSession:
                 "no:cacheprovider",
                 "-q",
                 "-rA",
+                "--durations=40",  # where the guest's time went, in guest.log
                 *map(_quote, self.nodeids),
             ]
         )
+        # Imports over 9p dominate each plugin start in the guest: serve the libraries from its tmpfs.
+        command = f"{guest_pylib.pack(workdir / 'pylib')}\n{pytest_command}"
         try:
             self.result = vm.run_in_guest(
                 command,
