@@ -65,7 +65,22 @@ def test_the_sidecars_are_the_versions_the_suite_runs() -> None:
         for container in doc["spec"]["template"]["spec"]["containers"]
         if container["image"].startswith(SIDECAR_REGISTRY)
     ]
-    assert len(images) == 6  # provisioner, attacher, resizer, snapshotter; registrar, livenessprobe
+    # provisioner, attacher, resizer, snapshotter, livenessprobe; registrar, livenessprobe
+    assert len(images) == 7
     for image in images:
         name, tag = image.removeprefix(SIDECAR_REGISTRY).split(":")
         assert tag == tested[name], f"{image}: the suite runs {name} {tested[name]}"
+
+
+def test_each_plugin_container_is_probed_for_liveness_through_its_sidecar() -> None:
+    """kubelet restarts a plugin whose Probe fails: its livenessProbe asks the port the sidecar serves."""
+    for path in MANIFESTS:
+        for doc in _documents(path):
+            if doc["kind"] not in ("Deployment", "DaemonSet"):
+                continue
+            containers = {c["name"]: c for c in doc["spec"]["template"]["spec"]["containers"]}
+            plugin, sidecar = containers["csi-luks"], containers["liveness-probe"]
+            ports = {port["name"]: port["containerPort"] for port in plugin["ports"]}
+            probe = plugin["livenessProbe"]["httpGet"]
+            assert probe["path"] == "/healthz", doc["metadata"]["name"]
+            assert f"--health-port={ports[probe['port']]}" in sidecar["args"], doc["metadata"]["name"]
