@@ -274,6 +274,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 _, layout = self._volume(self.backend.for_request({}), volume_id)
             except BackendRequestError:  # no record here, so never staged: ask with the credentials
                 _, layout = self._volume(backend, volume_id)
+            stale = self.stale_mappings.check(layout.mapper) if layout.record.encrypted else None
+            if stale is not None:  # a new pod would get a filesystem or device that can no longer do I/O
+                raise failed_precondition(f"volume {volume_id} cannot be published: {stale.message}")
             if request.volume_capability.WhichOneof("access_type") == "block":
                 device = self._device(backend, volume_id, layout)
                 if device is None:

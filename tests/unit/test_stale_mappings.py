@@ -7,16 +7,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from csi_luks.csi import csi_pb2
+from csi_luks.errors import CsiError
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup
 from csi_luks.luks.stale import StaleMapping, StaleMappings
 from csi_luks.services.node import NodeService
 from csi_luks.system.runner import CommandError
+from csi_luks.volume_metadata import ENCRYPTED, STATE
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.plugin import mount_capability
 from tests.unit.test_luks_engine import FakeRunner
 
 RESTAGE = "unstage and restage the volume"
@@ -195,3 +199,17 @@ def test_unstage_of_a_healthy_mapping_never_falls_back(tmp_path: Path) -> None:
         _unstage(node)
     assert filesystems.unmounts == [("/staging", False)]
     assert runner.calls == []
+
+
+def test_publish_over_a_stale_mapping_is_refused(tmp_path: Path) -> None:
+    node, _ = _node(tmp_path, True)
+    node.backend.create(VOLUME, "pvc-1", 1024 * 1024, {ENCRYPTED: "true", STATE: "encrypted"})
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id=VOLUME, target_path=str(tmp_path / "target"), staging_target_path="/staging",
+        volume_capability=mount_capability(),
+    )  # fmt: skip
+    with pytest.raises(CsiError) as refused:
+        node.NodePublishVolume(request, None)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"dm-crypt mapping {MAPPER} has lost its backing device /dev/rbd0" in str(refused.value)
+    assert not (tmp_path / "target").exists()

@@ -1,7 +1,7 @@
 """A stale mapping (in the VM): the krbd device under a staged volume's dm-crypt mapping is force-unmapped.
 
-NodeGetVolumeStats reports the volume abnormal with what happened, the metrics count the mapping, a node
-start names it in its log, and NodeUnstageVolume tears it down (no mount or mapping left); a restage maps
+NodeGetVolumeStats reports the volume abnormal with what happened, the metrics count the mapping, a stage
+or publish over it is refused, a node start names it in its log, and NodeUnstageVolume tears it down (no mount or mapping left); a restage maps
 the image again and finds the data written before the device went away.
 """
 
@@ -21,7 +21,7 @@ from csi_luks.luks import Cryptsetup, mapper_name
 from csi_luks.system.filesystem import Filesystems
 from tests.support.ceph import CephCluster
 from tests.support.openbao import free_port
-from tests.support.plugin import MiB, RunningPlugin, running_plugin
+from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 from tests.vm.test_rbd_node import parameters, stage, unstage
 
 MARKER = b"CSI-LUKS-STALE-MAPPING-MARKER " * 100
@@ -103,9 +103,18 @@ def test_a_force_unmapped_rbd_device_is_reported_counted_and_unstaged(
             "unstage and restage the volume"
         )
         assert _stale_gauge(address) == 1
-        # A stage over it is refused: the dead mapping must not pass for the volume's open one.
+        # A stage or publish over it is refused: the dead mapping must not pass for the volume's open one.
         with pytest.raises(grpc.RpcError) as refused:
             stage(plugin, volume_id, staging, ceph_secrets)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert condition.message in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            plugin.node.NodePublishVolume(
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=volume_id, target_path=str(tmp_path / "pod"), staging_target_path=str(staging),
+                    volume_capability=mount_capability(),
+                )
+            )  # fmt: skip
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert condition.message in refused.value.details()
         with caplog.at_level(logging.WARNING, logger="csi_luks.server"):
