@@ -112,12 +112,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         volume_id = checked_id(backend, request.volume_id, "volume_id")
         capability = request.volume_capability
         with self.locks.hold(volume_id, "NodeStageVolume"):
-            _, layout = self._volume(backend, volume_id)
             # A mapping left on a dead device must not be taken for the open one: a new device may even
-            # have the old one's name.
-            stale = self.stale_mappings.check(layout.mapper)
+            # have the old one's name. Known from the name alone, before any call to the backend.
+            stale = self.stale_mappings.check(mapper_name(volume_id))
             if stale is not None:
                 raise failed_precondition(f"volume {volume_id} cannot be staged: {stale.message}")
+            _, layout = self._volume(backend, volume_id)
             was_attached = backend.find_attachment(volume_id) is not None
             device = backend.attach(volume_id)
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.

@@ -201,6 +201,21 @@ def test_unstage_of_a_healthy_mapping_never_falls_back(tmp_path: Path) -> None:
     assert runner.calls == []
 
 
+def test_stage_over_a_stale_mapping_is_refused_before_the_backend_is_asked(tmp_path: Path) -> None:
+    node, (runner, _) = _node(tmp_path, True)
+    request = csi_pb2.NodeStageVolumeRequest(
+        volume_id=VOLUME, staging_target_path="/staging", volume_capability=mount_capability()
+    )
+    with pytest.raises(CsiError) as refused:
+        node.NodeStageVolume(request, None)  # the volume does not even exist: no backend call was made
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(refused.value) == (
+        f"volume {VOLUME} cannot be staged: dm-crypt mapping {MAPPER} has lost its backing device "
+        f"/dev/rbd0 (unmapped?); {RESTAGE}"
+    )
+    assert runner.calls == []
+
+
 def test_publish_over_a_stale_mapping_is_refused(tmp_path: Path) -> None:
     node, _ = _node(tmp_path, True)
     node.backend.create(VOLUME, "pvc-1", 1024 * 1024, {ENCRYPTED: "true", STATE: "encrypted"})

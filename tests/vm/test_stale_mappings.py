@@ -1,8 +1,9 @@
 """A stale mapping (in the VM): the krbd device under a staged volume's dm-crypt mapping is force-unmapped.
 
 NodeGetVolumeStats reports the volume abnormal with what happened, the metrics count the mapping, a stage
-or publish over it is refused, a node start names it in its log, and NodeUnstageVolume tears it down (no mount or mapping left); a restage maps
-the image again and finds the data written before the device went away.
+or publish over it is refused, a node start names it in its log, and NodeUnstageVolume tears it down (no
+mount or mapping left); a restage maps the image again and finds the data written before the device went
+away.
 """
 
 from __future__ import annotations
