@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -33,8 +33,14 @@ MAPPER_DIR = "/dev/mapper"
 class PluginMetrics:
     """The metrics, the observers that feed them, and the HTTP endpoint that serves them."""
 
-    def __init__(self, readiness: ReadinessCheck, staged: Iterable[str] = ()) -> None:
-        """staged: the volume ids already staged when the server starts (see staged_at_start)."""
+    def __init__(
+        self,
+        readiness: ReadinessCheck,
+        staged: Iterable[str] = (),
+        stale_mappings: Callable[[], int] | None = None,
+    ) -> None:
+        """staged: the volume ids already staged when the server starts (see staged_at_start);
+        stale_mappings: counts the node's stale mappings (luks/stale.py), asked at each scrape."""
         self.registry = CollectorRegistry()
         self._staged = set(staged)
         self._staged_lock = threading.Lock()
@@ -72,6 +78,13 @@ class PluginMetrics:
             "1 when the plugin can work on this machine (what Probe answers), else 0",
             registry=self.registry,
         ).set_function(lambda: 1.0 if (latest := readiness.latest) is not None and latest.ready else 0.0)
+        if stale_mappings is not None:
+            # Counted anew at each scrape from sysfs (no process): always the current count.
+            Gauge(
+                "csi_luks_stale_mappings",
+                "dm-crypt mappings of this node's volumes whose backing device is gone (unstage them)",
+                registry=self.registry,
+            ).set_function(lambda: float(stale_mappings()))
 
     # --- observers ---------------------------------------------------------------------------------
 
@@ -129,14 +142,15 @@ def staged_at_start(backend: VolumeBackend, mapper_dir: str = MAPPER_DIR) -> lis
         names = os.listdir(mapper_dir)
     except OSError:
         return []
-    staged = []
-    for name in names:
-        if not name.startswith(MAPPER_PREFIX):
-            continue
-        volume_id = name[len(MAPPER_PREFIX) :]
-        try:
-            backend.check_id(volume_id)
-        except VolumeBackendError:
-            continue
-        staged.append(volume_id)
-    return sorted(staged)
+    return sorted(name[len(MAPPER_PREFIX) :] for name in names if is_volume_mapping(backend, name))
+
+
+def is_volume_mapping(backend: VolumeBackend, name: str) -> bool:
+    """Whether a mapping name is that of a volume of this backend (luks/naming.py), not a host's own disk."""
+    if not name.startswith(MAPPER_PREFIX):
+        return False
+    try:
+        backend.check_id(name[len(MAPPER_PREFIX) :])
+    except VolumeBackendError:
+        return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import os
@@ -31,7 +32,8 @@ from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.logs import CALL_FIELDS, new_request_id, request_scope
 from csi_luks.luks import Cryptsetup
-from csi_luks.metrics import PluginMetrics, staged_at_start
+from csi_luks.luks.stale import StaleMappings
+from csi_luks.metrics import PluginMetrics, is_volume_mapping, staged_at_start
 from csi_luks.readiness import ReadinessCheck
 from csi_luks.services.controller import ControllerService
 from csi_luks.services.csiaddons_identity import CsiAddonsIdentityService
@@ -194,10 +196,15 @@ class PluginServer:
         self.locks = OperationLocks()
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
         self.health = health.HealthServicer()
+        self.stale_mappings = StaleMappings(is_ours=functools.partial(is_volume_mapping, self.backend))
         self.metrics: PluginMetrics | None = None
         if settings.metrics_address is not None:
-            staged = staged_at_start(self.backend) if settings.mode.runs_node else []
-            self.metrics = PluginMetrics(self.readiness, staged)
+            runs_node = settings.mode.runs_node
+            self.metrics = PluginMetrics(
+                self.readiness,
+                staged_at_start(self.backend) if runs_node else [],
+                (lambda: len(self.stale_mappings.find())) if runs_node else None,
+            )
             self.cryptsetup.observer = self.metrics.cryptsetup_call
             self.kms_config.observer = self.metrics.kms_call
         self._server: grpc.Server | None = None
@@ -262,6 +269,7 @@ class PluginServer:
                     self.locks,
                     self.cryptsetup,
                     Filesystems(self.cryptsetup.runner),
+                    self.stale_mappings,
                 ),
                 server,
             )
@@ -292,6 +300,13 @@ class PluginServer:
             __version__, path, self.settings.driver_name, self.settings.node_id, self.settings.mode.value,
         )  # fmt: skip
         self.readiness.check()
+        if self.settings.mode.runs_node:
+            self.warn_of_stale_mappings()
+
+    def warn_of_stale_mappings(self) -> None:
+        """Name each stale mapping in the log at start: a restarted node finds what it left behind."""
+        for stale in self.stale_mappings.find():
+            log.warning("%s (NodeGetVolumeStats reports it as abnormal)", stale.message)
 
     def _secure_socket(self, path: str) -> None:
         group = self.settings.socket_group

@@ -212,8 +212,10 @@ class Cryptsetup:
             return mapper_path(name)
         raise DeviceBusy(f"open: mapping {name} already exists for {current.device}, not for {device}")
 
-    def close(self, name: str) -> None:
+    def close(self, name: str, deferred: bool = False) -> None:
         """Remove the mapping; a mapping that does not exist is already closed.
+
+        deferred: if the mapping is still held open, device-mapper removes it when its last holder closes.
 
         So is every mapping of a kernel without device-mapper: NodeUnstageVolume of a volume never
         staged (the CO's cleanup) succeeds on such a node. Another reason cryptsetup cannot reach
@@ -228,8 +230,8 @@ class Cryptsetup:
             raise
         if not active:
             return
-        self._run("luksClose", ["close", name])
-        log.info("closed %s", mapper_path(name))
+        self._run("luksClose", ["close", "--deferred", name] if deferred else ["close", name])
+        log.info("closed %s%s", mapper_path(name), " (deferred)" if deferred else "")
 
     def status(self, name: str) -> MappingStatus:
         result = self._run("status", ["status", name], check=False)

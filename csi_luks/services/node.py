@@ -22,13 +22,15 @@ from csi_luks.errors import failed_precondition, not_found
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
-from csi_luks.luks import Cryptsetup, FormatOptions, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.luks import Cryptsetup, FormatOptions, LuksError, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.luks.stale import StaleMapping, StaleMappings
 from csi_luks.operations.crash import crash_point
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.rotation import KeyRotation
 from csi_luks.quoting import quoted
 from csi_luks.services.validation import checked_id, require_path, validate_capability
 from csi_luks.system.filesystem import Filesystems
+from csi_luks.system.runner import CommandError
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes.base import BackendRequestError, VolumeBackend, VolumeInfo, VolumeNotFound
 
@@ -66,6 +68,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         locks: OperationLocks,
         cryptsetup: Cryptsetup,
         filesystems: Filesystems,
+        stale_mappings: StaleMappings | None = None,
     ) -> None:
         self.node_id = node_id
         self.backend = backend
@@ -73,6 +76,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self.locks = locks
         self.cryptsetup = cryptsetup
         self.filesystems = filesystems
+        self.stale_mappings = stale_mappings or StaleMappings()
 
     def _volume(self, backend: VolumeBackend, volume_id: str) -> tuple[VolumeInfo, _Layout]:
         try:
@@ -108,6 +112,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         volume_id = checked_id(backend, request.volume_id, "volume_id")
         capability = request.volume_capability
         with self.locks.hold(volume_id, "NodeStageVolume"):
+            # A mapping left on a dead device must not be taken for the open one: a new device may even
+            # have the old one's name. Known from the name alone, before any call to the backend.
+            stale = self.stale_mappings.check(mapper_name(volume_id))
+            if stale is not None:
+                raise failed_precondition(f"volume {volume_id} cannot be staged: {stale.message}")
             _, layout = self._volume(backend, volume_id)
             was_attached = backend.find_attachment(volume_id) is not None
             device = backend.attach(volume_id)
@@ -209,16 +218,44 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         staging = require_path(request.staging_target_path, "staging_target_path")
         volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodeUnstageVolume"):
-            self.filesystems.unmount(staging)
-            crash_point("node-unstage.after-unmount")
             # Closing by the deterministic name works after a plugin restart, and for a volume whose
             # metadata is already gone.
-            self.cryptsetup.close(mapper_name(volume_id))
+            mapper = mapper_name(volume_id)
+            stale = self.stale_mappings.check(mapper)
+            if stale is not None:
+                log.warning("volume %s: %s; tearing it down", volume_id, stale.message)
+            self._unmount_staging(staging, stale)
+            crash_point("node-unstage.after-unmount")
+            self._close(mapper, stale)
             crash_point("node-unstage.after-close")
             with contextlib.suppress(VolumeNotFound):
                 backend.detach(volume_id)
             log.info("volume %s unstaged from %s", volume_id, staging)
             return csi_pb2.NodeUnstageVolumeResponse()
+
+    def _unmount_staging(self, staging: str, stale: StaleMapping | None) -> None:
+        """Unmount the staging path; over a stale mapping, lazily if a plain unmount fails (the filesystem
+        cannot reach its device, so nothing more is lost by letting go of it)."""
+        try:
+            self.filesystems.unmount(staging)
+        except (CommandError, OSError) as exc:
+            if stale is None:
+                raise
+            log.warning(
+                "unmount of %s failed over a stale mapping (%s); unmounting lazily", quoted(staging), exc
+            )
+            self.filesystems.unmount(staging, lazy=True)
+
+    def _close(self, mapper: str, stale: StaleMapping | None) -> None:
+        """Close the mapping; a stale one that is still held (a lazily unmounted filesystem) is closed
+        deferred: device-mapper removes it when the last holder lets go. No data is touched either way."""
+        try:
+            self.cryptsetup.close(mapper)
+        except LuksError as exc:
+            if stale is None:
+                raise
+            log.warning("close of stale mapping %s failed (%s); closing it deferred", mapper, exc)
+            self.cryptsetup.close(mapper, deferred=True)
 
     # --- publish -------------------------------------------------------------------------------------
 
@@ -237,6 +274,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 _, layout = self._volume(self.backend.for_request({}), volume_id)
             except BackendRequestError:  # no record here, so never staged: ask with the credentials
                 _, layout = self._volume(backend, volume_id)
+            stale = self.stale_mappings.check(layout.mapper) if layout.record.encrypted else None
+            if stale is not None:  # a new pod would get a filesystem or device that can no longer do I/O
+                raise failed_precondition(f"volume {volume_id} cannot be published: {stale.message}")
             if request.volume_capability.WhichOneof("access_type") == "block":
                 device = self._device(backend, volume_id, layout)
                 if device is None:
@@ -294,9 +334,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         _, layout = self._volume(backend, volume_id)
         if not os.path.exists(path):
             raise not_found(f"volume path {quoted(path)} does not exist")
-        device = self._device(backend, volume_id, layout)
         problems = []
-        if device is None:
+        # From sysfs, no process: the mapping's backing device may be gone while the mapping stays.
+        stale = self.stale_mappings.check(layout.mapper) if layout.record.encrypted else None
+        if stale is not None:
+            problems.append(stale.message)
+        elif self._device(backend, volume_id, layout) is None:
             problems.append("the encrypted mapping is gone" if layout.record.encrypted else "not attached")
         if not self.filesystems.is_mounted(path):
             problems.append(f"{quoted(path)} is not mounted")

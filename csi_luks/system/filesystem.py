@@ -89,13 +89,16 @@ class Filesystems:
         finally:
             os.close(fd)
 
-    def unmount(self, target: str) -> None:
+    def unmount(self, target: str, lazy: bool = False) -> None:
         """Unmount target until nothing is mounted there: a mount stacked on ours (a repeated bind, a
-        mount a crash left under a retried one) would otherwise keep the path busy."""
+        mount a crash left under a retried one) would otherwise keep the path busy.
+
+        lazy: detach the mounts from the tree now, the kernel lets go of them when no process uses them.
+        """
         for _ in range(_MAX_STACKED_MOUNTS):
             if not self.is_mounted(target):
                 return
-            self.runner.run([UMOUNT, target])
+            self.runner.run([UMOUNT, "--lazy", target] if lazy else [UMOUNT, target])
         raise OSError(errno.EBUSY, f"still mounted after {_MAX_STACKED_MOUNTS} unmounts", target)
 
     def is_mounted(self, target: str) -> bool:

@@ -152,11 +152,13 @@ def running_plugin(
     state_dir: Path | None = None,
     kms_config_map: str | None = None,
     ceph_config: Path | None = None,
+    metrics_address: str | None = None,
 ) -> Iterator[RunningPlugin]:
     """Serve the plugin from root (socket, state dir, KMS config); stop it afterwards.
 
     With kms_config_map ("namespace/name") no KMS configuration file is written: the plugin reads the
-    ConfigMap instead. With ceph_config (a ceph-csi cluster list) volumes are RBD images.
+    ConfigMap instead. With ceph_config (a ceph-csi cluster list) volumes are RBD images. With
+    metrics_address ("host:port") it serves its Prometheus metrics there.
     """
     root.mkdir(parents=True, exist_ok=True)
     kms_config = root / "kms-config.json"
@@ -173,6 +175,7 @@ def running_plugin(
         ceph_config=str(ceph_config or DEFAULT_CEPH_CONFIG),
         node_id="test-node",
         grace_period=5,
+        metrics_address=metrics_address,
     )
     server = PluginServer(settings)
     server.start()

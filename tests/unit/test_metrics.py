@@ -14,7 +14,7 @@ from csi_luks.csi import csi_pb2
 from csi_luks.encryption import VolumeEncryption
 from csi_luks.kms.base import DEKStore, EncryptionKMS, KMSUnavailable
 from csi_luks.luks import Cryptsetup, WrongPassphrase
-from csi_luks.metrics import STAGE, UNSTAGE, PluginMetrics, staged_at_start
+from csi_luks.metrics import STAGE, UNSTAGE, PluginMetrics, is_volume_mapping, staged_at_start
 from csi_luks.readiness import ReadinessCheck
 from csi_luks.server import _CallInterceptor
 from csi_luks.volumes.base import VolumeNotFound
@@ -115,6 +115,19 @@ def test_staged_at_start_counts_only_mappings_of_this_backends_volumes(tmp_path:
     backend = StandaloneBackend(tmp_path / "state")
     assert staged_at_start(backend, str(mapper)) == sorted([VOLUME, OTHER])
     assert staged_at_start(backend, str(tmp_path / "absent")) == []
+
+
+def test_stale_mappings_are_counted_at_each_scrape_and_only_a_node_has_the_gauge(tmp_path: Path) -> None:
+    readiness = ReadinessCheck(Cryptsetup(runner=FakeRunner([])), needs_device_mapper=False)  # type: ignore[arg-type]
+    counts = iter([2.0, 0.0])
+    node = PluginMetrics(readiness, stale_mappings=lambda: int(next(counts)))
+    assert _value(node, "csi_luks_stale_mappings") == 2
+    assert _value(node, "csi_luks_stale_mappings") == 0
+    assert _value(_metrics(), "csi_luks_stale_mappings") is None  # a controller has no mappings
+    backend = StandaloneBackend(tmp_path / "state")
+    assert is_volume_mapping(backend, f"luks-{VOLUME}")
+    assert not is_volume_mapping(backend, "luks-6f1c3a2e-2b4d-4c1e-9a7b-1d2e3f4a5b6c")
+    assert not is_volume_mapping(backend, f"other-{VOLUME}")
 
 
 def test_cryptsetup_calls_are_timed_and_failures_counted_by_operation_and_error() -> None:
