@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from csi_luks.system import vm
-from tests.support import guest
+from tests.support import guest, guest_pylib
 
 
 def _alive(pid: int) -> bool:
@@ -30,6 +30,12 @@ def _alive(pid: int) -> bool:
     # A killed child of ours that nobody reaped yet is a zombie: gone for our purposes.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ", 1)[1][0] != "Z"
+
+
+@pytest.fixture(autouse=True)
+def no_library_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sessions here boot no real guest: packing the libraries for one would only cost time."""
+    monkeypatch.setattr(guest_pylib, "pack", lambda workdir: "true")
 
 
 @pytest.fixture
@@ -190,7 +196,7 @@ def test_two_guests_boot_at_once_each_for_its_own_tests(
     lock = threading.Lock()
 
     def boot(command: str, workdir: Path, **kwargs: Any) -> vm.GuestResult:
-        name = "clients" if "b.py" in command else "kernel"
+        name = "clients" if "tests/vm/b.py" in command else "kernel"
         with lock:
             running.add(name)
             if len(running) == 2:
