@@ -40,7 +40,7 @@ private = {"site", "sitecustomize", "usercustomize", "sysconfig", "_distutils_ha
 entries = set()
 for name, module in list(sys.modules.items()):
     top = name.split(".")[0]
-    if top in private or top.startswith(("_sysconfigdata", "__editable__")) or top in skip:
+    if top in private or top.startswith(("_sysconfigdata", "__editable__")):
         continue
     spec = getattr(module, "__spec__", None)
     origin = getattr(spec, "origin", None)
@@ -51,6 +51,8 @@ for name, module in list(sys.modules.items()):
         for root in roots:
             if place.startswith(root + os.sep):
                 first = place[len(root) + 1:].split(os.sep)[0]
+                if first in skip or first.removesuffix(".py") in private:  # by file: aliases exist
+                    break
                 entries.add(os.path.join(root, first))
                 if first.endswith(".py"):  # a one-file module: its bytecode sits in the root's __pycache__
                     entries.add(os.path.join(root, "__pycache__"))
