@@ -11,11 +11,14 @@ steps before its first COPY) and each stage's result, in `<cache>/rootfs-<hash o
 A change to the plugin's code rebuilds only the builder's wheel step and the final copy.
 
 `image_rootfs()` returns the final stage's root (building what is missing); `image_config()` its ENV,
-WORKDIR, ENTRYPOINT and CMD; `chroot_argv()` the command line that runs a program inside it.
+WORKDIR, ENTRYPOINT and CMD; `chroot_argv()` the command line that runs a program inside it. The VM guest
+hides /var/cache: `handover()` links the root into the guest's work directory before it boots and names it
+in CSI_LUKS_IMAGE_ROOTFS (or says in CSI_LUKS_IMAGE_ROOTFS_ERROR why there is none).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -25,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +50,8 @@ SLIM_DPKG_OPTIONS = [
     "path-include=/usr/share/doc/*/copyright",
 ]
 BUILD_CA_DIR = "/run/csi-luks-build-ca"  # where a RUN step finds the host's CA bundle, if it needs one
+ROOTFS_ENV = "CSI_LUKS_IMAGE_ROOTFS"  # in the guest: the image's root, handed over by the host
+ROOTFS_ERROR_ENV = "CSI_LUKS_IMAGE_ROOTFS_ERROR"  # in the guest: why the host could not hand it over
 STALE_AFTER = 2 * 3600.0  # layers of other inputs unused this long go at the next build (~1 GB each)
 
 
@@ -143,6 +149,36 @@ def image_rootfs() -> Path:
             built[stage.name or str(index)] = (root, key)
         _remove_stale_layers({key for _, key in built.values()})
     return root
+
+
+def unbuildable_reason() -> str | None:
+    """Why this machine cannot build the root file system, or None."""
+    if os.geteuid() != 0 or shutil.which("mmdebstrap") is None:
+        return "building the image's root file system needs root and mmdebstrap (scripts/bootstrap.sh)"
+    return None
+
+
+def handover(directory: Path) -> dict[str, str]:
+    """On the host, before the VM guest boots: the image's root (from the cache the host tier's tests
+    share, or built now) as directory, hard links into the cache where it can (instant, no space); the
+    guest's environment. A failed build is named in the environment for the guest's test to report."""
+    started = time.monotonic()
+    try:
+        reason = unbuildable_reason()
+        if reason is not None:
+            return {ROOTFS_ERROR_ENV: reason}
+        root = image_rootfs()
+        linked = subprocess.run(["cp", "-al", str(root), str(directory)], capture_output=True, check=False)
+        if linked.returncode != 0:  # another file system: a copy
+            shutil.rmtree(directory, ignore_errors=True)
+            subprocess.run(["cp", "-a", str(root), str(directory)], capture_output=True, check=True)
+        # Gone when this session ends: links into a layer that the cache later drops would keep it alive.
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    except (RuntimeError, OSError, subprocess.CalledProcessError, UnsupportedDockerfile) as exc:
+        return {ROOTFS_ERROR_ENV: f"the host could not build the image's root file system: {exc}"}
+    took = time.monotonic() - started
+    sys.stderr.write(f"\n[guest] image root file system {root} handed to the VM in {took:.1f}s\n")
+    return {ROOTFS_ENV: str(directory)}
 
 
 def chroot_argv(
