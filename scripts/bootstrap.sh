@@ -20,7 +20,8 @@ pkgs+=(ceph-mon ceph-osd ceph-common rbd-nbd)
 # The e2e tier's one-node Kubernetes cluster: its container runtime (kubelet talks CRI to containerd).
 pkgs+=(containerd runc containernetworking-plugins)
 # The plugin image's root file system, built from the Dockerfile's steps without a container engine.
-pkgs+=(mmdebstrap)
+# strace records which programs the plugin runs from that root in the VM (tests/vm/test_image_node_lifecycle.py).
+pkgs+=(mmdebstrap strace)
 if [ "$want_vm" = 1 ]; then
     # qemu runs the guest under TCG; linux-image-amd64 is the guest kernel with dm-crypt, loop and rbd.
     pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static)

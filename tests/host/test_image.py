@@ -34,6 +34,7 @@ from tests.support.image_rootfs import (
     image_config,
     image_rootfs,
     parse_dockerfile,
+    unbuildable_reason,
 )
 
 START_TIMEOUT = 120.0
@@ -43,8 +44,8 @@ BUILD_TOOLS = ("gcc", "cc", "c++", "make", "ld", "pip", "pip3", "dpkg-buildpacka
 
 @pytest.fixture(scope="session")
 def image_root(pytestconfig: pytest.Config) -> Path:
-    if os.geteuid() != 0 or shutil.which("mmdebstrap") is None:
-        why = "building the image's root file system needs root and mmdebstrap (scripts/bootstrap.sh)"
+    why = unbuildable_reason()
+    if why is not None:
         if csi_tools.STRICT:
             pytest.fail(f"{why} (CI=true: the image must be built)")
         pytest.skip(why)

@@ -69,6 +69,7 @@ class GuestSession:
         needs_ceph: bool = False,
         needs_csi_tools: bool = False,
         needs_kube_node: bool = False,
+        needs_image_rootfs: bool = False,
         name: str = "guest",
     ) -> None:
         self.nodeids = nodeids
@@ -76,6 +77,7 @@ class GuestSession:
         self.needs_ceph = needs_ceph
         self.needs_csi_tools = needs_csi_tools
         self.needs_kube_node = needs_kube_node
+        self.needs_image_rootfs = needs_image_rootfs
         self.name = name
         self._report: dict[str, Any] | None = None
         self._error: str | None = None
@@ -143,6 +145,10 @@ class GuestSession:
             from tests.support.kube_node import stage_programs
 
             env.update(stage_programs(workdir / "programs"))
+        if self.needs_image_rootfs:  # the plugin image's root, written while the guest boots
+            from tests.support.image_rootfs import handover
+
+            env.update(handover(workdir / "image-rootfs"))
         pytest_command = " ".join(
             [
                 sys.executable,
@@ -277,6 +283,7 @@ def _session(name: str, items: list[pytest.Item], rootdir: Path) -> GuestSession
         needs_ceph=any("ceph" in getattr(item, "fixturenames", ()) for item in items),
         needs_csi_tools=any(item.get_closest_marker("csi_tools") for item in items),
         needs_kube_node=any("k8s_node" in getattr(item, "fixturenames", ()) for item in items),
+        needs_image_rootfs=any("image_rootfs" in getattr(item, "fixturenames", ()) for item in items),
         name=name,
     )
 

@@ -11,7 +11,10 @@ steps before its first COPY) and each stage's result, in `<cache>/rootfs-<hash o
 A change to the plugin's code rebuilds only the builder's wheel step and the final copy.
 
 `image_rootfs()` returns the final stage's root (building what is missing); `image_config()` its ENV,
-WORKDIR, ENTRYPOINT and CMD; `chroot_argv()` the command line that runs a program inside it.
+WORKDIR, ENTRYPOINT and CMD; `chroot_argv()` the command line that runs a program inside it. The VM guest
+hides /var/cache: `handover()` writes the root as one ext4 file into the guest's work directory while it
+boots, and names the directory in CSI_LUKS_IMAGE_ROOTFS (or says in CSI_LUKS_IMAGE_ROOTFS_ERROR why there
+is none); the guest's test waits for it (`wait_for_handover`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +51,8 @@ SLIM_DPKG_OPTIONS = [
     "path-include=/usr/share/doc/*/copyright",
 ]
 BUILD_CA_DIR = "/run/csi-luks-build-ca"  # where a RUN step finds the host's CA bundle, if it needs one
+ROOTFS_ENV = "CSI_LUKS_IMAGE_ROOTFS"  # in the guest: the image's root, handed over by the host
+ROOTFS_ERROR_ENV = "CSI_LUKS_IMAGE_ROOTFS_ERROR"  # in the guest: why the host could not hand it over
 STALE_AFTER = 2 * 3600.0  # layers of other inputs unused this long go at the next build (~1 GB each)
 
 
@@ -143,6 +150,72 @@ def image_rootfs() -> Path:
             built[stage.name or str(index)] = (root, key)
         _remove_stale_layers({key for _, key in built.values()})
     return root
+
+
+def unbuildable_reason() -> str | None:
+    """Why this machine cannot build the root file system, or None."""
+    if os.geteuid() != 0 or shutil.which("mmdebstrap") is None:
+        return "building the image's root file system needs root and mmdebstrap (scripts/bootstrap.sh)"
+    return None
+
+
+READY, FAILED = "ready", "failed"  # in the handover directory: the image file is complete / why not
+IMAGE_FILE = "rootfs.ext4"
+HANDOVER_WAIT = 2400.0  # a cold build takes about 5 minutes; the guest's other tests run meanwhile
+
+
+def handover(directory: Path) -> dict[str, str]:
+    """On the host, as the VM guest boots: the image's root (from the cache the host tier's tests share,
+    or built now, in a thread: the guest does not wait for it to boot) written into directory as one
+    ext4 file, then a READY marker (or FAILED with the reason). The guest's environment names directory;
+    its test waits for the marker (`wait_for_handover`).
+
+    One file, not the tree: the guest reads the host's files over 9p without a page cache, so a Python
+    program started from the tree re-read every module through the host (minutes under TCG); a loop
+    device over one file is cached by the guest's own page cache after the first read."""
+    reason = unbuildable_reason()
+    if reason is not None:
+        return {ROOTFS_ERROR_ENV: reason}
+    directory.mkdir(parents=True, exist_ok=True)
+    threading.Thread(target=_write_handover, args=(directory,), name="image-rootfs", daemon=True).start()
+    return {ROOTFS_ENV: str(directory)}
+
+
+def _write_handover(directory: Path) -> None:
+    started = time.monotonic()
+    image = directory / IMAGE_FILE
+    try:
+        root = image_rootfs()
+        used = int(subprocess.run(["du", "-sxb", str(root)], capture_output=True, text=True,
+                                  check=True).stdout.split()[0])  # fmt: skip
+        size_mib = used * 13 // 10 // (1 << 20) + 128  # room for metadata and the test's mount points
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", str(root), "-L", "csi-luks-image", str(image), f"{size_mib}M"],
+            capture_output=True, check=True, timeout=600,
+        )  # fmt: skip
+    except (RuntimeError, OSError, subprocess.SubprocessError, UnsupportedDockerfile) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        text = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+        why = f"the host could not build the image's root file system: {exc} {text}"
+        (directory / FAILED).write_text(why)
+        return
+    (directory / READY).write_text(f"{root}\n")
+    sys.stderr.write(f"\n[guest] image root file system {root} handed to the VM in "
+                     f"{time.monotonic() - started:.0f}s\n")  # fmt: skip
+
+
+def wait_for_handover(directory: Path, timeout: float = HANDOVER_WAIT) -> Path:
+    """In the guest: the image file the host writes into directory, once complete; RuntimeError if the
+    host failed (with its reason) or did not finish in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if (directory / READY).exists():
+            return directory / IMAGE_FILE
+        if (directory / FAILED).exists():
+            raise RuntimeError((directory / FAILED).read_text())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the host did not hand the image's root over within {timeout:.0f}s")
+        time.sleep(2)
 
 
 def chroot_argv(
