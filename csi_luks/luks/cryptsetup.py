@@ -333,9 +333,19 @@ class Cryptsetup:
 
 
 def _device_fault(error: LuksError, device: str | None) -> LuksError:
-    """error, or a LuksDeviceIOError when it is one cryptsetup gives for an unreadable device too (no
-    message, or "not a valid LUKS device") and the device's first block cannot be read."""
-    if device is None or type(error) not in (LuksError, NotLuksDevice):
+    """error naming device when it is an I/O error; or a LuksDeviceIOError when it is one cryptsetup gives
+    for an unreadable device too (no message, or "not a valid LUKS device") and the device's first block
+    cannot be read."""
+    if device is None:
+        return error
+    if isinstance(error, LuksDeviceIOError):
+        if device in str(error):
+            return error
+        # cryptsetup's words ("Device wipe error, offset 0.") do not say which device.
+        named = LuksDeviceIOError(f"{error}; the device is {device}", returncode=error.returncode)
+        named.stderr = error.stderr
+        return named
+    if type(error) not in (LuksError, NotLuksDevice):
         return error
     problem = read_error(device)
     if problem is None:

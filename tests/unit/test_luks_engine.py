@@ -270,3 +270,11 @@ def test_not_a_luks_device_on_an_unreadable_device_is_an_io_error(monkeypatch: p
     cs, _ = engine((4, INACTIVE, ""), (1, "", "Device /dev/loop1 is not a valid LUKS device."))
     with pytest.raises(LuksDeviceIOError, match=r"luksOpen.*not a valid LUKS device.*I/O error"):
         cs.open("/dev/loop1", "v", "pw")
+
+
+def test_an_io_error_in_cryptsetups_words_names_the_device() -> None:
+    cs, _ = engine((1, "", "Device wipe error, offset 0."))
+    with pytest.raises(LuksDeviceIOError) as info:
+        cs.format("/dev/loop1", "pw")
+    assert str(info.value).startswith("luksFormat: I/O error from the device: Device wipe error")
+    assert str(info.value).endswith("the device is /dev/loop1")

@@ -189,7 +189,7 @@ def _fails_unavailable(call: object, *words: str) -> None:
 def test_a_write_fault_fails_luks_format_and_the_volume_stays_prepared(volume: Volume) -> None:
     empty = volume.layer.digest()
     volume.layer.fail_writes()
-    _fails_unavailable(volume.stage, "luksFormat", "I/O error")
+    _fails_unavailable(volume.stage, "luksFormat", "I/O error", "/dev/loop")
     assert volume.state == "prepared"
     assert volume.plugin.backend.fetch_header_backup(volume.volume_id) is None
     volume.assert_untouched_node()
