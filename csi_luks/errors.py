@@ -8,6 +8,7 @@ from csi_luks import luks
 from csi_luks.key_lock import KeyOperationBusy
 from csi_luks.kms import base as kms
 from csi_luks.operations import OperationRefused
+from csi_luks.system.device_io import DeviceIOError
 from csi_luks.volumes import base as volumes
 
 
@@ -34,6 +35,10 @@ def failed_precondition(message: str) -> CsiError:
 # Most specific first: the first isinstance match wins.
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.CryptsetupTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # The storage under the volume failed I/O (luksFormat, open, mkfs, resize): nothing in the request is
+    # wrong and the step did not advance the volume's state, so the CO's retry passes once the device is
+    # back, as for a backing store that cannot be reached. The message names the step and the device.
+    (DeviceIOError, grpc.StatusCode.UNAVAILABLE),
     # An operator's `csi-luks rotate` (or another key change) holds the volume's key lock on this node.
     (KeyOperationBusy, grpc.StatusCode.ABORTED),
     (luks.DeviceNotFound, grpc.StatusCode.NOT_FOUND),

@@ -20,6 +20,7 @@ from csi_luks.luks.errors import (
     DeviceMapperUnavailable,
     DeviceNotFound,
     KeySlotError,
+    LuksDeviceIOError,
     LuksError,
     NotLuksDevice,
     WrongPassphrase,
@@ -27,6 +28,7 @@ from csi_luks.luks.errors import (
 from csi_luks.luks.naming import mapper_path
 from csi_luks.luks.options import FormatOptions, OpenOptions
 from csi_luks.luks.status import LuksHeader, MappingStatus, parse_dump, parse_status
+from csi_luks.system.device_io import read_error, reports_io_error
 from csi_luks.system.kernel import device_mapper_registered
 from csi_luks.system.programs import CRYPTSETUP
 from csi_luks.system.runner import (
@@ -74,6 +76,8 @@ def classify(error: CommandError, operation: str) -> LuksError:
         return DeviceMapperUnavailable(
             f"{operation}: the kernel has no device-mapper", stderr=stderr, returncode=rc
         )
+    if reports_io_error(stderr):
+        return LuksDeviceIOError(f"{operation}: I/O error from the device", stderr=stderr, returncode=rc)
     if rc == _EXIT_WRONG_PASSPHRASE or "No key available with this passphrase" in stderr:
         return WrongPassphrase(
             f"{operation}: no key slot opens with this passphrase", stderr=stderr, returncode=rc
@@ -125,6 +129,15 @@ class Cryptsetup:
         self._observe(operation, started, None)
         return result
 
+    def _run_on(
+        self, device: str, operation: str, args: list[str | SecretPipe], *, passphrase: Passphrase
+    ) -> CommandResult:
+        """_run for an operation on device, whose unreadable blocks make it a LuksDeviceIOError."""
+        try:
+            return self._run(operation, args, passphrase=passphrase)
+        except LuksError as exc:
+            raise _device_fault(exc, device) from None
+
     def _observe(self, operation: str, started: float, error: LuksError | None) -> None:
         if self.observer is not None:
             self.observer(operation, time.monotonic() - started, error)
@@ -151,7 +164,7 @@ class Cryptsetup:
         if opts.label is not None:
             args += ["--label", opts.label]
         args.append(device)
-        self._run("luksFormat", args, passphrase=passphrase)
+        self._run_on(device, "luksFormat", args, passphrase=passphrase)
         log.info("formatted %s as LUKS2 (%s, %d-bit key, %s)", device, opts.cipher, opts.key_size, opts.pbkdf)
 
     def is_luks(self, device: str) -> bool:
@@ -196,7 +209,7 @@ class Cryptsetup:
             "open", "--type", "luks2", "--disable-keyring", "--key-file=-",
             *(options or OpenOptions()).args(), device, name,
         ]  # fmt: skip
-        self._run("luksOpen", args, passphrase=passphrase)
+        self._run_on(device, "luksOpen", args, passphrase=passphrase)
         log.info("opened %s as %s", device, mapper_path(name))
         return mapper_path(name)
 
@@ -254,7 +267,14 @@ class Cryptsetup:
         if passphrase is not None:
             args.append("--key-file=-")
         args.append(name)
-        self._run("resize", args, passphrase=passphrase)
+        try:
+            self._run("resize", args, passphrase=passphrase)
+        except LuksError as exc:
+            # cryptsetup says nothing when it cannot read the header of the device under the mapping.
+            device = None
+            with contextlib.suppress(LuksError):
+                device = self.status(name).device
+            raise _device_fault(exc, device) from None
         log.info("resized %s", mapper_path(name))
 
     def add_key(self, device: str, passphrase: Passphrase, new_passphrase: Passphrase, slot: int) -> None:
@@ -312,6 +332,31 @@ class Cryptsetup:
         meta = self._run("luksDump", ["luksDump", "--dump-json-metadata", device]).stdout
         text = self._run("luksDump", ["luksDump", device]).stdout
         return parse_dump(meta, text)
+
+
+def _device_fault(error: LuksError, device: str | None) -> LuksError:
+    """error naming device when it is an I/O error; or a LuksDeviceIOError when it is one cryptsetup gives
+    for an unreadable device too (no message, or "not a valid LUKS device") and the device's first block
+    cannot be read."""
+    if device is None:
+        return error
+    if isinstance(error, LuksDeviceIOError):
+        if device in str(error):
+            return error
+        # cryptsetup's words ("Device wipe error, offset 0.") do not say which device.
+        named = LuksDeviceIOError(f"{error}; the device is {device}", returncode=error.returncode)
+        named.stderr = error.stderr
+        return named
+    if type(error) not in (LuksError, NotLuksDevice):
+        return error
+    problem = read_error(device)
+    if problem is None:
+        return error
+    fault = LuksDeviceIOError(
+        f"{error}; I/O error from the device {device}: {problem}", returncode=error.returncode
+    )
+    fault.stderr = error.stderr  # already in the message
+    return fault
 
 
 def _same_device(status: MappingStatus, device: str) -> bool:

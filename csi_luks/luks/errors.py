@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from csi_luks.system.device_io import DeviceIOError
+
 
 class LuksError(Exception):
     """A cryptsetup operation failed."""
@@ -43,3 +45,7 @@ class KeySlotError(LuksError):
 
 class DeviceMapperUnavailable(LuksError):
     """The kernel has no device-mapper (dm_mod/dm_crypt not loaded, or /dev/mapper/control missing)."""
+
+
+class LuksDeviceIOError(LuksError, DeviceIOError):
+    """The device returned I/O errors to cryptsetup (the storage failed, not the LUKS operation)."""

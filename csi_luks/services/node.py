@@ -122,28 +122,47 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             device = backend.attach(volume_id)
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
             crash_point("node-stage.after-attach")
+            opened = False
             try:
                 if layout.record.encrypted:
-                    device = self._open_encrypted(backend, volume_id, device, layout, dict(request.secrets))
+                    device, opened = self._open_encrypted(
+                        backend, volume_id, device, layout, dict(request.secrets)
+                    )
+                if capability.WhichOneof("access_type") == "mount":
+                    self._mount_filesystem(volume_id, device, staging, capability.mount)
             except Exception:
-                if not was_attached:
-                    backend.detach(volume_id)  # leave the node as we found it
+                self._undo_stage(backend, volume_id, layout, opened, was_attached)
                 raise
-            if capability.WhichOneof("access_type") == "mount":
-                self._mount_filesystem(volume_id, device, staging, capability.mount)
-                if layout.record.source is not None:
-                    # A restore or clone into a larger volume: the mapping spans the grown device
-                    # already, the filesystem still has the source's size (a no-op once grown).
-                    self.filesystems.grow(device, staging, capability.mount.fs_type or "ext4")
+            if capability.WhichOneof("access_type") == "mount" and layout.record.source is not None:
+                # A restore or clone into a larger volume: the mapping spans the grown device already,
+                # the filesystem still has the source's size (a no-op once grown).
+                self.filesystems.grow(device, staging, capability.mount.fs_type or "ext4")
             log.info("volume %s staged at %s (%s)", volume_id, staging, device)
             return csi_pb2.NodeStageVolumeResponse()
 
+    def _undo_stage(
+        self, backend: VolumeBackend, volume_id: str, layout: _Layout, opened: bool, was_attached: bool
+    ) -> None:
+        """Leave the node as a failed stage found it: the mapping it opened closed, the loop device it
+        attached detached. A device that failed I/O (a mkfs that did not reach the disk) may have left its
+        writes in the page cache; only closing the last holder of the device drops them, so that the
+        retry probes what is really on the disk. Failures here are logged: the stage's own error is
+        what the caller must see."""
+        try:
+            if opened:
+                self.cryptsetup.close(layout.mapper)
+            if not was_attached:
+                backend.detach(volume_id)
+        except Exception as exc:  # best effort: the stage's own error is raised
+            log.warning("volume %s: undoing the failed stage left something behind: %s", volume_id, exc)
+
     def _open_encrypted(
         self, backend: VolumeBackend, volume_id: str, device: str, layout: _Layout, secrets: dict[str, str]
-    ) -> str:
+    ) -> tuple[str, bool]:
+        """The mapping's path, and whether this call opened it."""
         already_open = self.cryptsetup.open_mapping_of(device, layout.mapper)
         if already_open:
-            return already_open
+            return already_open, False
         record = layout.record
         encryption = self._encryption(backend, volume_id, record, secrets)
         found = self.filesystems.probe(device)
@@ -191,7 +210,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 "the device was left untouched (check the KMS configuration and the volume's DEK)"
             ) from None
         crash_point("node-stage.after-open")
-        return mapped
+        return mapped, True
 
     def _mount_filesystem(
         self, volume_id: str, device: str, staging: str, mount: csi_pb2.VolumeCapability.MountVolume

@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_luks.system.device_io import DeviceIOError, read_error, reports_io_error
 from csi_luks.system.programs import BLKID, MKFS_EXT4, MKFS_XFS, MOUNT, RESIZE2FS, UMOUNT, XFS_GROWFS
-from csi_luks.system.runner import Runner
+from csi_luks.system.runner import CommandError, CommandResult, Runner
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
 _BLKID_NOTHING_FOUND = 2
@@ -42,9 +43,12 @@ class Filesystems:
             [BLKID, "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE", device], check=False
         )
         if result.returncode == _BLKID_NOTHING_FOUND:
+            problem = read_error(device)
+            if problem is not None:  # blkid finds "nothing" on a device it cannot read, too
+                raise DeviceIOError(f"probing {device}: I/O error from the device: {problem}")
             return Probe(type=None)
         if result.returncode != 0:
-            self.runner.run([BLKID, "-p", device])  # raises with blkid's own message
+            self._run_on(device, "probing", [BLKID, "-p", device])  # raises with blkid's own message
         values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
         return Probe(type=values.get("TYPE"), partition_table=values.get("PTTYPE"))
 
@@ -56,7 +60,7 @@ class Filesystems:
         args = [MKFS_EXT4, "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
         if fstype == "xfs":
             args = [MKFS_XFS, "-q"]
-        self.runner.run([*args, device], timeout=600)
+        self._run_on(device, f"mkfs.{fstype}", [*args, device], timeout=600)
 
     def mount(
         self, source: str, target: str, fstype: str | None = None, options: list[str] | None = None
@@ -109,9 +113,18 @@ class Filesystems:
     def grow(self, device: str, mountpoint: str, fstype: str) -> None:
         """Grow a mounted filesystem to fill its (already grown) device."""
         if fstype == "xfs":
-            self.runner.run([XFS_GROWFS, mountpoint], timeout=600)
+            self._run_on(device, "growing the filesystem (xfs_growfs)", [XFS_GROWFS, mountpoint], timeout=600)
         else:
-            self.runner.run([RESIZE2FS, device], timeout=600)
+            self._run_on(device, "growing the filesystem (resize2fs)", [RESIZE2FS, device], timeout=600)
+
+    def _run_on(self, device: str, step: str, argv: list[str], timeout: float | None = None) -> CommandResult:
+        """Run a command on device; a failure the device's I/O errors caused is a DeviceIOError."""
+        try:
+            return self.runner.run(argv, timeout=timeout)
+        except CommandError as exc:
+            if reports_io_error(f"{exc.stderr}\n{exc.stdout}"):
+                raise DeviceIOError(f"{step} {device}: I/O error from the device: {exc}") from exc
+            raise
 
 
 def _mountinfo_path(field: str) -> str:

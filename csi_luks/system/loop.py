@@ -53,7 +53,11 @@ class LoopDevices:
         existing = self.find(backing_file)
         if existing:
             return existing
-        return self.runner.run([LOSETUP, "--find", "--show", backing_file]).stdout.strip()
+        # Direct I/O: a write the storage refuses fails the writer (luksFormat, mkfs) at once. Buffered, the
+        # loop device's writes land in the backing file's page cache and a failed writeback is lost
+        # (cryptsetup ignores the fsync error): luksFormat "succeeds" with no header on the disk.
+        direct_io = ["--direct-io=on"] if _opens_for_direct_io(backing_file) else []
+        return self.runner.run([LOSETUP, "--find", "--show", *direct_io, backing_file]).stdout.strip()
 
     def detach(self, device: str) -> None:
         self.runner.run([LOSETUP, "--detach", device])
@@ -61,3 +65,14 @@ class LoopDevices:
     def refresh_size(self, device: str) -> None:
         """Make the loop device pick up a grown backing file."""
         self.runner.run([LOSETUP, "--set-capacity", device])
+
+
+def _opens_for_direct_io(path: str) -> bool:
+    """Whether path opens with O_DIRECT, as losetup --direct-io=on opens it (tmpfs before Linux 6.6 refuses
+    with EINVAL, and losetup would then fail instead of falling back to buffered I/O)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False  # losetup's own open reports a missing or unreadable file
+    os.close(fd)
+    return True

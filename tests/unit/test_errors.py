@@ -6,6 +6,7 @@ import pytest
 from csi_luks import luks
 from csi_luks.errors import MAX_STATUS_MESSAGE_BYTES, CsiError, capped, invalid_argument, status_for
 from csi_luks.kms.base import KMSRequestRefused, KMSTLSError, KMSUnavailable
+from csi_luks.system.device_io import DeviceIOError
 from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
@@ -26,6 +27,8 @@ from csi_luks.volumes.base import (
         (luks.CryptsetupMissing("open"), grpc.StatusCode.FAILED_PRECONDITION),
         (luks.DeviceMapperUnavailable("open"), grpc.StatusCode.FAILED_PRECONDITION),
         (luks.CryptsetupTimeout("open"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (luks.LuksDeviceIOError("luksFormat"), grpc.StatusCode.UNAVAILABLE),
+        (DeviceIOError("mkfs.ext4 /dev/mapper/x"), grpc.StatusCode.UNAVAILABLE),
         (KMSUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
         (KMSTLSError("certificate verify failed"), grpc.StatusCode.FAILED_PRECONDITION),
         (KMSRequestRefused('invalid role name "x"'), grpc.StatusCode.FAILED_PRECONDITION),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from csi_luks.system.loop import LoopDevices
 from tests.unit.test_luks_engine import FakeRunner
@@ -44,3 +48,32 @@ def test_without_sysfs_the_table_comes_from_losetup(tmp_path: Path) -> None:
     assert loops.find(str(image)) == "/dev/loop5"
     assert loops.find(str(tmp_path / "b.img")) is None  # an empty listing: nothing attached
     assert [c.argv[:2] for c in runner.calls] == [["losetup", "--list"]] * 2
+
+
+def test_attach_asks_for_direct_io_where_the_file_opens_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(b"\0" * 4096)
+    runner = FakeRunner([(0, "/dev/loop2\n", ""), (0, "/dev/loop3\n", "")])
+    loops = LoopDevices(runner=runner, sys_block=sysfs(tmp_path, {}))  # type: ignore[arg-type]
+    real_open = os.open
+    opened: list[int] = []
+
+    def direct_io(path: str, flags: int) -> int:
+        opened.append(flags)
+        return real_open(path, flags & ~os.O_DIRECT)  # whatever this host's tmp file system allows
+
+    monkeypatch.setattr("csi_luks.system.loop.os.open", direct_io)
+    assert loops.attach(str(image)) == "/dev/loop2"
+    assert opened and opened[0] & os.O_DIRECT
+
+    def no_direct_io(path: str, flags: int) -> int:  # tmpfs before Linux 6.6
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr("csi_luks.system.loop.os.open", no_direct_io)
+    assert loops.attach(str(image)) == "/dev/loop3"
+    assert [call.argv for call in runner.calls] == [
+        ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+        ["losetup", "--find", "--show", str(image)],
+    ]

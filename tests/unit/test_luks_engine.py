@@ -16,6 +16,7 @@ from csi_luks.luks import (
     DeviceNotFound,
     FormatOptions,
     KeySlotError,
+    LuksDeviceIOError,
     LuksError,
     NotLuksDevice,
     OpenOptions,
@@ -207,6 +208,8 @@ def test_empty_passphrase_is_refused() -> None:
         (1, "Cannot initialize device-mapper. Is dm_mod kernel module loaded?", DeviceMapperUnavailable),
         (1, "Key slot 3 is full, please select another one.", KeySlotError),
         (1, "Keyslot 5 is not active.", KeySlotError),
+        (1, "Cannot wipe header on device /dev/loop1.", LuksDeviceIOError),
+        (1, "IO error while decrypting keyslot.", LuksDeviceIOError),
         (1, "something new", LuksError),
     ],
 )
@@ -239,3 +242,39 @@ def test_mapper_name_sanitizes_and_disambiguates() -> None:
     assert len(long_name) <= 100 and long_name != mapper_name("v" * 299)
     with pytest.raises(ValueError):
         mapper_name("")
+
+
+@pytest.mark.parametrize(
+    ("unreadable", "kind"), [("Input/output error", LuksDeviceIOError), (None, LuksError)]
+)
+def test_a_silent_resize_failure_on_an_unreadable_device_is_an_io_error(
+    monkeypatch: pytest.MonkeyPatch, unreadable: str | None, kind: type[LuksError]
+) -> None:
+    read: list[str] = []
+
+    def read_error(device: str) -> str | None:
+        read.append(device)
+        return unreadable
+
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.read_error", read_error)
+    cs, _ = engine((1, "", ""), (0, "/dev/mapper/v is active.\n  device:  /dev/loop3\n", ""))
+    with pytest.raises(LuksError) as info:
+        cs.resize("v")  # cryptsetup exits 1 and prints nothing when it cannot read the header
+    assert type(info.value) is kind and read == ["/dev/loop3"]
+    if unreadable:
+        assert "resize" in str(info.value) and "/dev/loop3: Input/output error" in str(info.value)
+
+
+def test_not_a_luks_device_on_an_unreadable_device_is_an_io_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.read_error", lambda device: "Input/output error")
+    cs, _ = engine((4, INACTIVE, ""), (1, "", "Device /dev/loop1 is not a valid LUKS device."))
+    with pytest.raises(LuksDeviceIOError, match=r"luksOpen.*not a valid LUKS device.*I/O error"):
+        cs.open("/dev/loop1", "v", "pw")
+
+
+def test_an_io_error_in_cryptsetups_words_names_the_device() -> None:
+    cs, _ = engine((1, "", "Device wipe error, offset 0."))
+    with pytest.raises(LuksDeviceIOError) as info:
+        cs.format("/dev/loop1", "pw")
+    assert str(info.value).startswith("luksFormat: I/O error from the device: Device wipe error")
+    assert str(info.value).endswith("the device is /dev/loop1")
