@@ -58,13 +58,17 @@ def _node_in_guest(args: argparse.Namespace) -> list[Row]:
 
     workdir = Path(tempfile.mkdtemp(prefix="csi-luks-bench-vm-"))
     rows_file = workdir / "node-rows.json"
+    from tests.support.guest_pylib import pack
+
     command = (f"{sys.executable} -m bench node --rows-out {rows_file} --size-mib {args.size_mib} "
                f"--samples {args.samples} --concurrent {args.concurrent}")  # fmt: skip
+    command = f"{pack(workdir / 'pylib')}\n{command}"  # imports from the guest's tmpfs, not over 9p
     print("node: booting a virtme-ng guest (about 20 s) ...", file=sys.stderr, flush=True)
     result = vm.run_in_guest(
         command,
         workdir,
         cwd=str(REPO),
+        memory="4G",  # half is the guest's /tmp, where the 16 concurrent volumes' images are allocated
         timeout=3600,
         on_output=lambda text: print(text, end="", file=sys.stderr),
     )
