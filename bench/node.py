@@ -190,6 +190,11 @@ def concurrent_first_stages(scratch: Path, count: int, size: int) -> float:
                 if errors:
                     raise RuntimeError(f"{len(errors)} of {count} concurrent stages failed: {errors[0]}")
                 peak = int((group / "memory.peak").read_text()) / MiB
+                # What the group holds now, all stages done: which kind of memory the peak was made of.
+                stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+                held = ", ".join(f"{k} {int(stat[k]) / MiB:.0f}" for k in ("anon", "file", "shmem", "kernel")
+                                 if k in stat)  # fmt: skip
+                print(f"node: memory.peak {peak:.0f} MiB; after the stages (MiB): {held}", file=sys.stderr)
                 for i, volume_id in enumerate(volume_ids):
                     _unstage(node, volume_id, scratch / f"concurrent-{i}-staging")
         finally:
