@@ -163,7 +163,7 @@ class GuestSession:
             ]
         )
         # Imports over 9p dominate each plugin start in the guest: serve the libraries from its tmpfs.
-        command = f"{guest_pylib.pack(workdir / 'pylib')}\n{pytest_command}"
+        command = f"{guest_pylib.pack(workdir / 'pylib', kubernetes=self.needs_kube_node)}\n{pytest_command}"
         try:
             self.result = vm.run_in_guest(
                 command,

@@ -28,9 +28,11 @@ from pathlib import Path
 _PROBE = r"""
 import importlib, json, os, pkgutil, sys, sysconfig
 import csi_luks
-skip = ("kubernetes", "grpc_tools")  # e2e-only (126 MB) and build-time (8 MB): not worth the copy
+with_kubernetes = sys.argv[1] == "kubernetes"
+# The kubernetes client (the tenant-aware KMS types' and the e2e tests') is 126 MB: only where it is used.
+skip = ("grpc_tools",) if with_kubernetes else ("kubernetes", "grpc_tools")
 for info in pkgutil.walk_packages(csi_luks.__path__, "csi_luks."):
-    if not info.name.startswith("csi_luks.kube"):
+    if with_kubernetes or not info.name.startswith("csi_luks.kube"):
         importlib.import_module(info.name)
 paths = sysconfig.get_paths()
 roots = sorted({paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"],
@@ -64,21 +66,26 @@ PACKAGE = Path(__file__).resolve().parents[2] / "csi_luks"
 PYLIB_DIR = "/tmp/csi-luks-pylib"  # the guest's own tmpfs
 
 
-def entries(python: str = sys.executable) -> list[str]:
-    """The library files and directories a plugin process imports (absolute paths on the host)."""
+def entries(python: str = sys.executable, *, kubernetes: bool = False) -> list[str]:
+    """The library files and directories a plugin process imports (absolute paths on the host); with
+    kubernetes, the Kubernetes client's too."""
     listing = subprocess.run(
-        [python, "-c", _PROBE], check=True, capture_output=True, text=True, timeout=300
-    ).stdout
+        [python, "-c", _PROBE, "kubernetes" if kubernetes else "-"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
     return [p for p in json.loads(listing) if os.path.exists(p)]
 
 
-def pack(workdir: Path) -> str:
-    """Pack them into workdir; return the shell lines that unpack and mount them inside the guest."""
+def pack(workdir: Path, *, kubernetes: bool = False) -> str:
+    """Pack them into workdir; return the shell lines that unpack and mount them inside the guest.
+
+    kubernetes: for a guest that runs the e2e tier, where the tests and the tenant-aware KMS types import
+    the Kubernetes client (about 2 minutes each over 9p under TCG)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tar_path, list_path = workdir / "pylib.tar", workdir / "pylib.json"
     # The plugin's own package too, with its bytecode: the guest cannot write any (read-only tree).
     compileall.compile_dir(str(PACKAGE), quiet=1)
-    chosen = [*entries(), str(PACKAGE)]
+    chosen = [*entries(kubernetes=kubernetes), str(PACKAGE)]
     with tarfile.open(tar_path, "w") as tar:  # uncompressed: unpacking must cost the guest's CPU little
         for path in chosen:
             arcname = path.lstrip("/")
@@ -95,6 +102,8 @@ def _wanted(member: tarfile.TarInfo, top: str) -> tarfile.TarInfo | None:
     """Leave out what no plugin process reads: optimised bytecode, and libraries' own test suites."""
     inside = member.name[len(top) :]
     if inside.endswith((".opt-1.pyc", ".opt-2.pyc")) or "/test/" in inside or "/tests/" in inside:
+        return None
+    if top.endswith("/kubernetes") and inside.startswith("/aio"):  # the asyncio client: 68 MB, unused
         return None
     return member
 

@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(autouse=True)
 def no_library_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sessions here boot no real guest: packing the libraries for one would only cost time."""
-    monkeypatch.setattr(guest_pylib, "pack", lambda workdir: "true")
+    monkeypatch.setattr(guest_pylib, "pack", lambda workdir, kubernetes=False: "true")
 
 
 @pytest.fixture
