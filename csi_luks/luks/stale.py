@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_luks.luks.naming import MAPPER_PREFIX
+from csi_luks.system.loop import DELETED_MARK
 
 log = logging.getLogger(__name__)
 
 SYS_BLOCK = Path("/sys/block")
-_DELETED = " (deleted)"  # the kernel's mark on a loop image unlinked while attached
 _RESTAGE = "unstage and restage the volume"
 
 
@@ -117,9 +117,9 @@ def _backing_problem(link: Path, slave: str, holder: str) -> str | None:
         image = _read(target / "loop" / "backing_file")
         if image is None:
             return f"has lost its backing device {path} (the loop device has no image file); {_RESTAGE}"
-        if image.endswith(_DELETED):
+        if image.endswith(DELETED_MARK):
             return (
-                f"is on {path}, whose image file {image.removesuffix(_DELETED)} was deleted: copy the "
+                f"is on {path}, whose image file {image.removesuffix(DELETED_MARK)} was deleted: copy the "
                 "data off before unstaging, the device is the last reference to it"
             )
     return None

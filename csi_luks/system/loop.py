@@ -11,7 +11,7 @@ from csi_luks.system.programs import LOSETUP
 from csi_luks.system.runner import Runner
 
 SYS_BLOCK = Path("/sys/block")
-_DELETED = " (deleted)"  # the kernel's mark on a backing file that was unlinked while attached
+DELETED_MARK = " (deleted)"  # the kernel's mark on a backing file that was unlinked while attached
 
 
 class LoopDevices:
@@ -23,7 +23,7 @@ class LoopDevices:
         """The loop device backing_file is attached to, if any (no in-memory state needed)."""
         wanted = os.path.realpath(backing_file)
         for device, back in self._table():
-            back = back.removesuffix(_DELETED)
+            back = back.removesuffix(DELETED_MARK)
             if back and os.path.realpath(back) == wanted:
                 return device
         return None

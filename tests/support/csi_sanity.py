@@ -162,7 +162,7 @@ def _run_once(
                 check=False,
             )
     finally:
-        _keep_artifacts(workdir, [output, report, *(p.log for p in plugins.values())])
+        keep_artifacts(workdir, [output, report, *(p.log for p in plugins.values())])
     text = output.read_text(errors="replace")
     if not report.exists():
         logs = "\n".join(p.log_tail() for p in plugins.values())
@@ -205,7 +205,7 @@ def specs_of(report: Path) -> list[tuple[str, str]]:
     return [(_name(spec), spec["State"]) for spec in _specs(json.loads(report.read_text()))]
 
 
-def _keep_artifacts(workdir: Path, files: list[Path]) -> None:
+def keep_artifacts(workdir: Path, files: list[Path]) -> None:
     """Copy the run's output and logs where the host can read them (the guest's /tmp dies with it)."""
     artifacts = os.environ.get(ARTIFACTS_ENV)
     if not artifacts:

@@ -97,11 +97,11 @@ def start_plugin(role: str, workdir: Path, env: Mapping[str, str | None]) -> Plu
             env=child_env,
         )
     plugin = PluginProcess(role, socket_path, log, process)
-    _wait_ready(plugin)
+    wait_ready(plugin)
     return plugin
 
 
-def _wait_ready(plugin: PluginProcess) -> None:
+def wait_ready(plugin: PluginProcess) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if plugin.process.poll() is not None:

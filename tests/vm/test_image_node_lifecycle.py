@@ -38,9 +38,9 @@ from csi_luks.system.programs import (
     XFS_GROWFS,
 )
 from csi_luks.volumes.standalone import StandaloneBackend
-from tests.support.csi_sanity import _keep_artifacts
+from tests.support.csi_sanity import keep_artifacts
 from tests.support.csi_tools import STRICT
-from tests.support.deployed_plugin import PluginProcess, _wait_ready, deployed_command
+from tests.support.deployed_plugin import PluginProcess, deployed_command, wait_ready
 from tests.support.image_rootfs import ROOTFS_ENV, ROOTFS_ERROR_ENV, image_config, wait_for_handover
 from tests.support.plugin import MiB, mount_capability
 
@@ -154,9 +154,9 @@ def image_node(rootfs: Path, workdir: Path) -> Iterator[ImageNode]:
         with log.open("wb") as out:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         plugin = PluginProcess("node", workdir / "csi" / "csi.sock", log, process)
-        stack.callback(_keep_artifacts, workdir / "image-node", [log, trace])  # after the stop below
+        stack.callback(keep_artifacts, workdir / "image-node", [log, trace])  # after the stop below
         stack.callback(plugin.stop)  # strace: kills what it traces, if the plugin did not stop below
-        _wait_ready(plugin)
+        wait_ready(plugin)
         channel = stack.enter_context(grpc.insecure_channel(f"unix://{plugin.socket}"))
         stubs = csi_pb2_grpc.ControllerStub(channel), csi_pb2_grpc.NodeStub(channel)
         yield ImageNode(root, plugin, *stubs, workdir / "var-lib-csi-luks", trace)
