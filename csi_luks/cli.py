@@ -158,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("volume_ids", nargs="*", metavar="VOLUME_ID", help="default: every volume")
     status.add_argument("--output", choices=["table", "json"], default="table")
 
+    fsck = _operator_command(
+        sub, "fsck", "check unstaged volumes' filesystems read-only (e2fsck -n / xfs_repair -n)"
+    )
+    fsck.add_argument("volume_ids", nargs="+", metavar="VOLUME_ID")
+
     migrate = _operator_command(sub, "migrate", "move every DEK of one KMS id under another, online")
     migrate.add_argument("--from", dest="source", required=True, metavar="KMS_ID")
     migrate.add_argument("--to", dest="target", required=True, metavar="KMS_ID")
@@ -254,6 +259,10 @@ def _dispatch(tool: Tool, args: argparse.Namespace) -> int:
         from csi_luks.operations.migration import migrate
 
         return migrate(tool, args.source, args.target, args.dry_run, args.volume_ids)
+    if args.command == "fsck":
+        from csi_luks.operations.fsck import fsck
+
+        return fsck(tool, args.volume_ids)
     if args.command == "status":
         from csi_luks.operations.status import report
 

@@ -1,8 +1,10 @@
 """What csi-luks keeps in each volume's metadata, and the encryption state machine.
 
-none -> prepared (DEK generated and stored, by CreateVolume) -> encrypted (LUKS header written, by the
-first NodeStage) <-> rotating (a DEK rotation is under way: operations/rotation.py). The node formats
-only a `prepared` volume whose device is empty; it never formats anything else.
+none -> prepared (DEK generated and stored, by CreateVolume) -> encrypted (LUKS header and filesystem
+made, by the first NodeStage) <-> rotating (a DEK rotation is under way: operations/rotation.py). The
+node formats only a `prepared` volume; a `prepared` volume was never handed to a workload, so nothing of
+the user's can be on it. Once a NodeStage made a filesystem (or handed out the raw device), FILESYSTEM
+records it and no mkfs ever runs on the volume again.
 """
 
 from __future__ import annotations
@@ -28,10 +30,40 @@ SOURCE = PREFIX + "source"  # the volume or snapshot a copy was made from
 # volume is prepared too; one of an `encrypted` volume carries its LUKS header.
 SOURCE_STATE = PREFIX + "source-state"
 CREATED = PREFIX + "created"  # snapshots: creation time, nanoseconds since the epoch
+# What the first NodeStage made on the volume (FilesystemRecord): "<type> <uuid>", or "block" for a volume
+# handed out as a raw device. Copies carry their source's.
+FILESYSTEM = PREFIX + "filesystem"
 
 # LUKS2 header and key-slot area as luksFormat lays them out by default; added to the backing store so
 # the user gets the capacity they asked for.
 LUKS_HEADER_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FilesystemRecord:
+    """What the volume holds above its encryption: a filesystem csi-luks made, or a raw device's data."""
+
+    type: str  # "ext4", "xfs", or BLOCK
+    uuid: str = ""
+
+    BLOCK = "block"
+
+    @property
+    def is_block(self) -> bool:
+        return self.type == self.BLOCK
+
+    def value(self) -> str:
+        return self.type if self.is_block else f"{self.type} {self.uuid}"
+
+    @classmethod
+    def parse(cls, value: str | None) -> FilesystemRecord | None:
+        if not value:
+            return None
+        fs_type, _, uuid = value.partition(" ")
+        return cls(fs_type, uuid)
+
+    def describe(self) -> str:
+        return "raw block data" if self.is_block else f"its {self.type} filesystem (UUID {self.uuid})"
 
 
 class EncryptionState(Enum):
@@ -54,6 +86,7 @@ class VolumeRecord:
     source: str | None = None
     source_state: EncryptionState | None = None
     created_ns: int = 0
+    filesystem: FilesystemRecord | None = None
 
     @classmethod
     def parse(cls, metadata: dict[str, str]) -> VolumeRecord:
@@ -69,7 +102,22 @@ class VolumeRecord:
             source=metadata.get(SOURCE) or None,
             source_state=EncryptionState(metadata[SOURCE_STATE]) if metadata.get(SOURCE_STATE) else None,
             created_ns=int(metadata.get(CREATED, "0")),
+            filesystem=FilesystemRecord.parse(metadata.get(FILESYSTEM)),
         )
+
+    @property
+    def may_hold_data(self) -> bool:
+        """Whether a workload may have written to the volume, so that nothing may ever format it.
+
+        Recorded (FILESYSTEM) since the first stage that made a filesystem or handed out the raw device.
+        A volume staged before that record existed has none: an encrypted one is known to have been
+        staged from its state, since only a NodeStage moves it past `prepared`, and that NodeStage made
+        its filesystem in the same call. An unencrypted one without a record cannot be told apart from
+        a new one.
+        """
+        if self.filesystem is not None:
+            return True
+        return self.encrypted and self.state in (EncryptionState.ENCRYPTED, EncryptionState.ROTATING)
 
     @property
     def backing_bytes(self) -> int:

@@ -78,7 +78,13 @@ def classify(error: CommandError, operation: str) -> LuksError:
         )
     if reports_io_error(stderr):
         return LuksDeviceIOError(f"{operation}: I/O error from the device", stderr=stderr, returncode=rc)
-    if rc == _EXIT_WRONG_PASSPHRASE or "No key available with this passphrase" in stderr:
+    # "No usable keyslot is available" (exit 1): the header has no complete key slot at all, e.g. a
+    # luksFormat killed inside its own writes; no passphrase opens it.
+    if (
+        rc == _EXIT_WRONG_PASSPHRASE
+        or "No key available with this passphrase" in stderr
+        or "No usable keyslot is available" in stderr
+    ):
         return WrongPassphrase(
             f"{operation}: no key slot opens with this passphrase", stderr=stderr, returncode=rc
         )

@@ -133,3 +133,15 @@ def parse_dump(json_metadata: str, text_dump: str) -> LuksHeader:
         data_offset_bytes=int(crypt.get("offset", 0)),
         keyslots=keyslots,
     )
+
+
+_LUKS2_MAGIC = b"LUKS\xba\xbe\x00\x02"  # magic, then the version, big-endian
+_LUKS2_LABEL = slice(24, 72)  # after the magic, version, header size and sequence id
+
+
+def luks2_label(block: bytes) -> str | None:
+    """The label in a LUKS2 primary binary header ("" for none), read from the raw bytes, so from a
+    header whose checksum a torn write broke too; None if block does not start with a LUKS2 header."""
+    if not block.startswith(_LUKS2_MAGIC):
+        return None
+    return block[_LUKS2_LABEL].split(b"\0", 1)[0].decode("utf-8", "replace")

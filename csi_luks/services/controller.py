@@ -33,6 +33,7 @@ from csi_luks.volume_metadata import (
     CAPACITY,
     CREATED,
     ENCRYPTED,
+    FILESYSTEM,
     KIND,
     KIND_SNAPSHOT,
     KMS_ID,
@@ -669,4 +670,6 @@ def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:
     marks = {SOURCE: source_id}
     if source.state is not None:
         marks[SOURCE_STATE] = source.state.value
+    if source.filesystem is not None:  # the copy holds the same filesystem: never made again either
+        marks[FILESYSTEM] = source.filesystem.value()
     return marks

@@ -18,20 +18,30 @@ import grpc
 
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import VolumeEncryption, volume_encryption
-from csi_luks.errors import failed_precondition, not_found
+from csi_luks.errors import failed_precondition, invalid_argument, not_found
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
-from csi_luks.luks import Cryptsetup, FormatOptions, LuksError, WrongPassphrase, mapper_name, mapper_path
+from csi_luks.luks import (
+    Cryptsetup,
+    FormatOptions,
+    LuksError,
+    NotLuksDevice,
+    WrongPassphrase,
+    mapper_name,
+    mapper_path,
+)
 from csi_luks.luks.stale import StaleMapping, StaleMappings
+from csi_luks.luks.status import luks2_label
 from csi_luks.operations.crash import crash_point
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.rotation import KeyRotation
-from csi_luks.quoting import quoted
+from csi_luks.quoting import quoted, quoted_list
 from csi_luks.services.validation import checked_id, require_path, validate_capability
-from csi_luks.system.filesystem import Filesystems
+from csi_luks.system.device_io import DeviceIOError, read_error, read_first_block
+from csi_luks.system.filesystem import Filesystems, Probe
 from csi_luks.system.runner import CommandError
-from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
+from csi_luks.volume_metadata import FILESYSTEM, STATE, EncryptionState, FilesystemRecord, VolumeRecord
 from csi_luks.volumes.base import BackendRequestError, VolumeBackend, VolumeInfo, VolumeNotFound
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,11 @@ CAPABILITIES = (
     NodeRPC.SINGLE_NODE_MULTI_WRITER,
 )
 _LUKS_LABEL_MAX = 47
+_REPAIR_HINT = (
+    "Unstage it, then check a copy of the mapping read-only: ext4 `e2fsck -n` (with a backup superblock if "
+    "the primary is damaged: `-b 8193` for 1 KiB blocks, `-b 32768` for 4 KiB), xfs `xfs_repair -n`, or "
+    "`csi-luks fsck VOLUME`; if the LUKS header is what is damaged, `csi-luks header restore VOLUME`"
+)
 
 
 @dataclass(frozen=True)
@@ -123,15 +138,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
             crash_point("node-stage.after-attach")
             opened = False
+            was_mounted = self.filesystems.is_mounted(staging)
             try:
                 if layout.record.encrypted:
                     device, opened = self._open_encrypted(
                         backend, volume_id, device, layout, dict(request.secrets)
                     )
-                if capability.WhichOneof("access_type") == "mount":
-                    self._mount_filesystem(volume_id, device, staging, capability.mount)
+                mount = capability.mount if capability.WhichOneof("access_type") == "mount" else None
+                self._stage_contents(backend, volume_id, device, staging, mount, layout.record)
+                if layout.record.encrypted and layout.record.state is EncryptionState.PREPARED:
+                    # Only now, with the filesystem (or the raw device) recorded: a `prepared` volume is
+                    # one that nothing of the user's can be on.
+                    backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+                    crash_point("node-stage.after-mark-encrypted")
             except Exception:
-                self._undo_stage(backend, volume_id, layout, opened, was_attached)
+                self._undo_stage(backend, volume_id, layout, staging, opened, was_attached, was_mounted)
                 raise
             if capability.WhichOneof("access_type") == "mount" and layout.record.source is not None:
                 # A restore or clone into a larger volume: the mapping spans the grown device already,
@@ -141,7 +162,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             return csi_pb2.NodeStageVolumeResponse()
 
     def _undo_stage(
-        self, backend: VolumeBackend, volume_id: str, layout: _Layout, opened: bool, was_attached: bool
+        self,
+        backend: VolumeBackend,
+        volume_id: str,
+        layout: _Layout,
+        staging: str,
+        opened: bool,
+        was_attached: bool,
+        was_mounted: bool,
     ) -> None:
         """Leave the node as a failed stage found it: the mapping it opened closed, the loop device it
         attached detached. A device that failed I/O (a mkfs that did not reach the disk) may have left its
@@ -149,6 +177,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         retry probes what is really on the disk. Failures here are logged: the stage's own error is
         what the caller must see."""
         try:
+            if not was_mounted and self.filesystems.is_mounted(staging):  # recording the filesystem failed
+                self.filesystems.unmount(staging)
             if opened:
                 self.cryptsetup.close(layout.mapper)
             if not was_attached:
@@ -166,69 +196,205 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         record = layout.record
         encryption = self._encryption(backend, volume_id, record, secrets)
         found = self.filesystems.probe(device)
-        if record.state is EncryptionState.PREPARED:
-            if found.is_luks:
-                # A crash between luksFormat and the metadata write: the header is ours, finish the step.
-                log.warning("volume %s: LUKS header present but state was prepared; repairing", volume_id)
-                refresh_header_backup(self.cryptsetup, backend, volume_id, device)
-                backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
-            elif found.empty:
-                label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
-                self.cryptsetup.format(
-                    device, encryption.get_passphrase(volume_id), FormatOptions(label=label)
+        if record.state is EncryptionState.PREPARED and record.filesystem is None:
+            if found.empty:
+                self._format(backend, volume_id, device, encryption)
+            elif found.is_luks:
+                # A crash after luksFormat: the header is ours. One that the DEK cannot open is a format
+                # killed inside cryptsetup's own writes (the magic on the disk, no key slot complete).
+                try:
+                    mapped = self._open(device, layout, encryption, volume_id, record)
+                    refresh_header_backup(self.cryptsetup, backend, volume_id, device)
+                    return mapped, True
+                except (WrongPassphrase, NotLuksDevice):  # no key slot complete, or a torn header
+                    self._refuse_unless_half_made_format(device, volume_id)
+                log.warning(
+                    "volume %s: its LUKS header on %s opens with no key slot of its DEK: a luksFormat "
+                    "interrupted before its key slot was written; the volume is still prepared (it never "
+                    "held data), so it is formatted again",
+                    volume_id,
+                    device,
                 )
-                crash_point("node-stage.after-luks-format")
-                refresh_header_backup(self.cryptsetup, backend, volume_id, device)
-                crash_point("node-stage.after-header-backup")
-                backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
-                crash_point("node-stage.after-mark-encrypted")
-                log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
+                self._format(backend, volume_id, device, encryption)
             else:
                 raise failed_precondition(
                     f"volume {volume_id} should be empty before its first use, but {device} holds "
                     f"{found.type or found.partition_table}; refusing to format it (no data was touched)"
                 )
-        elif record.state in (EncryptionState.ENCRYPTED, EncryptionState.ROTATING):
-            if not found.is_luks:
-                raise failed_precondition(
-                    f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
-                    f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
-                    "it: restore the header from a backup"
-                )
-            if record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
-                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
-        else:
+        elif record.state is None:
             raise failed_precondition(
                 f"volume {volume_id} is marked encrypted but its key was never prepared (CreateVolume did "
                 "not finish); delete and recreate it"
             )
+        elif not found.is_luks:
+            raise failed_precondition(
+                f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
+                f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
+                f"it: restore the header from a backup (csi-luks header restore {volume_id})"
+            )
+        elif record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
+            KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
+        return self._open(device, layout, encryption, volume_id, record), True
+
+    def _format(
+        self, backend: VolumeBackend, volume_id: str, device: str, encryption: VolumeEncryption
+    ) -> None:
+        label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
+        self.cryptsetup.format(device, encryption.get_passphrase(volume_id), FormatOptions(label=label))
+        crash_point("node-stage.after-luks-format")
+        refresh_header_backup(self.cryptsetup, backend, volume_id, device)
+        crash_point("node-stage.after-header-backup")
+        log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
+
+    def _refuse_unless_half_made_format(self, device: str, volume_id: str) -> None:
+        """FAILED_PRECONDITION unless the LUKS header on a `prepared` volume's device is one our own
+        luksFormat began: LUKS2, labelled with the volume's id (ids too long for a label are not
+        labelled). Read raw, since a format killed while writing it leaves a header no tool accepts."""
+        label = luks2_label(read_first_block(device))
+        expected = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else ""
+        if label != expected:
+            found = (
+                "a LUKS1 or unreadable LUKS header"
+                if label is None
+                else f"a LUKS2 header labelled {quoted(label)}"
+            )
+            raise failed_precondition(
+                f"volume {volume_id} was never staged, but {device} holds {found} that its DEK does not "
+                "open; it is not one csi-luks began, so it is left untouched (find out whose it is before "
+                "deleting the volume)"
+            )
+
+    def _open(
+        self, device: str, layout: _Layout, encryption: VolumeEncryption, volume_id: str, record: VolumeRecord
+    ) -> str:
         try:
             mapped = self.cryptsetup.open(device, layout.mapper, encryption.get_passphrase(volume_id))
-        except WrongPassphrase:
+        except (WrongPassphrase, NotLuksDevice):
+            if record.state is EncryptionState.PREPARED and record.filesystem is None:
+                raise  # the caller tells a half-made format of ours from anything else
             raise failed_precondition(
                 f"the key of KMS {record.kms_id or 'secrets'!r} does not open volume {volume_id}; "
                 "the device was left untouched (check the KMS configuration and the volume's DEK)"
             ) from None
         crash_point("node-stage.after-open")
-        return mapped, True
+        return mapped
+
+    # --- the filesystem above the mapping ------------------------------------------------------------
+
+    def _stage_contents(
+        self,
+        backend: VolumeBackend,
+        volume_id: str,
+        device: str,
+        staging: str,
+        mount: csi_pb2.VolumeCapability.MountVolume | None,
+        record: VolumeRecord,
+    ) -> None:
+        """Mount the volume's filesystem at staging (made once, on a volume that never held data), or for
+        a raw block volume nothing; then record what the volume holds, before anything is handed out."""
+        if mount is None:
+            if record.filesystem is None and (
+                record.state is EncryptionState.PREPARED or not record.encrypted
+            ):
+                made = FilesystemRecord(FilesystemRecord.BLOCK)  # the workload's own bytes from now on
+            else:
+                return
+        else:
+            made = self._mount_filesystem(volume_id, device, staging, mount, record)
+            if record.filesystem is not None and (record.filesystem.is_block or made == record.filesystem):
+                return
+            if record.filesystem is not None:
+                log.warning(
+                    "volume %s: its %s filesystem now has UUID %s, not %s as recorded; recording the new one",
+                    volume_id, made.type, made.uuid, record.filesystem.uuid,
+                )  # fmt: skip
+        backend.set_metadata(volume_id, FILESYSTEM, made.value())
+        crash_point("node-stage.after-record-filesystem")
 
     def _mount_filesystem(
-        self, volume_id: str, device: str, staging: str, mount: csi_pb2.VolumeCapability.MountVolume
-    ) -> None:
+        self,
+        volume_id: str,
+        device: str,
+        staging: str,
+        mount: csi_pb2.VolumeCapability.MountVolume,
+        record: VolumeRecord,
+    ) -> FilesystemRecord:
+        """The filesystem mounted at staging: found on the device, or made where nothing can be lost."""
         fs_type = mount.fs_type or "ext4"
-        if self.filesystems.is_mounted(staging):
-            return
         found = self.filesystems.probe(device)
+        if self.filesystems.is_mounted(staging):
+            return FilesystemRecord(found.type or fs_type, found.uuid or "")
         if found.empty:
-            self.filesystems.mkfs(device, fs_type)
-            crash_point("node-stage.after-mkfs")
-            log.info("volume %s: made %s on %s", volume_id, fs_type, device)
+            if record.may_hold_data:
+                raise failed_precondition(self._filesystem_missing(volume_id, device, fs_type, record))
+            found = self._mkfs(volume_id, device, fs_type)
         elif found.type != fs_type:
             raise failed_precondition(
                 f"volume {volume_id} holds {found.type or found.partition_table}, not {fs_type}; "
                 "refusing to reformat it"
             )
-        self.filesystems.mount(device, staging, fs_type, list(mount.mount_flags))
+        flags = list(mount.mount_flags)
+        try:
+            self.filesystems.mount(device, staging, fs_type, flags)
+        except CommandError as exc:
+            self._explain_mount_failure(volume_id, device, staging, fs_type, flags, exc)
+            if record.may_hold_data or not record.encrypted:
+                raise failed_precondition(
+                    f"volume {volume_id}: its {fs_type} filesystem (UUID {found.uuid or 'unknown'}) on "
+                    f"{device} cannot be mounted: {exc}. Nothing was formatted. {_REPAIR_HINT}"
+                ) from None
+            # Encrypted and never handed out: a mkfs of ours was interrupted inside its own writes.
+            log.warning(
+                "volume %s: the %s filesystem on %s does not mount (%s); the volume never held data, "
+                "so it is made again",
+                volume_id, fs_type, device, exc,
+            )  # fmt: skip
+            found = self._mkfs(volume_id, device, fs_type)
+            self.filesystems.mount(device, staging, fs_type, flags)
+        return FilesystemRecord(fs_type, found.uuid or "")
+
+    def _mkfs(self, volume_id: str, device: str, fs_type: str) -> Probe:
+        self.filesystems.mkfs(device, fs_type)
+        crash_point("node-stage.after-mkfs")
+        log.info("volume %s: made %s on %s", volume_id, fs_type, device)
+        return self.filesystems.probe(device)
+
+    def _explain_mount_failure(
+        self, volume_id: str, device: str, staging: str, fs_type: str, flags: list[str], error: CommandError
+    ) -> None:
+        """Raise what a failed mount really was: the device's I/O (UNAVAILABLE) or the request's mount
+        flags (INVALID_ARGUMENT, naming them: the filesystem mounts without them). Returns when neither."""
+        problem = read_error(device)
+        if problem is not None:
+            raise DeviceIOError(f"mounting {device}: I/O error from the device: {problem}")
+        if not flags or not self._mounts_with(device, staging, fs_type, []):
+            return
+        rejected = [flag for flag in flags if not self._mounts_with(device, staging, fs_type, [flag])]
+        raise invalid_argument(
+            f"volume {volume_id}: mount refused the mount flags {quoted_list(rejected or flags)} for "
+            f"{fs_type} (the filesystem mounts without them): {error}"
+        )
+
+    def _mounts_with(self, device: str, staging: str, fs_type: str, flags: list[str]) -> bool:
+        """Whether device mounts at staging with these flags (unmounted again at once)."""
+        try:
+            self.filesystems.mount(device, staging, fs_type, flags)
+        except CommandError:
+            return False
+        self.filesystems.unmount(staging)
+        return True
+
+    @staticmethod
+    def _filesystem_missing(volume_id: str, device: str, fs_type: str, record: VolumeRecord) -> str:
+        made = (
+            record.filesystem.describe()
+            if record.filesystem is not None
+            else f"the {fs_type} filesystem made at its first stage (before csi-luks recorded filesystems)"
+        )
+        return (
+            f"volume {volume_id} held {made}, but no filesystem is found on {device}; refusing to make a new "
+            f"one over the user's data (nothing was formatted). {_REPAIR_HINT}"
+        )
 
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext

@@ -25,6 +25,17 @@ def reports_io_error(output: str) -> bool:
     return _IO_ERROR.search(output) is not None
 
 
+def read_first_block(device: str) -> bytes:
+    """The device's first 4 KiB, read directly (past the page cache); OSError if it cannot be read."""
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        with mmap.mmap(-1, _BLOCK) as buffer:  # page-aligned, as O_DIRECT needs
+            length = os.preadv(fd, [buffer], 0)
+            return bytes(buffer[:length])
+    finally:
+        os.close(fd)
+
+
 def read_error(device: str) -> str | None:
     """Why the device's first block cannot be read, or None when it can.
 
@@ -32,14 +43,8 @@ def read_error(device: str) -> str | None:
     valid LUKS device", or nothing at all): one direct read, past the page cache, tells the two apart.
     """
     try:
-        fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return None  # not there, or not ours to read: the caller's own error says more
-    try:
-        with mmap.mmap(-1, _BLOCK) as buffer:  # page-aligned, as O_DIRECT needs
-            os.preadv(fd, [buffer], 0)
+        read_first_block(device)
     except OSError as exc:
+        # Not there, or not ours to read: the caller's own error says more.
         return os.strerror(exc.errno) if exc.errno == errno.EIO else None
-    finally:
-        os.close(fd)
     return None

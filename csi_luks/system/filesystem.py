@@ -9,7 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_luks.system.device_io import DeviceIOError, read_error, reports_io_error
-from csi_luks.system.programs import BLKID, MKFS_EXT4, MKFS_XFS, MOUNT, RESIZE2FS, UMOUNT, XFS_GROWFS
+from csi_luks.system.programs import (
+    BLKID,
+    E2FSCK,
+    MKFS_EXT4,
+    MKFS_XFS,
+    MOUNT,
+    RESIZE2FS,
+    UMOUNT,
+    XFS_GROWFS,
+    XFS_REPAIR,
+)
 from csi_luks.system.runner import CommandError, CommandResult, Runner
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
@@ -23,6 +33,7 @@ class Probe:
 
     type: str | None  # e.g. "ext4", "xfs", "crypto_LUKS"
     partition_table: str | None = None
+    uuid: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -33,6 +44,19 @@ class Probe:
         return self.type == "crypto_LUKS"
 
 
+_E2FSCK_OPERATIONAL = 8  # e.g. no superblock anywhere it looked
+_E2FSCK_FROM_BACKUP = "trying backup blocks"
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a read-only filesystem check found."""
+
+    clean: bool
+    summary: str  # the checker's verdict, with the command an operator repeats to repair
+    output: str
+
+
 class Filesystems:
     def __init__(self, runner: Runner | None = None) -> None:
         self.runner = runner or Runner()
@@ -40,7 +64,7 @@ class Filesystems:
     def probe(self, device: str) -> Probe:
         # -p: low-level probing of the device itself, bypassing blkid's cache (which may be stale).
         result = self.runner.run(
-            [BLKID, "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE", device], check=False
+            [BLKID, "-p", "-o", "export", "-s", "TYPE", "-s", "PTTYPE", "-s", "UUID", device], check=False
         )
         if result.returncode == _BLKID_NOTHING_FOUND:
             problem = read_error(device)
@@ -50,7 +74,7 @@ class Filesystems:
         if result.returncode != 0:
             self._run_on(device, "probing", [BLKID, "-p", device])  # raises with blkid's own message
         values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-        return Probe(type=values.get("TYPE"), partition_table=values.get("PTTYPE"))
+        return Probe(type=values.get("TYPE"), partition_table=values.get("PTTYPE"), uuid=values.get("UUID"))
 
     def mkfs(self, device: str, fstype: str) -> None:
         if fstype not in SUPPORTED_FILESYSTEMS:
@@ -85,6 +109,38 @@ class Filesystems:
             return
         # util-linux turns "bind,ro" into a bind plus a read-only remount.
         self.runner.run([MOUNT, "-o", "bind,ro" if readonly else "bind", source, target])
+
+    def check(self, device: str, fstype: str) -> Check:
+        """Check the filesystem on device read-only (nothing is written): e2fsck -n, trying ext4's backup
+        superblocks when the primary is gone, or xfs_repair -n."""
+        if fstype == "xfs":
+            result = self.runner.run([XFS_REPAIR, "-n", device], check=False, timeout=3600)
+            output = f"{result.stdout}{result.stderr}"
+            if result.returncode == 0:
+                return Check(True, "xfs_repair -n found no problem", output)
+            return Check(
+                False,
+                f"xfs_repair -n found problems (exit {result.returncode}): repair with `xfs_repair {device}`",
+                output,
+            )
+        if fstype != "ext4":
+            raise ValueError(f"filesystem {fstype!r} is not supported; use one of {SUPPORTED_FILESYSTEMS}")
+        # e2fsck tries the backup superblocks by itself when the primary is unreadable, and says so.
+        result = self.runner.run([E2FSCK, "-n", "-f", device], check=False, timeout=3600)
+        output = f"{result.stdout}{result.stderr}"
+        from_backup = _E2FSCK_FROM_BACKUP in output
+        if result.returncode == 0 and not from_backup:
+            return Check(True, "e2fsck -n found no problem", output)
+        if result.returncode & _E2FSCK_OPERATIONAL:
+            return Check(
+                False,
+                f"no ext4 superblock found, neither the primary nor a backup (exit {result.returncode})",
+                output,
+            )
+        where = (
+            "the primary superblock is damaged; e2fsck read a backup one" if from_backup else "errors found"
+        )
+        return Check(False, f"{where}: repair with `e2fsck -f -y {device}` (or -b 8193 / -b 32768)", output)
 
     def device_size(self, device: str) -> int:
         fd = os.open(device, os.O_RDONLY)

@@ -12,6 +12,8 @@ MKFS_EXT4 = "mkfs.ext4"
 MKFS_XFS = "mkfs.xfs"
 RESIZE2FS = "resize2fs"
 XFS_GROWFS = "xfs_growfs"
+E2FSCK = "e2fsck"  # `csi-luks fsck` only, read-only
+XFS_REPAIR = "xfs_repair"
 MOUNT = "mount"
 UMOUNT = "umount"
 LOSETUP = "losetup"
@@ -28,6 +30,8 @@ PROGRAMS: dict[str, str] = {
     BLKID: "util-linux",
     MKFS_EXT4: "e2fsprogs",
     RESIZE2FS: "e2fsprogs",
+    E2FSCK: "e2fsprogs",
+    XFS_REPAIR: "xfsprogs",
     MKFS_XFS: "xfsprogs",
     XFS_GROWFS: "xfsprogs",
     MOUNT: "mount",

@@ -149,7 +149,15 @@ def controller_cases() -> list[tuple[str, str, str]]:
 NODE_SCENARIOS: dict[str, tuple[str, ...]] = {
     "stage": tuple(
         f"node-stage.after-{s}"
-        for s in ("attach", "luks-format", "header-backup", "mark-encrypted", "open", "mkfs")
+        for s in (
+            "attach",
+            "luks-format",
+            "header-backup",
+            "open",
+            "mkfs",
+            "record-filesystem",
+            "mark-encrypted",
+        )
     ),
     "unstage": ("node-unstage.after-unmount", "node-unstage.after-close"),
     "expand": ("node-expand.after-refresh-attachment", "node-expand.after-resize-mapping"),
@@ -171,11 +179,14 @@ Reply = TypeVar("Reply")
 
 @contextmanager
 def plugin_process(
-    argv: list[str], endpoint: Path, env: dict[str, str], ready_timeout: float
+    argv: list[str], endpoint: Path, env: dict[str, str], ready_timeout: float, new_session: bool = False
 ) -> Iterator[tuple[subprocess.Popen[str], grpc.Channel]]:
-    """`csi-luks serve` as a child process, ready on endpoint; killed afterwards if still alive."""
+    """`csi-luks serve` as a child process, ready on endpoint; killed afterwards if still alive.
+
+    new_session: in a process group of its own, which a test kills whole (the plugin with the commands
+    it runs, as an OOM kill of its container or a power loss does)."""
     endpoint.unlink(missing_ok=True)
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, start_new_session=new_session)
     channel = grpc.insecure_channel(f"unix://{endpoint}")
     try:
         deadline = time.monotonic() + ready_timeout

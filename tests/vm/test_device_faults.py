@@ -14,11 +14,10 @@ written before, and succeed once the fault is cleared.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,87 +28,12 @@ from csi_luks.csi import csi_pb2
 from csi_luks.luks import Cryptsetup, mapper_name
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
+from tests.support.fault_layer import SECTOR, FaultLayer
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 
 pytestmark = pytest.mark.timeout(600)
 SIZE = 16 * MiB
-SECTOR = 512
 DATA = os.urandom(256 * 1024)  # written before a fault, read back after it
-
-
-def _run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout.strip()
-
-
-@dataclass
-class FaultLayer:
-    """A dm device under one volume's loop device (see the module's docstring)."""
-
-    image: Path
-    name: str
-    loop: str = ""
-
-    @property
-    def real(self) -> Path:
-        return self.image.with_name("volume.real.img")
-
-    def install(self) -> None:
-        self.image.rename(self.real)
-        self.loop = _run("losetup", "--find", "--show", str(self.real))
-        _run("dmsetup", "create", self.name, "--table", self._linear())
-        self.image.symlink_to(f"/dev/mapper/{self.name}")
-
-    def _sectors(self) -> int:
-        return int(_run("blockdev", "--getsz", self.loop))
-
-    def _linear(self) -> str:
-        return f"0 {self._sectors()} linear {self.loop} 0"
-
-    def _load(self, table: str) -> None:
-        os.sync()
-        _run("dmsetup", "suspend", self.name)
-        _run("dmsetup", "load", self.name, "--table", table)
-        _run("dmsetup", "resume", self.name)
-        # Cached pages would hide a read fault from a device attached since before it.
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-    def clear(self) -> None:
-        self._load(self._linear())
-
-    def fail_all(self) -> None:
-        self._load(f"0 {self._sectors()} error")
-
-    def fail_writes(self, from_sector: int = 0) -> None:
-        """Writes from from_sector on fail; reads, and writes before it, work."""
-        sectors = self._sectors()
-        flakey = f"{from_sector} {sectors - from_sector} flakey {self.loop} {from_sector} 0 1 1 error_writes"
-        self._load(f"0 {from_sector} linear {self.loop} 0\n{flakey}" if from_sector else flakey)
-
-    @contextmanager
-    def image_in_place(self) -> Iterator[None]:
-        """The real image at its path meanwhile (ControllerExpandVolume grows that file), then the dm device
-        grown to its new size."""
-        self.image.unlink()
-        self.real.rename(self.image)
-        try:
-            yield
-        finally:
-            self.image.rename(self.real)
-            self.image.symlink_to(f"/dev/mapper/{self.name}")
-            _run("losetup", "--set-capacity", self.loop)
-            self.clear()
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.real.read_bytes()).hexdigest()
-
-    def remove(self) -> None:
-        with suppress(subprocess.CalledProcessError):
-            self.clear()
-        if self.image.is_symlink():
-            self.image.unlink()
-            self.real.rename(self.image)
-        subprocess.run(["dmsetup", "remove", self.name], check=False, timeout=120)
-        subprocess.run(["losetup", "--detach", self.loop], check=False, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +143,8 @@ def test_a_read_fault_fails_the_restage_and_keeps_the_data(volume: Volume) -> No
 def test_a_write_fault_on_the_data_area_fails_mkfs_and_the_retry_makes_the_filesystem(volume: Volume) -> None:
     volume.layer.fail_writes(from_sector=LUKS_HEADER_BYTES // SECTOR)  # luksFormat works, mkfs does not
     _fails_unavailable(volume.stage, "mkfs", "I/O error")
-    assert volume.state == "encrypted"  # the header was written, and its backup taken
+    # The header was written and its backup taken; the volume stays prepared until its filesystem is made.
+    assert volume.state == "prepared"
     assert volume.plugin.backend.fetch_header_backup(volume.volume_id) is not None
     volume.assert_untouched_node()
     volume.layer.clear()

@@ -21,7 +21,7 @@ from csi_luks.luks import Cryptsetup, WrongPassphrase, mapper_name
 from csi_luks.operations.header_backup import header_backup_matches
 from csi_luks.operations.tool import Tool
 from csi_luks.system.filesystem import Filesystems
-from csi_luks.volume_metadata import STATE
+from csi_luks.volume_metadata import FILESYSTEM, LUKS_HEADER_BYTES, STATE
 from csi_luks.volumes.rbd import decode_volume_id
 from tests.support.ceph import CephCluster
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
@@ -111,6 +111,21 @@ def test_stage_formats_once_mounts_and_survives_unstage_restage_and_a_plugin_res
         ceph.run("rbd", "export", "--no-progress", spec, str(exported))
         data = exported.read_bytes()
         assert data[:6] == b"LUKS\xba\xbe" and MARKER[:30] not in data
+        # The filesystem made at the first stage is recorded in the image's metadata: once its superblock
+        # is wiped (in ciphertext), NodeStage refuses and writes nothing instead of making a new one.
+        recorded = image_meta(ceph, volume_id)[FILESYSTEM]
+        assert recorded.startswith("ext4 ")
+        backend = restarted.server.backend.for_request(secrets)
+        with open(backend.attach(volume_id), "r+b") as raw:
+            raw.seek(LUKS_HEADER_BYTES)
+            raw.write(bytes(4096))
+            os.fsync(raw.fileno())
+        backend.detach(volume_id)
+        with pytest.raises(grpc.RpcError) as info:
+            stage(restarted, volume_id, staging, secrets)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+        assert recorded.split()[1] in info.value.details() and "nothing was formatted" in info.value.details()
+        assert restarted.server.backend.find_attachment(volume_id) is None and not mapped(volume_id)
         restarted.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets))
 
 
