@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -32,6 +33,7 @@ from csi_luks.services.validation import (
 from csi_luks.volume_metadata import (
     CAPACITY,
     CREATED,
+    DELETING,
     ENCRYPTED,
     KIND,
     KIND_SNAPSHOT,
@@ -350,14 +352,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 raise invalid_argument(
                     f"{volume_id} is a snapshot, not a volume: delete it with DeleteSnapshot"
                 )
-            if backend.find_attachment(volume_id):
-                raise CsiError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"volume {volume_id} is still attached on this machine; unstage it first",
-                )
-            self._delete(backend, volume_id, record, request.secrets)
+            with backend.delete_guard(volume_id):
+                self._refuse_if_in_use(backend, volume_id)
+                self._delete(backend, volume_id, record, request.secrets)
             log.info("volume %s deleted", volume_id)
             return csi_pb2.DeleteVolumeResponse()
+
+    @staticmethod
+    def _refuse_if_in_use(backend: VolumeBackend, volume_id: str) -> None:
+        """Record the intent to delete, durably, and only then look for users (attached, mapped on any
+        node); in use: take the intent back and refuse. A NodeStage attaches first and reads the intent
+        afterwards, so of the two at least one sees the other: never a DEK shredded under a stage."""
+        with Step("delete", "mark-deleting"):
+            backend.set_metadata(volume_id, DELETING, datetime.now(UTC).isoformat(timespec="seconds"))
+        where = backend.in_use(volume_id)
+        if where is None:
+            return
+        with Step("delete", "unmark-deleting"):
+            backend.remove_metadata(volume_id, DELETING)
+        raise failed_precondition(
+            f"volume {volume_id} is in use ({where}); nothing was deleted: unstage it (or unmap it) first"
+        )
 
     def _delete(
         self, backend: VolumeBackend, object_id: str, record: VolumeRecord, secrets: Mapping[str, str]

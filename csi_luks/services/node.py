@@ -31,7 +31,7 @@ from csi_luks.quoting import quoted
 from csi_luks.services.validation import checked_id, require_path, validate_capability
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.system.runner import CommandError
-from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
+from csi_luks.volume_metadata import DELETING, STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes.base import BackendRequestError, VolumeBackend, VolumeInfo, VolumeNotFound
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             _, layout = self._volume(backend, volume_id)
             was_attached = backend.find_attachment(volume_id) is not None
             device = backend.attach(volume_id)
+            self._refuse_if_deleting(backend, volume_id, layout, was_attached)
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
             crash_point("node-stage.after-attach")
             opened = False
@@ -139,6 +140,26 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 self.filesystems.grow(device, staging, capability.mount.fs_type or "ext4")
             log.info("volume %s staged at %s (%s)", volume_id, staging, device)
             return csi_pb2.NodeStageVolumeResponse()
+
+    def _refuse_if_deleting(
+        self, backend: VolumeBackend, volume_id: str, layout: _Layout, was_attached: bool
+    ) -> None:
+        """After the attach (which DeleteVolume sees), read the volume's metadata afresh: a DeleteVolume
+        that recorded its intent may have found no user before the attach, and is shredding the DEK.
+        Then detach what this call attached, and refuse."""
+        try:
+            deleting = backend.fresh_metadata(volume_id).get(DELETING)
+        except Exception as exc:
+            self._undo_stage(backend, volume_id, layout, False, was_attached)
+            if isinstance(exc, VolumeNotFound):
+                raise not_found(f"volume {volume_id} was deleted while it was being staged") from None
+            raise
+        if deleting is not None:
+            self._undo_stage(backend, volume_id, layout, False, was_attached)
+            raise failed_precondition(
+                f"volume {volume_id} is being deleted (DeleteVolume started at {deleting} and has not "
+                "finished); it cannot be staged: the CO retries DeleteVolume until it completes"
+            )
 
     def _undo_stage(
         self, backend: VolumeBackend, volume_id: str, layout: _Layout, opened: bool, was_attached: bool

@@ -88,6 +88,9 @@ class MemoryBackend(VolumeBackend):
     def find_attachment(self, volume_id: str) -> str | None:
         raise NotImplementedError
 
+    def in_use(self, volume_id: str) -> str | None:
+        raise NotImplementedError
+
     def detach(self, volume_id: str) -> None:
         raise NotImplementedError
 
