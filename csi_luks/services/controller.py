@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
@@ -30,6 +30,7 @@ from csi_luks.services.validation import (
     unknown_keys,
     validate_capabilities,
 )
+from csi_luks.system.fs_limits import too_small
 from csi_luks.volume_metadata import (
     CAPACITY,
     CREATED,
@@ -171,6 +172,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"{PARAM_KMS_ID} names a KMS"
                 )
             capacity = _capacity(request, source.capacity if source else None)
+            _check_filesystem_fits(request.volume_capabilities, capacity)
             if source is not None and capacity < source.capacity:
                 raise CsiError(
                     grpc.StatusCode.OUT_OF_RANGE,
@@ -651,6 +653,16 @@ def _source_of(request: csi_pb2.CreateVolumeRequest, backend: VolumeBackend) -> 
     if kind == "volume":
         return kind, checked_id(backend, content.volume.volume_id, "volume_content_source.volume.volume_id")
     raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
+
+
+def _check_filesystem_fits(capabilities: Iterable[csi_pb2.VolumeCapability], capacity: int) -> None:
+    """OUT_OF_RANGE if a filesystem the capabilities name cannot be made on a volume of this capacity
+    (the dm-crypt mapping of an encrypted volume has exactly the capacity)."""
+    for capability in capabilities:
+        if capability.WhichOneof("access_type") == "mount":
+            problem = too_small(capability.mount.fs_type or "ext4", capacity)
+            if problem is not None:
+                raise CsiError(grpc.StatusCode.OUT_OF_RANGE, problem)
 
 
 def _echoed_source(request: csi_pb2.CreateVolumeRequest) -> csi_pb2.VolumeContentSource | None:
