@@ -22,7 +22,8 @@ class KMSConfigError(KMSError):
 
 
 class KMSObjectNotFound(KMSConfigError):
-    """An object the configuration names (a Kubernetes Secret, a ServiceAccount) does not exist."""
+    """An object the configuration names (a Kubernetes Secret, a ServiceAccount, the local KMS's key file)
+    does not exist."""
 
 
 class KMSUnavailable(KMSError):

@@ -629,6 +629,31 @@ class RbdBackend(VolumeBackend):
             self._mapped = found
         return found
 
+    def in_use(self, volume_id: str) -> str | None:
+        """Mapped here, or watched by any client of the cluster: krbd and rbd-nbd hold a watch on the
+        image's header while mapped, on whichever node (as Ceph-CSI's isInUse asks `rbd status`)."""
+        self._mapped = None  # never this request's earlier listing
+        device = self.find_attachment(volume_id)
+        if device is not None:
+            return f"mapped at {device} on this machine"
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            status = rbd.json("status", ref.spec) or {}
+        watchers = [w for w in status.get("watchers", []) if isinstance(w, dict)]
+        if not watchers:
+            return None
+        clients = ", ".join(f"client.{w.get('client', '?')} at {w.get('address', '?')}" for w in watchers)
+        return f"image {ref.spec} has watchers (mapped on a node, or open by a client): {clients}"
+
+    def fresh_metadata(self, volume_id: str) -> dict[str, str]:
+        """The image's metadata from the cluster, whatever this request or the node's record hold."""
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            metadata = rbd.metadata(ref)
+        if metadata is None or metadata.get(_OWNER) != volume_id:
+            raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
+        return {k: v for k, v in metadata.items() if k != _OWNER}
+
     def detach(self, volume_id: str) -> None:
         decode_volume_id(volume_id)
         mapping = self._mapping(volume_id)

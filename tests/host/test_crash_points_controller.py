@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import hvac.exceptions
 import pytest
 
@@ -27,7 +28,7 @@ from csi_luks.encryption import volume_encryption
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.settings import Mode
-from csi_luks.volume_metadata import CAPACITY, STATE, backing_bytes
+from csi_luks.volume_metadata import CAPACITY, DELETING, STATE, backing_bytes
 from csi_luks.volumes.base import VolumeBackend, VolumeNotFound
 from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
@@ -345,6 +346,30 @@ def scenario_delete(h: Harness, name: str, point: str) -> None:
     h.assert_consistent()
 
 
+def scenario_delete_in_use(h: Harness, name: str, point: str) -> None:
+    """A delete of an attached volume, killed around its intent: the retry refuses, the DEK and the data
+    stay, and no intent is left to refuse the volume's stages."""
+    volume_id = h.make_volume(name)
+    h.format_with_data(volume_id)
+    content = h.content(volume_id, SIZE)
+    dek = h.dek(volume_id)
+    h.backend.attach(volume_id)
+    try:
+        request = csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=h.secrets)
+        call: Call = lambda c: c.DeleteVolume(request)  # noqa: E731
+        crash(h, point, call)
+        with pytest.raises(grpc.RpcError) as info:
+            h.retry(call)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+        assert "is in use" in info.value.details()
+        assert DELETING not in h.record(volume_id)
+        assert h.dek(volume_id) == dek and h.content(volume_id, SIZE) == content
+        h.assert_consistent()
+    finally:
+        h.backend.detach(volume_id)
+    h.delete(volume_id)
+
+
 def scenario_expand(h: Harness, name: str, point: str) -> None:
     volume_id = h.make_volume(name)
     request = csi_pb2.ControllerExpandVolumeRequest(
@@ -368,6 +393,7 @@ SCENARIOS = {
     "clone": scenario_clone,
     "snapshot": scenario_snapshot,
     "delete": scenario_delete,
+    "delete-in-use": scenario_delete_in_use,
     "expand": scenario_expand,
 }
 

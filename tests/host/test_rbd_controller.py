@@ -140,7 +140,11 @@ def test_create_and_delete_ask_the_cluster_nothing_twice(
     assert deleted.count("rbd image-meta remove") == 1, deleted
     assert "rbd snap purge" not in deleted  # the image has no snapshot: rm alone removes it
     assert deleted.count("rbd device list") == 1, deleted  # "still mapped here?", asked once
-    assert len(deleted) <= 6, deleted
+    # The intent to delete (one image-meta set), then "watched on any node?" (rbd status), asked once.
+    assert (
+        deleted.count("rbd image-meta set") == 1 and sum(c.startswith("rbd status") for c in deleted) == 1
+    ), deleted
+    assert len(deleted) <= 8, deleted
     assert not exists(ceph, volume.volume_id)
 
 

@@ -81,8 +81,10 @@ CONTROLLER_SCENARIOS: dict[str, dict[str, tuple[str, ...]]] = {
         "restore": steps("create-volume", "backing-store") + _STANDALONE_COPY + _COPY_KEY,
         "clone": steps("create-volume", "backing-store") + _STANDALONE_COPY + _COPY_KEY,
         "snapshot": steps("create-snapshot", "backing-store") + _STANDALONE_COPY + _COPY_KEY,
-        "delete": steps("delete", "remove-dek", "remove-header-backup", "remove-data")
+        "delete": steps("delete", "mark-deleting", "remove-dek", "remove-header-backup", "remove-data")
         + steps("standalone-delete", "rename", "sweep"),
+        # The volume is attached (a loop device on this machine): the intent is recorded, then taken back.
+        "delete-in-use": steps("delete", "mark-deleting", "unmark-deleting"),
         "expand": steps("controller-expand", "resize", "record-capacity")
         + steps("standalone-resize", "record-size", "grow"),
     },
@@ -93,7 +95,7 @@ CONTROLLER_SCENARIOS: dict[str, dict[str, tuple[str, ...]]] = {
         "restore": steps("create-volume", "backing-store") + _RBD_COPY + _COPY_KEY,
         "clone": steps("create-volume", "backing-store") + _RBD_COPY + _COPY_KEY,
         "snapshot": steps("create-snapshot", "backing-store") + _RBD_COPY + _COPY_KEY,
-        "delete": steps("delete", "remove-dek", "remove-header-backup", "remove-data"),
+        "delete": steps("delete", "mark-deleting", "remove-dek", "remove-header-backup", "remove-data"),
         "expand": steps("controller-expand", "resize", "record-capacity"),
     },
 }
@@ -113,7 +115,7 @@ class Config:
 _ALL = ("create", "restore", "clone", "snapshot", "delete", "expand")
 CONFIGS = {
     # The cheapest: every call through every point.
-    "standalone-local": Config("standalone", "local-1", _ALL, every_pair=True),
+    "standalone-local": Config("standalone", "local-1", (*_ALL, "delete-in-use"), every_pair=True),
     # The KMS matters where the controller stores, copies or removes a DEK.
     "standalone-vault": Config(
         "standalone",
