@@ -1,4 +1,5 @@
-"""Session fixtures for KMS tests on real servers: `kube`, `session_bao`, `kms_env`, `plugin_kube_client`."""
+"""Session fixtures for KMS tests on real servers: `kube`, `session_bao`, `kms_env`, `plugin_kube_client`,
+`session_kmip` (PyKMIP's server), `session_aws` (moto, an AWS KMS/STS emulator)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from collections.abc import Iterator
 import pytest
 
 from csi_luks import kube as plugin_kube
+from tests.support.kmip_server import KMIPServer, kmip_server
 from tests.support.kms_env import KmsEnv, build_kms_env
 from tests.support.kube import KubeCluster
 from tests.support.kube_fixture import kube
+from tests.support.moto_server import AWSEmulator, moto_server
 from tests.support.openbao import OpenBao, openbao_server
 
-__all__ = ["kms_env", "kube", "plugin_kube_client", "session_bao"]
+__all__ = ["kms_env", "kube", "plugin_kube_client", "session_aws", "session_bao", "session_kmip"]
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,20 @@ def session_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
         root.secrets.transit.create_key(name="other-kek")
         root.secrets.transit.create_key(name="derived-kek", derived=True)  # vaultTransitDerivedKey
         yield server
+
+
+@pytest.fixture(scope="session")
+def session_kmip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KMIPServer]:
+    """PyKMIP's server with keys csi-kek and other-kek, owned by the plugin's client identity."""
+    with kmip_server(tmp_path_factory.mktemp("session-kmip")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def session_aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AWSEmulator]:
+    """moto in server mode (an emulator of AWS KMS, STS and IAM, with IAM authorization on)."""
+    with moto_server(tmp_path_factory.mktemp("session-aws")) as emulator:
+        yield emulator
 
 
 @pytest.fixture(scope="session")
