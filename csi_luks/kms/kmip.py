@@ -330,10 +330,12 @@ class KMIPKMS(EncryptionKMS):
 
     @property
     def _key_name(self) -> str:
-        try:
-            return repr(self._credentials.key_id)
-        except Exception:
-            return UNIQUE_IDENTIFIER
+        """For messages: the key's id once the Secret was read (a message never reads it)."""
+        return (
+            repr(self._cached.key_id)
+            if self._cached is not None
+            else f"{UNIQUE_IDENTIFIER} of {self.settings.secret}"
+        )
 
 
 class _CryptographicFailure(KMSRequestRefused):
