@@ -29,11 +29,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
-import botocore.exceptions
-from botocore import UNSIGNED
-from botocore.config import Config
-
 from csi_luks.kms.base import (
     DEKDecryptError,
     EncryptionKMS,
@@ -100,7 +95,11 @@ def _endpoint(kms_id: str, entry: Mapping[str, str], key: str) -> str | None:
     return value
 
 
-def _config(timeout: float, signed: bool = True) -> Config:
+def _config(timeout: float, signed: bool = True) -> Any:
+    # boto3 and botocore are imported where used: a second at every plugin and CLI start otherwise.
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
     return Config(
         connect_timeout=timeout,
         read_timeout=timeout,
@@ -110,6 +109,8 @@ def _config(timeout: float, signed: bool = True) -> Config:
 
 
 def _translate(where: str, fn: Callable[[], T], *, unwrapping: bool = False) -> T:
+    import botocore.exceptions
+
     try:
         return fn()
     except botocore.exceptions.ClientError as exc:
@@ -147,6 +148,8 @@ def _translate(where: str, fn: Callable[[], T], *, unwrapping: bool = False) -> 
 
 def _kms_client(keys: tuple[str, str, str], region: str, endpoint: str | None, timeout: float) -> Any:
     """A KMS client with these credentials (access key id, secret key, session token or "")."""
+    import boto3
+
     session = boto3.session.Session(
         aws_access_key_id=keys[0], aws_secret_access_key=keys[1], aws_session_token=keys[2] or None,
         region_name=region,
@@ -269,6 +272,8 @@ class AWSSTSMetadataKMS(AWSKMS):
                 f"KMS {self.kms_id!r}, key {STS_TOKEN_FILE!r}: cannot read the ServiceAccount token "
                 f"{self.token_file}: {exc.strerror} (is the projected token volume mounted?)"
             ) from None
+        import boto3
+
         sts = boto3.session.Session(region_name=region).client(
             "sts", endpoint_url=self.sts_endpoint, config=_config(self.timeout, signed=False)
         )

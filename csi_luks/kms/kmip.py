@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,17 +36,10 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from kmip.core import enums
-from kmip.core.exceptions import ConnectionClosed
-from kmip.core.messages.contents import ProtocolVersion
-from kmip.pie import exceptions as kmip_exceptions
-from kmip.pie.client import ProxyKmipClient
-from kmip.services.kmip_client import KMIPProxy
-from kmip.services.kmip_protocol import RequestLengthMismatch
 
 from csi_luks.kms.base import (
     DEKDecryptError,
@@ -62,6 +56,11 @@ from csi_luks.kms.base import (
 )
 from csi_luks.kms.entry_values import flag, seconds
 from csi_luks.kms.vault_tls import plugin_namespace
+
+if TYPE_CHECKING:
+    from kmip.core import enums
+else:
+    enums = None  # PyKMIP (and its SQLAlchemy) costs a second to import: only once a kmip KMS is used
 
 # PyKMIP logs every request and response in hex at DEBUG: never let a DEK reach a log that way.
 logging.getLogger("kmip").setLevel(logging.WARNING)
@@ -86,11 +85,6 @@ SECRET_KEYS = (CA_CERT, CLIENT_CERT, CLIENT_KEY, UNIQUE_IDENTIFIER)
 
 RPC_NONCE_BYTES = 16  # Ceph-CSI's IV for the server's AES-CBC
 LOCAL_NONCE_BYTES = 12  # AES-GCM's nonce, as Ceph-CSI seals a DEK locally
-_CBC_PARAMETERS = {
-    "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
-    "block_cipher_mode": enums.BlockCipherMode.CBC,
-    "padding_method": enums.PaddingMethod.PKCS5,
-}
 # TLS alerts by which a server refuses the client's certificate (and so the identity it stands for).
 _CERT_REFUSALS = frozenset({
     "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
@@ -197,23 +191,43 @@ def _credentials(settings: KMIPSettings) -> _Credentials:
     return _Credentials(context, data[UNIQUE_IDENTIFIER].strip())
 
 
-class _Proxy(KMIPProxy):  # type: ignore[misc]  # PyKMIP has no type hints
-    """PyKMIP's connection, with our TLS context: the server's name checked, the key from memory."""
+@functools.cache
+def _pykmip() -> Any:
+    """PyKMIP's enums, imported on first use; and our subclass of its connection."""
+    global enums
+    from kmip.core import enums as imported
+    from kmip.services.kmip_client import KMIPProxy
 
-    def __init__(self, settings: KMIPSettings, context: ssl.SSLContext) -> None:
-        super().__init__(
-            host=settings.host,
-            port=settings.port,
-            timeout=settings.timeout,
-            config_file=os.devnull,  # no pykmip.conf of the machine mixes in
-            kmip_version=enums.KMIPVersion.KMIP_1_4,
-        )
-        self._context = context
-        self._server_name = settings.server_name
+    enums = imported
 
-    def _create_socket(self, sock: socket.socket) -> None:
-        self.socket = self._context.wrap_socket(sock, server_hostname=self._server_name)
-        self.socket.settimeout(self.timeout)
+    class Proxy(KMIPProxy):  # type: ignore[misc]  # PyKMIP has no type hints
+        """PyKMIP's connection, with our TLS context: the server's name checked, the key from memory."""
+
+        def __init__(self, settings: KMIPSettings, context: ssl.SSLContext) -> None:
+            super().__init__(
+                host=settings.host,
+                port=settings.port,
+                timeout=settings.timeout,
+                config_file=os.devnull,  # no pykmip.conf of the machine mixes in
+                kmip_version=enums.KMIPVersion.KMIP_1_4,
+            )
+            self._context = context
+            self._server_name = settings.server_name
+
+        def _create_socket(self, sock: socket.socket) -> None:
+            self.socket = self._context.wrap_socket(sock, server_hostname=self._server_name)
+            self.socket.settimeout(self.timeout)
+
+    return Proxy
+
+
+def _cbc_parameters() -> dict[str, Any]:
+    """Ceph-CSI's: AES-CBC with PKCS#5 padding."""
+    return {
+        "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
+        "block_cipher_mode": enums.BlockCipherMode.CBC,
+        "padding_method": enums.PaddingMethod.PKCS5,
+    }
 
 
 class KMIPKMS(EncryptionKMS):
@@ -238,8 +252,12 @@ class KMIPKMS(EncryptionKMS):
     def _client(self, operation: str, volume_id: str) -> Iterator[Any]:
         """A connected client that negotiated KMIP 1.4; every failure a KMS error naming the server."""
         credentials = self._credentials
+        proxy = _pykmip()
+        from kmip.core.messages.contents import ProtocolVersion
+        from kmip.pie.client import ProxyKmipClient
+
         client = ProxyKmipClient(config_file=os.devnull, kmip_version=enums.KMIPVersion.KMIP_1_4)
-        client.proxy = _Proxy(self.settings, credentials.context)
+        client.proxy = proxy(self.settings, credentials.context)
         where = f"{operation} for volume {volume_id}: {self.settings.where}"
         with _translated(where, self.settings):
             client.open()
@@ -276,7 +294,7 @@ class KMIPKMS(EncryptionKMS):
                 lambda c, uid: c.encrypt(
                     plain_dek.encode(),
                     uid=uid,
-                    cryptographic_parameters=_CBC_PARAMETERS,
+                    cryptographic_parameters=_cbc_parameters(),
                     iv_counter_nonce=nonce,
                 ),
             )
@@ -311,7 +329,7 @@ class KMIPKMS(EncryptionKMS):
                     "unwrap DEK (KMIP Decrypt)",
                     volume_id,
                     lambda c, uid: c.decrypt(
-                        sealed, uid=uid, cryptographic_parameters=_CBC_PARAMETERS, iv_counter_nonce=nonce
+                        sealed, uid=uid, cryptographic_parameters=_cbc_parameters(), iv_counter_nonce=nonce
                     ),
                 )
             except _CryptographicFailure as exc:
@@ -346,6 +364,8 @@ def _check_result(result: Any, operation: str) -> None:
     status = getattr(result, "result_status", None)
     status = getattr(status, "value", status)
     if status != enums.ResultStatus.SUCCESS:
+        from kmip.pie import exceptions as kmip_exceptions
+
         reason = getattr(result, "result_reason", None)
         message = getattr(result, "result_message", None)
         raise kmip_exceptions.KmipOperationFailure(
@@ -355,6 +375,11 @@ def _check_result(result: Any, operation: str) -> None:
 
 @contextlib.contextmanager
 def _translated(where: str, settings: KMIPSettings) -> Iterator[None]:
+    _pykmip()
+    from kmip.core.exceptions import ConnectionClosed
+    from kmip.pie import exceptions as kmip_exceptions
+    from kmip.services.kmip_protocol import RequestLengthMismatch
+
     try:
         yield
     except kmip_exceptions.KmipOperationFailure as exc:
