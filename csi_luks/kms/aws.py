@@ -14,8 +14,9 @@ CiphertextBlob, kept in the volume's metadata) moves between the two plugins unc
   buys the role's credentials through STS AssumeRoleWithWebIdentity. csi-luks adds `awsKMSEndpoint`,
   `awsSTSEndpoint` and `awsTimeout`.
 
-Each call waits at most the timeout (default 10 s) to connect and as long for an answer, and is tried
-at most twice (a refused connection, a 5xx or throttling), then fails as KMSUnavailable. botocore's
+Each call waits at most the timeout (default 10 s) to connect and as long for an answer, once: a refused
+connection, no answer, a 5xx or throttling fails as KMSUnavailable, and the CO's retry of the CSI call
+is the retry (a retry here would double the wait the timeout promises). botocore's
 loggers stay at WARNING: at DEBUG they print request bodies, the DEK to be wrapped included.
 """
 
@@ -103,7 +104,7 @@ def _config(timeout: float, signed: bool = True) -> Any:
     return Config(
         connect_timeout=timeout,
         read_timeout=timeout,
-        retries={"total_max_attempts": 2, "mode": "standard"},
+        retries={"total_max_attempts": 1, "mode": "standard"},
         **({} if signed else {"signature_version": UNSIGNED}),
     )
 
@@ -141,7 +142,7 @@ def _translate(where: str, fn: Callable[[], T], *, unwrapping: bool = False) -> 
         botocore.exceptions.ConnectionClosedError,
         botocore.exceptions.HTTPClientError,
     ) as exc:
-        raise KMSUnavailable(f"{where}: AWS does not answer: {type(exc).__name__}") from None
+        raise KMSUnavailable(f"{where}: AWS is unavailable: no answer ({type(exc).__name__})") from None
     except botocore.exceptions.NoCredentialsError:
         raise KMSConfigError(f"{where}: no AWS credentials") from None
 

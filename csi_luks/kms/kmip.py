@@ -412,11 +412,11 @@ def _translated(where: str, settings: KMIPSettings) -> Iterator[None]:
                 f"{where}: refused the client certificate of {settings.secret} ({exc.reason}): the server "
                 f"does not trust {CLIENT_CERT}/{CLIENT_KEY}"
             ) from None
-        raise KMSUnavailable(f"{where}: TLS failed: {exc.reason or exc}") from None
+        raise KMSUnavailable(f"{where}: unavailable: TLS failed: {exc.reason or exc}") from None
     except TimeoutError:
-        raise KMSUnavailable(f"{where}: no answer within {settings.timeout:g}s") from None
+        raise KMSUnavailable(f"{where}: unavailable: no answer within {settings.timeout:g}s") from None
     except (OSError, EOFError, RequestLengthMismatch, ConnectionClosed) as exc:
-        raise KMSUnavailable(f"{where}: unreachable: {exc}") from None
+        raise KMSUnavailable(f"{where}: unavailable: {exc}") from None
 
 
 @register("kmip")

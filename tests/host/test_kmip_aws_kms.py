@@ -184,8 +184,9 @@ def test_aws_silent_endpoint_is_unavailable_within_the_timeout(
 ) -> None:
     _secret(monkeypatch, session_aws.metadata_secret())
     kms = _aws(session_aws, AWS_KMS_ENDPOINT=f"http://127.0.0.1:{silent_port}", AWS_TIMEOUT="1")
+    kms._kms("v")  # the client built (botocore reads its service model): the wait is what is timed
     started = time.monotonic()
-    with pytest.raises(KMSUnavailable, match=r"KMS 'aws-1'.*does not answer"):
+    with pytest.raises(KMSUnavailable, match=r"KMS 'aws-1'.*unavailable: no answer"):
         kms.encrypt_dek("v", DEK)
-    # Two attempts, each waiting at most AWS_TIMEOUT for the answer.
-    assert time.monotonic() - started < 4
+    # One attempt, its answer awaited AWS_TIMEOUT (the connection is taken at once: the backlog).
+    assert time.monotonic() - started < 2.5
