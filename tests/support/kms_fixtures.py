@@ -1,9 +1,10 @@
 """Session fixtures for KMS tests on real servers: `kube`, `session_bao`, `kms_env`, `plugin_kube_client`,
-`session_kmip` (PyKMIP's server), `session_aws` (moto, an AWS KMS/STS emulator)."""
+`session_kmip` (PyKMIP's server), `session_aws` (moto, an AWS KMS/STS emulator), `breadth_volumes`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,17 @@ from tests.support.kube import KubeCluster
 from tests.support.kube_fixture import kube
 from tests.support.moto_server import AWSEmulator, moto_server
 from tests.support.openbao import OpenBao, openbao_server
+from tests.support.operations import Volumes, breadth_entries, write_kubeconfig
 
-__all__ = ["kms_env", "kube", "plugin_kube_client", "session_aws", "session_bao", "session_kmip"]
+__all__ = [
+    "breadth_volumes",
+    "kms_env",
+    "kube",
+    "plugin_kube_client",
+    "session_aws",
+    "session_bao",
+    "session_kmip",
+]
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +67,20 @@ def plugin_kube_client(kms_env: KmsEnv) -> Iterator[None]:
         yield
     finally:
         plugin_kube.set_api_client(None)
+
+
+@pytest.fixture
+def breadth_volumes(
+    tmp_path: Path,
+    kms_env: KmsEnv,
+    session_kmip: KMIPServer,
+    session_aws: AWSEmulator,
+    plugin_kube_client: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Volumes:
+    """Volumes (tests/support/operations.py) with the KMS ids kmip-rpc, kmip-local, aws-metadata and
+    aws-sts-metadata, created in the tenant's namespace. Their Secrets are read with the plugin's
+    ServiceAccount token: in this process through plugin_kube_client, in the CLI through $KUBECONFIG."""
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, kms_env.kube, kms_env.node_token_file)))
+    entries = breadth_entries(kms_env, session_kmip, session_aws)
+    return Volumes(tmp_path, entries, pvc_namespace=kms_env.tenant.namespace)
