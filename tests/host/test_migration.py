@@ -104,10 +104,10 @@ def test_migrate_moves_every_dek_and_reports(
     assert again.returncode == EXIT_OK and "0 migrated" in again.stdout
 
 
-# A kill at every step for each pair but the last (out of the KMIP server: a metadata-kept DEK into
-# vault-transit, as vault-kv→vault-transit and metadata→kmip-rpc already kill through), to keep the
-# matrix's CLI starts in the suite's time budget.
-CRASH_PAIRS = PAIRS[:-1]
+# A kill at every step for the first five pairs. The migration's steps do not depend on the KMS type, only
+# on where the DEK is kept (metadata or KV), which these cover both ways; the kmip pairs migrate once each,
+# keeping the matrix's CLI starts (8 per pair) in the suite's time budget.
+CRASH_PAIRS = PAIRS[:5]
 
 
 @pytest.mark.parametrize("crash_point", CRASH_POINTS)

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from kmip.core import enums
-from kmip.pie.client import ProxyKmipClient
+from typing import Any
 
 from tests.support.openbao import free_port, listening
 from tests.support.tls import CA
@@ -56,8 +54,13 @@ class KMIPServer:
         return {"CA_CERT": self.ca_pem, "CLIENT_CERT": cert, "CLIENT_KEY": private_key,
                 "UNIQUE_IDENTIFIER": self.keys[key]}  # fmt: skip
 
-    def client(self, identity: str = PLUGIN_IDENTITY) -> ProxyKmipClient:
+    def client(self, identity: str = PLUGIN_IDENTITY) -> Any:
         """PyKMIP's client as `identity` (certificate files: this is the test side), not yet opened."""
+        # Imported here: conftest loads this module in every session, the VM guest's too, and PyKMIP
+        # (with SQLAlchemy) costs a second to import.
+        from kmip.core import enums
+        from kmip.pie.client import ProxyKmipClient
+
         found = self.identities[identity]
         ca = self.log.parent / "ca.pem"
         return ProxyKmipClient(
@@ -67,6 +70,8 @@ class KMIPServer:
 
     def create_key(self, name: str, identity: str = PLUGIN_IDENTITY) -> str:
         """An AES-256 key, created and activated by `identity` (so owned by it): its unique identifier."""
+        from kmip.core import enums
+
         client = self.client(identity)
         client.open()
         try:

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-
 from tests.support.openbao import free_port, listening, stop
 
 REGION = "us-east-1"
@@ -59,6 +57,8 @@ class AWSEmulator:
     roles: dict[str, str] = field(default_factory=dict)  # name -> role ARN
 
     def client(self, service: str, user: str = "admin") -> Any:
+        import boto3  # here: conftest loads this module in every session, the VM guest's too
+
         key_id, secret = self.users[user]
         session = boto3.session.Session(
             aws_access_key_id=key_id, aws_secret_access_key=secret, region_name=REGION
@@ -76,6 +76,8 @@ class AWSEmulator:
 
 
 def _setup(emulator: AWSEmulator) -> None:
+    import boto3
+
     root = boto3.session.Session(
         aws_access_key_id="AKIASETUP", aws_secret_access_key="setup", region_name=REGION
     )
