@@ -8,6 +8,7 @@ It gets a CA of its own, a server certificate for 127.0.0.1 and `kmip.test`, and
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -106,9 +107,10 @@ def kmip_server(workdir: Path) -> Iterator[KMIPServer]:
     )
     log = workdir / "server.log"
     with (workdir / "server.out").open("wb") as out:
+        # A session of its own: the server forks helpers (PyKMIP's policy monitor), killed with it.
         process = subprocess.Popen(
             [sys.executable, "-m", "kmip.services.server.server", "-f", str(config), "-l", str(log)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     server = KMIPServer(port, ca.pem, identities, process, log)
     try:
@@ -122,6 +124,6 @@ def kmip_server(workdir: Path) -> Iterator[KMIPServer]:
         yield server
     finally:
         # Not stop(): PyKMIP's SIGTERM handler waits out its 10-second accept timeout, and nothing the
-        # server keeps is needed afterwards.
-        process.kill()
+        # server keeps is needed afterwards. The whole group: its forked helpers outlive a killed parent.
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
