@@ -124,6 +124,14 @@ CONFIGS = {
         every_pair=False,
         files=("services/controller.py",),
     ),
+    # A KMIP server wraps the DEKs, its credentials a Secret on the test API server.
+    "standalone-kmip": Config(
+        "standalone",
+        "kmip-rpc",
+        ("create", "snapshot", "restore", "delete"),
+        every_pair=False,
+        files=("services/controller.py",),
+    ),
     # rbd calls cost a few hundred ms each: the backend's own points, each once (the controller's are
     # the same code on every backend).
     "rbd-local": Config("rbd", "local-1", _ALL, every_pair=False, files=("volumes/rbd.py",)),
