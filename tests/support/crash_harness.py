@@ -69,7 +69,7 @@ def code_points(package: Path = PACKAGE) -> CodePoints:
 
 _COPY_KEY = steps("prepare-key", "copy-dek", "mark-state")
 _STANDALONE_COPY = steps("standalone-create", "meta", "header-backup", "image")
-_RBD_COPY = steps("rbd-copy", "snapshot", "deep-copy", "remove-snapshot", "purge") + steps(
+_RBD_COPY = steps("rbd-clone", "snapshot", "clone", "remove-snapshot") + steps(
     "rbd-create", "header-backup", "grow", "drop-source-metadata", "metadata", "owner"
 )
 # The points each controller call passes through, by backend.
@@ -93,7 +93,8 @@ CONTROLLER_SCENARIOS: dict[str, dict[str, tuple[str, ...]]] = {
         "restore": steps("create-volume", "backing-store") + _RBD_COPY + _COPY_KEY,
         "clone": steps("create-volume", "backing-store") + _RBD_COPY + _COPY_KEY,
         "snapshot": steps("create-snapshot", "backing-store") + _RBD_COPY + _COPY_KEY,
-        "delete": steps("delete", "remove-dek", "remove-header-backup", "remove-data"),
+        "delete": steps("delete", "remove-dek", "remove-header-backup", "remove-data")
+        + steps("rbd-delete", "remove-image", "purge-trash"),
         "expand": steps("controller-expand", "resize", "record-capacity"),
     },
 }
@@ -122,7 +123,7 @@ CONFIGS = {
         every_pair=False,
         files=("services/controller.py",),
     ),
-    # rbd calls cost a few hundred ms each: the backend's own points, each once (the controller's are
+    # Each case starts a plugin: the backend's own points, each once (the controller's are
     # the same code on every backend).
     "rbd-local": Config("rbd", "local-1", _ALL, every_pair=False, files=("volumes/rbd.py",)),
 }
