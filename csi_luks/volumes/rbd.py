@@ -212,23 +212,26 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                 if header is not None:  # the copy's LUKS header is the source's: so is its backup
                     with Step("rbd-create", "header-backup"):
                         images.put_object(ref, header_object(ref), header)
-                with Step("rbd-create", "grow"):
-                    size = images.grow_to(ref, size_bytes)
-                # A clone brings the source's metadata (its DEK among it): only ours may stay.
-                present = images.metadata(ref) or {}
-                with Step("rbd-create", "drop-source-metadata"):
-                    for key in present:
-                        if key.startswith(PREFIX) and key not in metadata:
-                            images.remove_meta(ref, key)
                 if depth >= SOFT_DEPTH:
                     metadata = {**metadata, FLATTEN: PENDING}  # before the owner: a crash keeps it owed
-            # Each key is one call: skip what is already so.
-            with Step("rbd-create", "metadata"):
-                for key, value in metadata.items():
-                    if present.get(key, "") != value:
-                        images.set_meta(ref, key, value)
-            with Step("rbd-create", "owner"):
-                images.set_meta(ref, _OWNER, volume_id)
+            # One open for every change of the new image: each open of a writable image costs round trips.
+            with images.edit(ref) as image:
+                if source_id is not None:
+                    with Step("rbd-create", "grow"):
+                        size = image.grow_to(size_bytes)
+                    # A clone brings the source's metadata (its DEK among it): only ours may stay.
+                    present = image.metadata()
+                    with Step("rbd-create", "drop-source-metadata"):
+                        for key in present:
+                            if key.startswith(PREFIX) and key not in metadata:
+                                image.remove_meta(key)
+                # Each key is one request: skip what is already so.
+                with Step("rbd-create", "metadata"):
+                    for key, value in metadata.items():
+                        if present.get(key, "") != value:
+                            image.set_meta(key, value)
+                with Step("rbd-create", "owner"):
+                    image.set_meta(_OWNER, volume_id)
             self._absent.discard(volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a clone of {source_id} at depth {depth}" if source_id else "")  # fmt: skip
@@ -246,21 +249,22 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                 f"cannot copy {source.spec} of cluster {source.cluster_id} into cluster {target.cluster_id}"
             )
         snapshot = _COPY_SNAPSHOT_PREFIX + target.image
-        images.remove_snapshot(source, snapshot)  # left by an interrupted copy: the time is now
-        with Step("rbd-clone", "snapshot"):
-            images.create_snapshot(source, snapshot)
-        cloned = images.features(source) & rbd.RBD_FEATURE_LAYERING
-        try:
-            with Step("rbd-clone", "clone"):
-                if cloned:
-                    layered = None if features is None else features | rbd.RBD_FEATURE_LAYERING
-                    images.clone(source, snapshot, target, layered, data_pool)
-                else:
-                    images.deep_copy(source, snapshot, target, features, data_pool)
-        finally:
-            # Clone v2: the snapshot waits in the source's snapshot trash while the clone needs it.
-            with Step("rbd-clone", "remove-snapshot"):
-                images.remove_snapshot(source, snapshot)
+        with images.edit(source) as parent:  # one open of the source for the snapshot's life
+            parent.remove_snapshot(snapshot)  # left by an interrupted copy: the time is now
+            with Step("rbd-clone", "snapshot"):
+                parent.create_snapshot(snapshot)
+            cloned = parent.features() & rbd.RBD_FEATURE_LAYERING
+            try:
+                with Step("rbd-clone", "clone"):
+                    if cloned:
+                        layered = None if features is None else features | rbd.RBD_FEATURE_LAYERING
+                        images.clone(source, snapshot, target, layered, data_pool)
+                    else:
+                        images.deep_copy(source, snapshot, target, features, data_pool)
+            finally:
+                # Clone v2: the snapshot waits in the source's snapshot trash while the clone needs it.
+                with Step("rbd-clone", "remove-snapshot"):
+                    parent.remove_snapshot(snapshot)
         if not cloned:
             for name in images.user_snapshots(target):  # a deep copy brings the source's snapshots
                 images.remove_snapshot(target, name)

@@ -144,51 +144,42 @@ class Images:
         with self._call("create"), self.ioctx(ref) as ioctx:
             self.rbd.create(ioctx, ref.image, size, old_format=False, features=features, data_pool=data_pool)
 
+    @contextlib.contextmanager
+    def edit(self, ref: ImageRef) -> Iterator[OpenImage]:
+        """The image opened once for several changes (each open of a writable image costs round trips:
+        its header, a watch, and with exclusive-lock the lock, taken at the first change)."""
+        with self.image(ref, "open") as image:
+            yield OpenImage(self, image)
+
     def metadata(self, ref: ImageRef) -> dict[str, str] | None:
         """The image's metadata; None if there is no such image."""
         try:
             with self.image(ref, "metadata-list", read_only=True) as image:
-                return {str(k): str(v) for k, v in image.metadata_list()}
+                return OpenImage(self, image).metadata()
         except VolumeNotFound:
             return None
 
     def set_meta(self, ref: ImageRef, key: str, value: str) -> None:
         """Set a key; RBD refuses empty values, and an absent key reads as empty, so "" removes it."""
-        if not value:
-            self.remove_meta(ref, key)
-            return
-        with self.image(ref, "metadata-set") as image:
-            image.metadata_set(key, value)
+        with self.edit(ref) as image:
+            image.set_meta(key, value)
 
     def remove_meta(self, ref: ImageRef, key: str) -> None:
-        # KeyError: librbd's "no such key"
-        with contextlib.suppress(VolumeNotFound, KeyError), self.image(ref, "metadata-remove") as image:
-            image.metadata_remove(key)
-
-    def size(self, ref: ImageRef) -> int:
-        with self.image(ref, "size", read_only=True) as image:
-            return int(image.size())
+        with contextlib.suppress(VolumeNotFound), self.edit(ref) as image:
+            image.remove_meta(key)
 
     def stat(self, ref: ImageRef) -> tuple[int, dict[str, str]] | None:
         """(size, metadata) in one open; None if there is no such image."""
         try:
             with self.image(ref, "stat", read_only=True) as image:
-                return int(image.size()), {str(k): str(v) for k, v in image.metadata_list()}
+                return int(image.size()), OpenImage(self, image).metadata()
         except VolumeNotFound:
             return None
 
     def grow_to(self, ref: ImageRef, size_bytes: int) -> int:
         """Grow the image to at least size_bytes (whole MiB); never shrink. Returns its size."""
-        with self.image(ref, "resize") as image:
-            size = int(image.size())
-            if size < size_bytes:
-                size = -(-size_bytes // _MiB) * _MiB
-                image.resize(size, allow_shrink=False)
-            return size
-
-    def features(self, ref: ImageRef) -> int:
-        with self.image(ref, "features", read_only=True) as image:
-            return int(image.features())
+        with self.edit(ref) as image:
+            return image.grow_to(size_bytes)
 
     def remove_image(self, ref: ImageRef) -> bool:
         """Remove the image, or move it to the RBD trash while clones still need it.
@@ -228,10 +219,6 @@ class Images:
                 for s in image.list_snaps()
                 if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER) == rbd.RBD_SNAP_NAMESPACE_TYPE_USER
             ]
-
-    def create_snapshot(self, ref: ImageRef, name: str) -> None:
-        with self.image(ref, "snap-create") as image:
-            image.create_snap(name)
 
     def remove_snapshot(self, ref: ImageRef, name: str) -> None:
         with contextlib.suppress(VolumeNotFound), self.image(ref, "snap-remove") as image:
@@ -348,3 +335,50 @@ class Images:
         """Remove a RADOS object; one that is not there is removed already."""
         with contextlib.suppress(VolumeNotFound), self._call("object-remove"), self.ioctx(ref) as ioctx:
             ioctx.remove_object(name)
+
+
+class OpenImage:
+    """An image Images opened: each call one librbd request on it, counted and translated."""
+
+    def __init__(self, images: Images, image: rbd.Image) -> None:
+        self._images = images
+        self.image = image
+
+    def metadata(self) -> dict[str, str]:
+        with self._images._call("metadata-list"):
+            return {str(k): str(v) for k, v in self.image.metadata_list()}
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a key; RBD refuses empty values, and an absent key reads as empty, so "" removes it."""
+        if not value:
+            self.remove_meta(key)
+            return
+        with self._images._call("metadata-set"):
+            self.image.metadata_set(key, value)
+
+    def remove_meta(self, key: str) -> None:
+        # KeyError: librbd's "no such key"
+        with contextlib.suppress(VolumeNotFound, KeyError), self._images._call("metadata-remove"):
+            self.image.metadata_remove(key)
+
+    def grow_to(self, size_bytes: int) -> int:
+        """Grow the image to at least size_bytes (whole MiB); never shrink. Returns its size."""
+        with self._images._call("resize"):
+            size = int(self.image.size())
+            if size < size_bytes:
+                size = -(-size_bytes // _MiB) * _MiB
+                self.image.resize(size, allow_shrink=False)
+            return size
+
+    def features(self) -> int:
+        return int(self.image.features())
+
+    def create_snapshot(self, name: str) -> None:
+        with self._images._call("snap-create"):
+            self.image.create_snap(name)
+
+    def remove_snapshot(self, name: str) -> None:
+        """Remove a snapshot; a missing one is removed already. With clone v2, one that clones still
+        need moves to the image's snapshot trash."""
+        with contextlib.suppress(VolumeNotFound), self._images._call("snap-remove"):
+            self.image.remove_snap(name)

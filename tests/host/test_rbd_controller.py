@@ -67,10 +67,12 @@ def exists(ceph: CephCluster, volume_id: str) -> bool:
     return decode_volume_id(volume_id).image in images
 
 
-def trash(ceph: CephCluster) -> list[str]:
-    """The names of the images in the pool's RBD trash."""
+def trash(ceph: CephCluster, *object_ids: str) -> list[str]:
+    """The images of these volumes or snapshots in the pool's RBD trash, sorted (other tests' images may
+    wait there for their own dependants)."""
     listed = json.loads(ceph.run("rbd", "trash", "ls", "--format", "json", ceph.pool) or "[]")
-    return [entry["name"] for entry in listed]
+    mine = {decode_volume_id(object_id).image for object_id in object_ids}
+    return sorted(entry["name"] for entry in listed if entry["name"] in mine)
 
 
 def fill(ceph: CephCluster, volume_id: str) -> None:
@@ -161,7 +163,7 @@ def test_no_controller_call_starts_a_process(
     assert AUDIT.programs[before:] == []
     for object_id in (source, snapshot, restored, clone.volume_id):
         assert not exists(ceph, object_id)
-    assert trash(ceph) == []  # the source went last-but-one: nothing is left billed
+    assert trash(ceph, source, snapshot, restored, clone.volume_id) == []  # nothing is left billed
 
 
 def test_a_request_reads_a_volume_once_and_keeps_its_own_changes(
@@ -221,7 +223,7 @@ def test_delete_purges_the_snapshots_an_interrupted_copy_left(
     deleted = calls_since(before)
     assert deleted["remove"] == 2 and deleted["snap-remove"] == 1, deleted  # refused, cleared, removed
     assert deleted["trash-move"] == 0, deleted  # no clone needed the snapshot
-    assert not exists(ceph, volume.volume_id) and trash(ceph) == []
+    assert not exists(ceph, volume.volume_id) and trash(ceph, volume.volume_id) == []
 
 
 def test_expand_grows_the_image(plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]) -> None:

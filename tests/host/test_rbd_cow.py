@@ -91,7 +91,8 @@ def test_snapshot_restore_and_clone_are_clones_and_the_parent_deleted_first_wait
 
     # The source goes first: its image waits in the trash, and its copies read on.
     delete_volume(plugin, source, ceph_secrets)
-    assert not exists(ceph, source) and trash(ceph) == [decode_volume_id(source).image]
+    everything = (source, snapshot, restored, clone)
+    assert not exists(ceph, source) and trash(ceph, *everything) == [decode_volume_id(source).image]
     for copy in (snapshot, restored, clone):
         assert digest(ceph, copy, length) == source_digest
     # A restore from the snapshot whose volume is gone still works.
@@ -101,13 +102,13 @@ def test_snapshot_restore_and_clone_are_clones_and_the_parent_deleted_first_wait
 
     # The snapshot next: two restores need its image.
     delete_snapshot(plugin, snapshot, ceph_secrets)
-    assert sorted(trash(ceph)) == sorted(decode_volume_id(i).image for i in (source, snapshot))
+    assert trash(ceph, *everything) == sorted(decode_volume_id(i).image for i in (source, snapshot))
     delete_volume(plugin, clone, ceph_secrets)  # the source still feeds the snapshot's image
-    assert sorted(trash(ceph)) == sorted(decode_volume_id(i).image for i in (source, snapshot))
+    assert trash(ceph, *everything) == sorted(decode_volume_id(i).image for i in (source, snapshot))
     delete_volume(plugin, restored, ceph_secrets)
     assert digest(ceph, again, length) == source_digest
     delete_volume(plugin, again, ceph_secrets)  # the last dependant: the whole chain is purged
-    assert trash(ceph) == []
+    assert trash(ceph, *everything, again) == []
 
 
 def test_a_deep_chain_is_flattened_in_the_background_past_the_soft_depth_and_at_once_at_the_hard(
@@ -139,7 +140,7 @@ def test_a_deep_chain_is_flattened_in_the_background_past_the_soft_depth_and_at_
 
     for volume_id in reversed([*chain, hard]):
         delete_volume(plugin, volume_id, ceph_secrets)
-    assert trash(ceph) == []
+    assert trash(ceph, *chain, hard) == []
 
 
 def test_an_interrupted_background_flatten_is_taken_up_by_the_next_call(
@@ -155,7 +156,7 @@ def test_an_interrupted_background_flatten_is_taken_up_by_the_next_call(
     assert parent_of(ceph, clone) is None and FLATTEN not in image_meta(ceph, clone)
     for volume_id in (source, clone):
         delete_volume(plugin, volume_id, ceph_secrets)
-    assert trash(ceph) == []
+    assert trash(ceph, source, clone) == []
 
 
 def test_concurrent_requests_share_one_connection_and_a_wrong_key_is_permission_denied(
