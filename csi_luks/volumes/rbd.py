@@ -30,7 +30,7 @@ from typing import Any
 
 import rbd
 
-from csi_luks.operations.crash import Step
+from csi_luks.crash import Step
 from csi_luks.system.runner import Runner
 from csi_luks.volume_metadata import NAME, PREFIX
 from csi_luks.volumes.base import (

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import grpc
 
-from csi_luks.operations.crash import CRASH_POINT_ENV
+from csi_luks.crash import CRASH_POINT_ENV
 
 PACKAGE = Path(__file__).resolve().parents[2] / "csi_luks"
 
@@ -49,7 +49,7 @@ def code_points(package: Path = PACKAGE) -> CodePoints:
             if not isinstance(node, ast.Call):
                 continue
             callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-            if callee not in ("Step", "crash_point") or relative == "operations/crash.py":
+            if callee not in ("Step", "crash_point") or relative == "crash.py":
                 continue
             literals = [
                 a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
