@@ -214,24 +214,24 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                         images.put_object(ref, header_object(ref), header)
                 if depth >= SOFT_DEPTH:
                     metadata = {**metadata, FLATTEN: PENDING}  # before the owner: a crash keeps it owed
-            # One open for every change of the new image: each open of a writable image costs round trips.
-            with images.edit(ref) as image:
-                if source_id is not None:
-                    with Step("rbd-create", "grow"):
-                        size = image.grow_to(size_bytes)
-                    # A clone brings the source's metadata (its DEK among it): only ours may stay.
+            # One open of the new image per step, and none across a crash point: a process killed with an
+            # image open leaves its watch on it for 30 s, and an image with a watch cannot be removed.
+            if source_id is not None:
+                with Step("rbd-create", "grow"), images.edit(ref) as image:
+                    size = image.grow_to(size_bytes)
+                # A clone brings the source's metadata (its DEK among it): only ours may stay.
+                with Step("rbd-create", "drop-source-metadata"), images.edit(ref) as image:
                     present = image.metadata()
-                    with Step("rbd-create", "drop-source-metadata"):
-                        for key in present:
-                            if key.startswith(PREFIX) and key not in metadata:
-                                image.remove_meta(key)
-                # Each key is one request: skip what is already so.
-                with Step("rbd-create", "metadata"):
-                    for key, value in metadata.items():
-                        if present.get(key, "") != value:
-                            image.set_meta(key, value)
-                with Step("rbd-create", "owner"):
-                    image.set_meta(_OWNER, volume_id)
+                    for key in present:
+                        if key.startswith(PREFIX) and key not in metadata:
+                            image.remove_meta(key)
+            # Each key is one request: skip what is already so.
+            with Step("rbd-create", "metadata"), images.edit(ref) as image:
+                for key, value in metadata.items():
+                    if present.get(key, "") != value:
+                        image.set_meta(key, value)
+            with Step("rbd-create", "owner"):
+                images.set_meta(ref, _OWNER, volume_id)
             self._absent.discard(volume_id)
             log.info("volume %s: image %s created (%d MiB%s)", volume_id, ref.spec, size_mib,
                      f", a clone of {source_id} at depth {depth}" if source_id else "")  # fmt: skip
@@ -249,22 +249,22 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                 f"cannot copy {source.spec} of cluster {source.cluster_id} into cluster {target.cluster_id}"
             )
         snapshot = _COPY_SNAPSHOT_PREFIX + target.image
-        with images.edit(source) as parent:  # one open of the source for the snapshot's life
-            parent.remove_snapshot(snapshot)  # left by an interrupted copy: the time is now
-            with Step("rbd-clone", "snapshot"):
-                parent.create_snapshot(snapshot)
+        # No image is held open across a crash point (see create).
+        images.remove_snapshot(source, snapshot)  # left by an interrupted copy: the time is now
+        with Step("rbd-clone", "snapshot"), images.edit(source) as parent:
+            parent.create_snapshot(snapshot)
             cloned = parent.features() & rbd.RBD_FEATURE_LAYERING
-            try:
-                with Step("rbd-clone", "clone"):
-                    if cloned:
-                        layered = None if features is None else features | rbd.RBD_FEATURE_LAYERING
-                        images.clone(source, snapshot, target, layered, data_pool)
-                    else:
-                        images.deep_copy(source, snapshot, target, features, data_pool)
-            finally:
-                # Clone v2: the snapshot waits in the source's snapshot trash while the clone needs it.
-                with Step("rbd-clone", "remove-snapshot"):
-                    parent.remove_snapshot(snapshot)
+        try:
+            with Step("rbd-clone", "clone"):
+                if cloned:
+                    layered = None if features is None else features | rbd.RBD_FEATURE_LAYERING
+                    images.clone(source, snapshot, target, layered, data_pool)
+                else:
+                    images.deep_copy(source, snapshot, target, features, data_pool)
+        finally:
+            # Clone v2: the snapshot waits in the source's snapshot trash while the clone needs it.
+            with Step("rbd-clone", "remove-snapshot"):
+                images.remove_snapshot(source, snapshot)
         if not cloned:
             for name in images.user_snapshots(target):  # a deep copy brings the source's snapshots
                 images.remove_snapshot(target, name)
