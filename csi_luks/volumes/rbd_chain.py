@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from csi_luks.volume_metadata import PREFIX
@@ -63,8 +64,6 @@ class BackgroundFlattens:
 
     def wait(self, timeout: float) -> bool:
         """Whether every running flatten finished within timeout (tests)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.running():
             if time.monotonic() > deadline:
