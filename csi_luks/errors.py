@@ -7,7 +7,7 @@ import grpc
 from csi_luks import luks
 from csi_luks.key_lock import KeyOperationBusy
 from csi_luks.kms import base as kms
-from csi_luks.operations import OperationRefused
+from csi_luks.refusal import OperationRefused
 from csi_luks.system.device_io import DeviceIOError
 from csi_luks.system.fs_limits import FilesystemTooSmall
 from csi_luks.volumes import base as volumes

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf import timestamp_pb2
 
+from csi_luks.crash import Step
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import volume_encryption
 from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not_found
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
-from csi_luks.operations.crash import Step
 from csi_luks.quoting import quoted, quoted_list
 from csi_luks.services.validation import (
     capability_problem,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from csi_luks.crash import crash_point
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import VolumeEncryption, volume_encryption
 from csi_luks.errors import failed_precondition, invalid_argument, not_found
@@ -33,7 +34,6 @@ from csi_luks.luks import (
 )
 from csi_luks.luks.stale import StaleMapping, StaleMappings
 from csi_luks.luks.status import luks2_label
-from csi_luks.operations.crash import crash_point
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.rotation import KeyRotation
 from csi_luks.quoting import quoted, quoted_list

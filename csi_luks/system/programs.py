@@ -19,7 +19,6 @@ UMOUNT = "umount"
 LOSETUP = "losetup"
 CP = "cp"
 RBD = "rbd"
-RADOS = "rados"
 # Not run by the plugin itself but by rbd on its behalf: `rbd device map --device-type nbd` starts the
 # rbd-nbd daemon, and rbd map loads the rbd and nbd kernel modules with modprobe.
 RBD_NBD = "rbd-nbd"
@@ -39,7 +38,6 @@ PROGRAMS: dict[str, str] = {
     LOSETUP: "mount",
     CP: "coreutils",
     RBD: "ceph-common",
-    RADOS: "ceph-common",
     RBD_NBD: "rbd-nbd",
     MODPROBE: "kmod",
 }

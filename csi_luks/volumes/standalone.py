@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from csi_luks.operations.crash import Step
+from csi_luks.crash import Step
 from csi_luks.quoting import quoted
 from csi_luks.system.loop import LoopDevices
 from csi_luks.system.programs import CP

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from csi_luks.crash import CRASH_POINT_ENV
 from csi_luks.kms.dek_store import DEK_KEY
-from csi_luks.operations.crash import CRASH_POINT_ENV
 from csi_luks.operations.migration import CRASH_POINTS, MIGRATING_TO, STAGED_DEK
 from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from csi_luks.volume_metadata import KMS_ID

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_luks import crash
 from csi_luks.csi import csi_pb2
 from csi_luks.encryption import volume_encryption
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
-from csi_luks.operations import crash
 from csi_luks.services import node
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import DELETING
