@@ -139,9 +139,9 @@ def test_create_and_delete_ask_the_cluster_nothing_twice(
     assert deleted["metadata-remove"] == 1, deleted
     assert deleted["remove"] == 1 and deleted["trash-move"] == 0, deleted  # no snapshot: removed at once
     assert deleted["trash-list"] == 1, deleted  # the purge of what nothing needs any more
-    # The intent to delete (one open to set it), then "watched on any node?", asked once.
-    assert deleted["open"] == 1 and deleted["watchers-list"] == 1, deleted
-    assert sum(deleted.values()) <= 9, deleted
+    # The intent to delete (an open to set it), then "watched on any node?", asked once.
+    assert deleted["metadata-set"] == 1 and deleted["watchers-list"] == 1, deleted
+    assert sum(deleted.values()) <= 10, deleted
     assert not exists(ceph, volume.volume_id)
 
 
