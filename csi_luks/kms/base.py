@@ -102,6 +102,10 @@ class EncryptionKMS(ABC):
     def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
         """Unwrap a stored DEK."""
 
+    def check_access(self, volume_id: str) -> None:  # noqa: B027 - optional hook, most need no login
+        """Log in (or connect) and fail as the first real call would, before CreateVolume makes anything:
+        a KMS that refuses or is down then costs no image created and deleted on every retry."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients and connections."""
 

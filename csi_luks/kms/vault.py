@@ -397,6 +397,10 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
     def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
         return encrypted_dek
 
+    def check_access(self, volume_id: str) -> None:
+        # Logs in, and asks the engine's version as store_dek will.
+        self.connection.kv_version(self.mount, volume_id)
+
     def path(self, volume_id: str) -> str:
         return f"{self.prefix}{volume_id}{self.suffix}"
 
@@ -494,6 +498,12 @@ class VaultTransitKMS(EncryptionKMS):
         # wrapped DEK copied into another volume's metadata does not unwrap there. (Transit's
         # associated_data would do it too, but rewrap does not take it.)
         self.derived = derived
+
+    def check_access(self, volume_id: str) -> None:
+        # A token login is local to the client: ask Vault something any token with a right on the mount may.
+        self.connection.call(
+            "check access", volume_id, lambda c: c.adapter.get(f"/v1/sys/internal/ui/mounts/{self.mount}")
+        )
 
     def _context(self, volume_id: str) -> str | None:
         return base64.b64encode(volume_id.encode()).decode() if self.derived else None

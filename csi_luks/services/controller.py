@@ -190,6 +190,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 created = False
                 info = existing
                 if info is None:
+                    if encrypted:
+                        self._check_kms_access(backend, volume_id, kms_id, request.secrets, pvc_namespace)
                     metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
@@ -248,6 +250,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         info = self._info_or_none(backend, object_id)
         record = VolumeRecord.parse(info.metadata) if info is not None else None
         return record if record is not None and record.is_snapshot == snapshot else None
+
+    def _check_kms_access(
+        self,
+        backend: VolumeBackend,
+        volume_id: str,
+        kms_id: str,
+        secrets: Mapping[str, str],
+        pvc_namespace: str | None,
+    ) -> None:
+        """A KMS that refuses this volume's credentials, or is down, fails CreateVolume before the backing
+        store is made: the provisioner retries a refused claim for ever, and each retry would otherwise
+        create and delete an image."""
+        context = KMSContext(secrets=dict(secrets), pvc_namespace=pvc_namespace)
+        volume_encryption(self.kms_config, kms_id, context, backend).kms.check_access(volume_id)
 
     def _prepare_key(
         self, backend: VolumeBackend, volume_id: str, record: VolumeRecord, secrets: Mapping[str, str]
