@@ -1,8 +1,8 @@
 """The controller's crash points, each one: a `csi-luks serve` process with CSI_LUKS_CRASH_POINT set makes
 the call and is SIGKILLed there; a plugin without it retries the same call, which must give the answer an
 uninterrupted call gives, with the data intact, no DEK orphaned or missing, and nothing left of a deleted
-volume. On the standalone backend with the `local`, `vault` (OpenBao) and `kmip` (PyKMIP) KMS, and on the
-host's Ceph.
+volume. On the standalone backend with the `local`, `vault` (OpenBao), `kmip` (PyKMIP, both modes) and
+`aws-metadata`/`aws-sts-metadata` (moto) KMS, and on the host's Ceph.
 
 The cases come from tests/support/crash_harness.py, whose points tests/unit/test_crash_points.py checks
 against the code.
@@ -30,8 +30,9 @@ from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import volume_encryption
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
+from csi_luks.services.controller import PARAM_PVC_NAMESPACE
 from csi_luks.settings import Mode
-from csi_luks.volume_metadata import CAPACITY, DELETING, STATE, backing_bytes
+from csi_luks.volume_metadata import CAPACITY, DELETING, PVC_NAMESPACE, STATE, backing_bytes
 from csi_luks.volumes.base import VolumeBackend, VolumeNotFound
 from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
@@ -74,7 +75,7 @@ class Harness:
         return dict(self.backend.get(object_id).metadata)
 
     def dek(self, object_id: str) -> str:
-        context = KMSContext(secrets=self.secrets, pvc_namespace=None)
+        context = KMSContext(secrets=self.secrets, pvc_namespace=self.record(object_id).get(PVC_NAMESPACE))
         config = KMSConfig.from_file(str(self.volumes.kms_config))
         return volume_encryption(config, self.kms_id, context, self.backend).get_passphrase(object_id)
 
@@ -189,18 +190,23 @@ class Harness:
 
 
 @contextmanager
-def _kube_secrets(request: pytest.FixtureRequest, root: Path) -> Iterator[dict[str, dict[str, str]]]:
-    """The kmip entries, their Secret on the test API server, read with the plugin's ServiceAccount:
-    through $KUBECONFIG in the plugin processes, through the plugin's client in this one."""
+def _kube_secrets(
+    request: pytest.FixtureRequest, root: Path, aws: bool
+) -> Iterator[dict[str, dict[str, str]]]:
+    """The kmip (and aws) entries, their Secrets on the test API server, read with the plugin's
+    ServiceAccount: through $KUBECONFIG in the plugin processes, through the plugin's client in this one."""
     env = request.getfixturevalue("kms_env")
-    entries = breadth_entries(env, request.getfixturevalue("session_kmip"), None)
+    emulator = request.getfixturevalue("session_aws") if aws else None
+    entries = breadth_entries(env, request.getfixturevalue("session_kmip"), emulator)
     kubeconfig = write_kubeconfig(root, env.kube, env.node_token_file)
+    # Harnesses live until the module ends and are torn down in reverse: give back the client found.
+    previous = plugin_kube._api_client
     with patch.dict(os.environ, {"KUBECONFIG": str(kubeconfig)}):
         plugin_kube.set_api_client(env.kube.api_client(env.node_token_file.read_text()))
         try:
             yield entries
         finally:
-            plugin_kube.set_api_client(None)
+            plugin_kube.set_api_client(previous)
 
 
 def _entries(root: Path, bao: OpenBao | None) -> dict[str, dict[str, str]]:
@@ -220,9 +226,13 @@ def _harness(name: str, request: pytest.FixtureRequest, root: Path) -> Iterator[
     bao = request.getfixturevalue("session_bao") if config.kms_id.startswith("vault") else None
     with ExitStack() as stack:
         entries = _entries(root, bao)
-        if config.kms_id.startswith("kmip"):
-            entries |= stack.enter_context(_kube_secrets(request, root))
-        yield stack.enter_context(_harness_over(name, request, root, Volumes(root, entries), bao))
+        namespace = None
+        if config.kms_id.startswith(("kmip", "aws")):
+            entries |= stack.enter_context(_kube_secrets(request, root, config.kms_id.startswith("aws")))
+            # breadth_entries puts their Secrets in the tenant's namespace: the PVCs' namespace.
+            namespace = request.getfixturevalue("kms_env").tenant.namespace
+        volumes = Volumes(root, entries, pvc_namespace=namespace)
+        yield stack.enter_context(_harness_over(name, request, root, volumes, bao))
 
 
 @contextmanager
@@ -231,6 +241,8 @@ def _harness_over(
 ) -> Iterator[Harness]:
     config = CONFIGS[name]
     parameters = {"encrypted": "true", "encryptionKMSID": config.kms_id}
+    if volumes.pvc_namespace is not None:
+        parameters[PARAM_PVC_NAMESPACE] = volumes.pvc_namespace
     extra = ["--mode", "controller"]
     ceph, secrets, ceph_config = None, {}, None
     backend: VolumeBackend = volumes.backend

@@ -111,6 +111,7 @@ class Config:
     scenarios: tuple[str, ...]
     every_pair: bool  # every (scenario, point) pair; else each point once, in the first scenario reaching it
     files: tuple[str, ...] | None = None  # only the points of these files (None: all)
+    steps: tuple[str, ...] | None = None  # only the points around these steps (None: all)
 
 
 _ALL = ("create", "restore", "clone", "snapshot", "delete", "expand")
@@ -133,6 +134,19 @@ CONFIGS = {
         every_pair=False,
         files=("services/controller.py",),
     ),
+    # The other wrapping KMS types: only where a DEK is wrapped, copied (unwrapped and re-wrapped) or removed;
+    # the rest of the call is the same code whatever wraps the DEK.
+    **{
+        f"standalone-{kms_id}": Config(
+            "standalone",
+            kms_id,
+            ("create", "snapshot", "delete"),
+            every_pair=False,
+            files=("services/controller.py",),
+            steps=("new-dek", "copy-dek", "remove-dek"),
+        )
+        for kms_id in ("kmip-local", "aws-metadata", "aws-sts-metadata")
+    },
     # Each case starts a plugin: the backend's own points, each once (the controller's are
     # the same code on every backend).
     "rbd-local": Config("rbd", "local-1", _ALL, every_pair=False, files=("volumes/rbd.py",)),
@@ -148,6 +162,8 @@ def controller_cases() -> list[tuple[str, str, str]]:
         for scenario in config.scenarios:
             for point in CONTROLLER_SCENARIOS[config.backend][scenario]:
                 if config.files is not None and code.get(point) not in config.files:
+                    continue
+                if config.steps is not None and point.split(".", 1)[1].split("-", 1)[1] not in config.steps:
                     continue
                 if config.every_pair or point not in seen:
                     cases.append((config_name, scenario, point))
