@@ -17,6 +17,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from csi_luks.kms.aws import DEFAULT_TOKEN_FILE
 from tests.support import csi_tools
 from tests.support.deployed_plugin import DEPLOY_BASE
 from tests.support.kube import BUILD_SCRIPT, KubeCluster, kube_apiserver_binary
@@ -152,3 +153,21 @@ def test_the_controller_runs_unprivileged_and_the_node_plugin_privileged(kubectl
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], container["name"]
     node = next(c for c in _containers(rendered, "DaemonSet") if c["name"] == "csi-luks")
     assert node["securityContext"]["privileged"] is True
+
+
+def test_both_roles_mount_the_projected_token_aws_sts_metadata_reads_by_default(kubectl: Path) -> None:
+    rendered = _render(kubectl, DEPLOY_BASE)
+    directory, name = DEFAULT_TOKEN_FILE.rsplit("/", 1)
+    for kind in ("Deployment", "DaemonSet"):
+        pod = next(d for d in rendered if d["kind"] == kind)["spec"]["template"]["spec"]
+        plugin = next(c for c in pod["containers"] if c["name"] == "csi-luks")
+        mounted = {m["name"] for m in plugin["volumeMounts"] if m["mountPath"] == directory}
+        projected = [
+            source["serviceAccountToken"]
+            for volume in pod["volumes"]
+            if volume["name"] in mounted and "projected" in volume
+            for source in volume["projected"]["sources"]
+            if "serviceAccountToken" in source
+        ]
+        assert [token["path"] for token in projected] == [name], kind
+        assert projected[0]["audience"] == "ceph-csi-kms"  # Ceph-CSI's: its IAM OIDC provider accepts it

@@ -23,6 +23,8 @@ from csi_luks.volumes.rbd import decode_volume_id
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
+from tests.support.kmip_server import SERVER_NAME as KMIP_SERVER_NAME
+from tests.support.kmip_server import KMIPServer
 from tests.support.kms_env import build_kms_env
 from tests.support.kube_node import CsiDriver, KubeNode, start_driver
 from tests.support.kube_node_fixture import LOCAL_KMS, k8s_node, luks_driver
@@ -240,6 +242,41 @@ def test_vault_tenant_serviceaccount_writes_the_dek_of_a_pvc_in_its_namespace(
         "the DEK removed from OpenBao with the volume",
         lambda: not vault_kv_has(env.bao, f"e2e-tenants/{volume_id}"),
     )
+
+
+def test_kmip_wraps_the_dek_of_a_pvc_through_its_lifecycle(
+    local: Workloads, session_kmip: KMIPServer
+) -> None:
+    """The `kmip` type (Encrypt/Decrypt on the KMIP server), its certificates a Secret the plugin reads from
+    the cluster: create, stage, write, unstage, stage again, read, delete; the DEK only ever wrapped."""
+    local.apply({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "e2e-kmip", "namespace": "kube-system"},
+        "stringData": session_kmip.secret_data(),
+    })  # fmt: skip
+    entry = {
+        "encryptionKMSType": "kmip", "KMIP_ENDPOINT": session_kmip.endpoint, "KMIP_SECRET_NAME": "e2e-kmip",
+        "KMIP_SECRET_NAMESPACE": "kube-system", "TLS_SERVER_NAME": KMIP_SERVER_NAME, "USE_CRYPTO_RPC": "true",
+    }  # fmt: skip
+    config = json.loads(local.driver.kms_config.read_text())
+    local.driver.kms_config.write_text(json.dumps({**config, "e2e-kmip": entry}))
+    local.storage_class("luks-kmip", {"encrypted": "true", "encryptionKMSID": "e2e-kmip"})
+    local.pvc("kmip-data", "luks-kmip")
+    volume_id = local.bound_volume("kmip-data").spec.csi.volume_handle
+    wrapped = backend(local.driver).get(volume_id).metadata[DEK]
+    assert wrapped and len(wrapped) > 43, wrapped  # the KMIP server's ciphertext, not a bare passphrase
+
+    marker = f"csi-luks-e2e-kmip-{os.urandom(8).hex()}"
+    writer(local, "kmip-writer", "kmip-data", marker)
+    local.delete("pod", "kmip-writer")
+    assert_unstaged(local, volume_id)
+    assert_ciphertext_only(local, volume_id, marker)
+    assert reader(local, "kmip-reader", "kmip-data") == marker, local.diagnostics()
+    local.delete("pod", "kmip-reader")
+    assert_unstaged(local, volume_id)
+
+    local.delete("pvc", "kmip-data")
+    local.wait(f"{volume_id} and its wrapped DEK deleted",
+               lambda: volume_id not in {v.volume_id for v in backend(local.driver).list()})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
