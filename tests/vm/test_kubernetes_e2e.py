@@ -88,6 +88,19 @@ def reader(work: Workloads, pod: str, pvc: str) -> str:
     return seen
 
 
+def write_unstage_and_read_back(work: Workloads, pvc: str, volume_id: str, marker: str, prefix: str) -> None:
+    """A pod writes the marker (the volume mapped meanwhile), goes; only ciphertext is left at rest; a
+    second pod reads the marker back through a new stage, and goes."""
+    writer(work, f"{prefix}writer", pvc, marker)
+    assert Cryptsetup().status(mapper_name(volume_id)).active, work.diagnostics()
+    work.delete("pod", f"{prefix}writer")
+    assert_unstaged(work, volume_id)
+    assert_ciphertext_only(work, volume_id, marker)
+    assert reader(work, f"{prefix}reader", pvc) == marker, work.diagnostics()
+    work.delete("pod", f"{prefix}reader")
+    assert_unstaged(work, volume_id)
+
+
 def test_node_comes_up_and_registers_the_driver(k8s_node: KubeNode, luks_driver: CsiDriver) -> None:
     print(f"bring-up: {k8s_node.bring_up_seconds:.0f}s")
     assert not k8s_node.processes.dead(), k8s_node.diagnostics()
@@ -99,15 +112,7 @@ def test_encrypted_pvc_pod_lifecycle_keeps_data_encrypted_at_rest(local: Workloa
     volume_id = local.bound_volume("data").spec.csi.volume_handle
     assert DEK in backend(local.driver).get(volume_id).metadata  # the local KMS: wrapped, in its metadata
 
-    writer(local, "writer", "data", marker)
-    assert Cryptsetup().status(mapper_name(volume_id)).active, local.diagnostics()
-    local.delete("pod", "writer")
-    assert_unstaged(local, volume_id)
-    assert_ciphertext_only(local, volume_id, marker)
-
-    assert reader(local, "reader", "data") == marker, local.diagnostics()
-    local.delete("pod", "reader")
-    assert_unstaged(local, volume_id)
+    write_unstage_and_read_back(local, "data", volume_id, marker, prefix="")
 
 
 def test_snapshot_restore_and_clone_are_readable_each_with_its_own_dek(local: Workloads) -> None:
@@ -266,13 +271,7 @@ def test_kmip_wraps_the_dek_of_a_pvc_through_its_lifecycle(
     assert wrapped and len(wrapped) > 43, wrapped  # the KMIP server's ciphertext, not a bare passphrase
 
     marker = f"csi-luks-e2e-kmip-{os.urandom(8).hex()}"
-    writer(local, "kmip-writer", "kmip-data", marker)
-    local.delete("pod", "kmip-writer")
-    assert_unstaged(local, volume_id)
-    assert_ciphertext_only(local, volume_id, marker)
-    assert reader(local, "kmip-reader", "kmip-data") == marker, local.diagnostics()
-    local.delete("pod", "kmip-reader")
-    assert_unstaged(local, volume_id)
+    write_unstage_and_read_back(local, "kmip-data", volume_id, marker, prefix="kmip-")
 
     local.delete("pvc", "kmip-data")
     local.wait(f"{volume_id} and its wrapped DEK deleted",
