@@ -95,6 +95,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         connect_timeout: float = CONNECT_TIMEOUT,
         one_request: bool = False,
         connections: Connections | None = None,
+        resume_flattens: bool = True,
     ) -> None:
         self.clusters = clusters
         self.state_dir = Path(state_dir)
@@ -105,6 +106,9 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         self.connect_timeout = connect_timeout
         # Shared by every request of this backend (for_request hands it on).
         self.connections = connections or Connections(connect_timeout=connect_timeout, op_timeout=timeout)
+        # Whether reading an image that owes a flatten starts it here (not in a short-lived operator command,
+        # whose exit would cut it short: the plugin takes it up).
+        self.resume_flattens = resume_flattens
         # With one_request (see VolumeBackend.for_request), what this request read of its volumes.
         self.one_request = one_request
         self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
@@ -117,7 +121,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             return self
         return RbdBackend(
             self.clusters, self.state_dir, self.runner, credentials, self.timeout, self.map_timeout,
-            self.connect_timeout, one_request, self.connections,
+            self.connect_timeout, one_request, self.connections, self.resume_flattens,
         )  # fmt: skip
 
     # --- placement -----------------------------------------------------------------------------------
@@ -279,7 +283,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
 
     def _resume_flatten(self, ref: ImageRef, metadata: Mapping[str, str]) -> None:
         """Start the background flatten the image is owed (see rbd_chain), unless it runs already."""
-        if metadata.get(FLATTEN) != PENDING or self.credentials is None:
+        if metadata.get(FLATTEN) != PENDING or self.credentials is None or not self.resume_flattens:
             return
         connections, credentials = self.connections, self.credentials
         cluster = self.clusters.get(ref.cluster_id)
@@ -295,6 +299,16 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         if FLATTENS.start(ref.spec, flatten):
             log.info("image %s: a clone at depth %d or more: flattening it in the background",
                      ref.spec, SOFT_DEPTH)  # fmt: skip
+
+    def background_work(self, volume_id: str) -> str | None:
+        """Says "flattening (chain depth N)" while the image carries the marker of an owed flatten
+        (rbd_chain): running in a plugin, or owed by one that stopped (the next call reading it resumes)."""
+        ref = decode_volume_id(volume_id)
+        with self._images(ref) as images:
+            metadata = images.metadata(ref)
+            if metadata is None or metadata.get(FLATTEN) != PENDING:
+                return None
+            return f"flattening (chain depth {images.depth(ref)})"
 
     def get(self, volume_id: str) -> VolumeInfo:
         ref = decode_volume_id(volume_id)
