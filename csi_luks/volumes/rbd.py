@@ -37,6 +37,7 @@ from csi_luks.volumes.base import (
     BackendRequestError,
     CapacityOutOfRange,
     VolumeBackend,
+    VolumeBackendError,
     VolumeInfo,
     VolumeInUse,
     VolumeNotFound,
@@ -299,6 +300,33 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         if FLATTENS.start(ref.spec, flatten):
             log.info("image %s: a clone at depth %d or more: flattening it in the background",
                      ref.spec, SOFT_DEPTH)  # fmt: skip
+
+    def resume_owed_flattens(self) -> builtins.list[str]:
+        """Start every flatten that a stopped plugin left owed (the images of every configured cluster's
+        pools that carry the marker, complete ones only), as this backend's cephx user; their specs. A
+        cluster that cannot be reached, or a pool the user may not read, is logged and passed over."""
+        if self.credentials is None:
+            return []
+        owed: builtins.list[ImageRef] = []
+        for cluster in self.clusters.all():
+            try:
+                with self.connections.session(cluster, self.credentials) as handle:
+                    images = Images(handle)
+                    for pool in images.pools():
+                        where = ImageRef(cluster.cluster_id, pool, cluster.rados_namespace, "")
+                        try:
+                            marked = images.marked(where, FLATTEN, PENDING)
+                        except VolumeBackendError as exc:
+                            log.debug("owed flattens: pool %s of cluster %s passed over: %s",
+                                      pool, cluster.cluster_id, exc)  # fmt: skip
+                            continue
+                        owed += [ref for ref, metadata in marked if metadata.get(_OWNER)]
+            except VolumeBackendError as exc:
+                log.warning("owed flattens of cluster %s not looked for: %s (each resumes when its image "
+                            "is next read)", cluster.cluster_id, exc)  # fmt: skip
+        for ref in owed:
+            self._resume_flatten(ref, {FLATTEN: PENDING})
+        return [ref.spec for ref in owed]
 
     def background_work(self, volume_id: str) -> str | None:
         """Says "flattening (chain depth N)" while the image carries the marker of an owed flatten

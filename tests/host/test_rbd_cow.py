@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from tests.host.test_rbd_controller import (
     trash,
 )
 from tests.support.ceph import CephCluster
+from tests.support.openbao import free_port
 from tests.support.plugin import MiB, RunningPlugin, running_plugin
 
 
@@ -160,6 +162,63 @@ def test_an_interrupted_background_flatten_is_taken_up_by_the_next_call(
     for volume_id in (source, clone):
         delete_volume(plugin, volume_id, ceph_secrets)
     assert trash(ceph, source, clone) == []
+
+
+def test_a_restarted_controller_resumes_owed_flattens_without_being_asked(
+    plugin: RunningPlugin,
+    ceph: CephCluster,
+    ceph_config: Path,
+    ceph_secrets: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = plugin.state_dir.parent
+    source = written_source(plugin, ceph, "pvc-owed-restart", ceph_secrets)
+    length = image_size(ceph, source)
+    clone = plugin.copy("pvc-owed-restart-clone", None, encrypted(ceph), volume_id=source,
+                        secrets=ceph_secrets).volume_id  # fmt: skip
+    # What a plugin stopped in the middle of a background flatten leaves: the marker, the parent there.
+    ceph.run("rbd", "image-meta", "set", spec(clone), FLATTEN, "pending")
+    assert FLATTENS.running() == [] and parent_of(ceph, clone) is not None
+    # The controller's cephx user as Kubernetes mounts a Secret: one file per key.
+    mounted = root / "ceph-secret"
+    mounted.mkdir()
+    for key, value in ceph_secrets.items():
+        (mounted / key).write_text(value)
+    caplog.set_level("INFO", logger="csi_luks")
+    with running_plugin(root / "restarted", mode=Mode.CONTROLLER, ceph_config=ceph_config,
+                        ceph_secrets=mounted) as restarted:  # fmt: skip
+        scan = restarted.server.flatten_scan
+        assert scan is not None
+        scan.join(60)
+        assert not scan.is_alive() and FLATTENS.wait(60)
+        # No request named the clone: the start-up scan found it and flattened it.
+        assert parent_of(ceph, clone) is None and FLATTEN not in image_meta(ceph, clone)
+        assert digest(ceph, clone, length) == digest(ceph, source, length)
+        logged = [r.getMessage() for r in caplog.records if "owed RBD flattens looked for" in r.getMessage()]
+        assert len(logged) == 1 and spec(clone) in logged[0]
+    for volume_id in (clone, source):
+        delete_volume(plugin, volume_id, ceph_secrets)
+    assert trash(ceph, source, clone) == []
+
+
+def test_an_unreachable_cluster_at_start_up_neither_blocks_nor_stops_the_controller(
+    ceph_secrets: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "config.json"  # a monitor port nothing listens on: the cluster never answers
+    config.write_text(json.dumps([{"clusterID": "gone", "monitors": [f"v1:127.0.0.1:{free_port()}"]}]))
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps(ceph_secrets))
+    caplog.set_level("INFO", logger="csi_luks")
+    started = time.monotonic()
+    with running_plugin(tmp_path / "plugin", mode=Mode.CONTROLLER, ceph_config=config,
+                        ceph_secrets=secrets) as plugin:  # fmt: skip
+        assert time.monotonic() - started < 5  # the scan runs beside the server, not before it
+        assert plugin.identity.Probe(csi_pb2.ProbeRequest(), timeout=5) is not None
+        scan = plugin.server.flatten_scan
+        assert scan is not None
+        scan.join(60)  # the connect timeout, then a warning
+    assert not scan.is_alive()
+    assert any("owed flattens of cluster gone not looked for" in r.getMessage() for r in caplog.records)
 
 
 def status_of(
