@@ -127,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
         "default: no metrics)",
     )
     serve.add_argument(
+        "--ceph-secrets",
+        default=os.environ.get("CSI_LUKS_CEPH_SECRETS") or None,
+        metavar="PATH",
+        help="rbd controller: a cephx user (a mounted Secret's directory with the files userID and userKey, "
+        "or a JSON object of them) with which it finds and resumes, at start-up and in the background, the "
+        "flattens a stopped plugin left owed (env CSI_LUKS_CEPH_SECRETS; default: each resumes when its "
+        "image is next read)",
+    )
+    serve.add_argument(
         "--log-format",
         type=LogFormat,
         choices=list(LogFormat),
@@ -211,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backend=args.backend,
                 state_dir=args.state_dir,
                 ceph_config=args.ceph_config,
+                ceph_secrets=args.ceph_secrets,
                 kms_config=args.kms_config,
                 kms_config_map=args.kms_config_map,
                 metrics_address=args.metrics_address,

@@ -1,7 +1,9 @@
 """The plugin's Kubernetes API client: in-cluster credentials, else $KUBECONFIG; one client, reused.
 
-Every call maps API errors to KMS errors that name the object and why, never its contents: a missing
-object is a configuration error, a refusal is PERMISSION_DENIED (RBAC), anything else UNAVAILABLE.
+Every call maps API errors to errors of its own (KubeError's kinds) that name the object and why, never
+its contents: no credentials, a missing object, a refusal (RBAC), anything else unavailable. This module
+sits below its users: the KMS types reach it through kms/kube_api.py, which raises the same message as the
+KMS error of each kind (a configuration error, FAILED_PRECONDITION, PERMISSION_DENIED, UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -16,12 +18,30 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError
 
-from csi_luks.kms.base import KMSConfigError, KMSObjectNotFound, KMSPermissionDenied, KMSUnavailable
-
 T = TypeVar("T")
 _lock = threading.Lock()
 _api_client: Any = None
 REQUEST_TIMEOUT = 10.0  # seconds per API call: a hung API server must not hang a CSI call
+
+
+class KubeError(Exception):
+    """A Kubernetes API call failed; the message names the object and why."""
+
+
+class KubeNoCredentials(KubeError):
+    """Neither in a pod nor with a usable kubeconfig."""
+
+
+class KubeObjectNotFound(KubeError):
+    """The object does not exist."""
+
+
+class KubePermissionDenied(KubeError):
+    """The API server refused the plugin the object (401, 403: its RBAC)."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server is unreachable or answered with another error; a retry may pass."""
 
 
 def set_api_client(api_client: Any) -> None:
@@ -41,7 +61,7 @@ def api_client() -> Any:
                 try:
                     config.load_kube_config()
                 except (ConfigException, OSError) as exc:
-                    raise KMSConfigError(
+                    raise KubeNoCredentials(
                         f"no Kubernetes API credentials: not in a pod, and no usable kubeconfig ({exc})"
                     ) from None
             _api_client = client.ApiClient()
@@ -53,14 +73,14 @@ def _call(what: str, fn: Callable[[client.CoreV1Api], T]) -> T:
         return fn(client.CoreV1Api(api_client()))
     except ApiException as exc:
         if exc.status == 404:
-            raise KMSObjectNotFound(f"{what} does not exist") from None
+            raise KubeObjectNotFound(f"{what} does not exist") from None
         if exc.status in (401, 403):
-            raise KMSPermissionDenied(f"{what}: the plugin may not access it (RBAC)") from None
+            raise KubePermissionDenied(f"{what}: the plugin may not access it (RBAC)") from None
         answer = f"{exc.status} {exc.reason}"
-        raise KMSUnavailable(f"{what}: the Kubernetes API server answered {answer}") from None
+        raise KubeUnavailable(f"{what}: the Kubernetes API server answered {answer}") from None
     except (HTTPError, OSError) as exc:
         reason = type(exc).__name__
-        raise KMSUnavailable(f"{what}: the Kubernetes API server is unreachable ({reason})") from None
+        raise KubeUnavailable(f"{what}: the Kubernetes API server is unreachable ({reason})") from None
 
 
 def read_secret(name: str, namespace: str, purpose: str) -> dict[str, str]:
@@ -79,7 +99,7 @@ def read_config_map(name: str, namespace: str, purpose: str) -> dict[str, str] |
             f"{purpose}: ConfigMap {namespace}/{name}",
             lambda core: core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT),
         )
-    except KMSObjectNotFound:
+    except KubeObjectNotFound:
         return None
     return dict(config_map.data or {})
 

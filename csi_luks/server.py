@@ -44,7 +44,7 @@ from csi_luks.services.sanitize import sanitized
 from csi_luks.settings import Backend, Settings
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.volumes.base import VolumeBackend
-from csi_luks.volumes.ceph_clusters import CephClusters, sweep_stale_key_dirs
+from csi_luks.volumes.ceph_clusters import CephClusters, read_secrets, sweep_stale_key_dirs
 from csi_luks.volumes.rbd import RbdBackend
 from csi_luks.volumes.standalone import StandaloneBackend
 
@@ -209,6 +209,7 @@ class PluginServer:
             self.kms_config.observer = self.metrics.kms_call
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
+        self.flatten_scan: threading.Thread | None = None  # resume_owed_flattens's, while it runs
 
     def _plugin_capabilities(self) -> list[csi_pb2.PluginCapability]:
         # Advertise only what this process actually serves.
@@ -302,6 +303,36 @@ class PluginServer:
         self.readiness.check()
         if self.settings.mode.runs_node:
             self.warn_of_stale_mappings()
+        if self.settings.mode.runs_controller:
+            self.flatten_scan = self.resume_owed_flattens()
+
+    def resume_owed_flattens(self) -> threading.Thread | None:
+        """RBD: resume the background flattens a stopped plugin left owed (volumes/rbd_chain), in a thread
+        of their own: a slow or unreachable cluster must not hold up the start. Needs --ceph-secrets."""
+        backend, secrets = self.backend, self.settings.ceph_secrets
+        if not isinstance(backend, RbdBackend):
+            return None
+        if not secrets:
+            log.info(
+                "no --ceph-secrets: a flatten a stopped plugin left owed resumes when its image is next read"
+            )
+            return None
+
+        def scan() -> None:
+            started = time.monotonic()
+            try:
+                resumed = backend.for_request(read_secrets(secrets), one_request=False).resume_owed_flattens()
+            except Exception as exc:  # the plugin serves on: each owed flatten resumes when its image is read
+                log.warning(
+                    "owed RBD flattens not looked for (%s): each resumes when its image is next read", exc
+                )
+                return
+            log.info("owed RBD flattens looked for in %.1fs: %s", time.monotonic() - started,
+                     f"resumed {', '.join(resumed)}" if resumed else "none")  # fmt: skip
+
+        thread = threading.Thread(target=scan, name="resume owed flattens", daemon=True)
+        thread.start()
+        return thread
 
     def warn_of_stale_mappings(self) -> None:
         """Name each stale mapping in the log at start: a restarted node finds what it left behind."""

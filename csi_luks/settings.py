@@ -63,6 +63,9 @@ class Settings:
     backend: Backend = Backend.STANDALONE
     state_dir: str = DEFAULT_STATE_DIR  # standalone: volumes and metadata; rbd: the node's attachment records
     ceph_config: str = DEFAULT_CEPH_CONFIG  # rbd: the Ceph clusters, ceph-csi's config.json format
+    # rbd controller: a cephx user (a mounted Secret's directory, or a JSON file, with userID and userKey) to
+    # find, at start-up, the background flattens a stopped plugin left owed; None: each resumes when read
+    ceph_secrets: str | None = None
     kms_config: str = DEFAULT_KMS_CONFIG  # JSON object keyed by KMS id
     kms_config_map: str | None = None  # "namespace/name": read through the API while kms_config is absent
     metrics_address: str | None = None  # "host:port" of the Prometheus endpoint; None: no metrics

@@ -203,7 +203,7 @@ class AWSKMS(EncryptionKMS):
 
 
 def _secret(kms_id: str, name: str, namespace: str) -> dict[str, str]:
-    from csi_luks.kube import read_secret
+    from csi_luks.kms.kube_api import read_secret
 
     return read_secret(name, namespace, f"KMS {kms_id!r}")
 

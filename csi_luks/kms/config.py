@@ -303,7 +303,7 @@ def _kind(value: object) -> str:
 
 
 def _from_config_map(namespace: str, name: str) -> dict[str, dict[str, str]]:
-    from csi_luks.kube import read_config_map
+    from csi_luks.kms.kube_api import read_config_map
 
     source = f"KMS configuration ConfigMap {namespace}/{name}"
     data = read_config_map(name, namespace, "KMS configuration")
@@ -322,7 +322,7 @@ def _tenant_overrides(
     kms_id: str, entry: Mapping[str, str], namespace: str, allowed: frozenset[str]
 ) -> dict[str, str]:
     """The allowed keys a tenant set in its own ConfigMap; other keys are ignored, with a warning."""
-    from csi_luks.kube import read_config_map
+    from csi_luks.kms.kube_api import read_config_map
 
     name = entry.get(TENANT_CONFIG_KEY) or DEFAULT_TENANT_CONFIG
     data = read_config_map(name, namespace, f"KMS {kms_id!r}, tenant configuration")

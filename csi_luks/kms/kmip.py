@@ -156,7 +156,7 @@ def _memfd(name: str, data: str) -> int:
 
 def _credentials(settings: KMIPSettings) -> _Credentials:
     """The Secret's TLS identity as an SSL context, and the key's id. Messages name keys, never values."""
-    from csi_luks.kube import read_secret
+    from csi_luks.kms.kube_api import read_secret
 
     data = read_secret(settings.secret_name, settings.secret_namespace, f"KMS {settings.kms_id!r}")
     missing = [key for key in SECRET_KEYS if not data.get(key, "").strip()]

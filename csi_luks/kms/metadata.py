@@ -82,7 +82,7 @@ def _passphrase(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> s
             raise KMSConfigError(
                 f"KMS {kms_id!r}: key 'secretNamespace' is not set and the request names no PVC namespace"
             )
-        from csi_luks.kube import read_secret
+        from csi_luks.kms.kube_api import read_secret
 
         data = read_secret(secret_name, namespace, f"KMS {kms_id!r}")
         value = data.get(PASSPHRASE_KEY)

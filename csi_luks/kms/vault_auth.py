@@ -59,7 +59,7 @@ class TokenSecretAuth(VaultAuth):
     key: str
 
     def login(self, client: hvac.Client, kms_id: str) -> None:
-        from csi_luks.kube import read_secret
+        from csi_luks.kms.kube_api import read_secret
 
         data = read_secret(self.name, self.namespace, f"KMS {kms_id!r}, Vault token")
         token = data.get(self.key, "").strip()
@@ -92,7 +92,7 @@ class KubernetesAuth(VaultAuth):
     def _jwt(self, kms_id: str) -> str:
         if self.service_account is not None:
             assert self.namespace is not None  # noqa: S101 - set together by the factories
-            from csi_luks.kube import request_service_account_token
+            from csi_luks.kms.kube_api import request_service_account_token
 
             audiences = [self.audience] if self.audience else []
             return request_service_account_token(

@@ -34,7 +34,7 @@ class CASecret:
 
     def read(self, kms_id: str) -> str:
         """The bundle, read afresh through the API (so a rotated CA is picked up at the next login)."""
-        from csi_luks.kube import read_secret
+        from csi_luks.kms.kube_api import read_secret
 
         data = read_secret(self.name, self.namespace, f"KMS {kms_id!r}, Vault CA (vaultCAFromSecret)")
         pem = data.get(CA_SECRET_KEY, "").strip()

@@ -4,6 +4,9 @@ Read-only: the header is read (luksDump, `open --test-passphrase`, luksHeaderBac
 temporary file), nothing is written. A volume is consistent when its DEK is retrievable and opens its
 header, no key slot is one the DEK does not open, no rotation is pending, and its header backup (where
 the backend keeps them) matches the header.
+
+What the backend still does to a volume on its own (an RBD clone's background flatten: "flattening (chain
+depth N)") is shown beside it; it is no inconsistency and changes no exit code.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class VolumeStatus:
     dek_slot: int | None = None  # the key slot the DEK opens
     rotation_pending: bool = False
     header_backup: str = "n/a"  # matches, differs, missing, n/a (the backend keeps none, or no header yet)
+    background_work: str | None = None  # e.g. "flattening (chain depth 4)" (RBD); None: nothing
     unreachable: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -62,6 +66,11 @@ def volume_status(tool: Tool, volume_id: str) -> VolumeStatus:
         kms_id=record.kms_id,
         state=record.state.value if record.state else "none",
     )
+    try:
+        status.background_work = tool.backend.background_work(volume_id)
+    except VolumeBackendError as exc:
+        status.unreachable = status.unreachable or isinstance(exc, BackendUnavailable)
+        status.problems.append(f"background work cannot be checked: {exc}")
     if not record.encrypted:
         return status
     try:
@@ -157,6 +166,7 @@ def _table(statuses: list[VolumeStatus]) -> str:
         "OPENS",
         "PENDING",
         "BACKUP",
+        "BACKGROUND",
         "RESULT",
     )
     rows = [header]
@@ -166,7 +176,8 @@ def _table(statuses: list[VolumeStatus]) -> str:
             s.volume_id, s.kind, s.kms_id or ("-" if not s.encrypted else "(secrets)"), s.kms_type or "-",
             s.state, ",".join(map(str, s.key_slots)) or "-", yes_no[s.dek_retrievable],
             f"slot {s.dek_slot}" if s.dek_slot is not None else "-", "yes" if s.rotation_pending else "no",
-            s.header_backup, "ok" if s.consistent else "unreachable" if s.unreachable else "INCONSISTENT",
+            s.header_backup, s.background_work or "-",
+            "ok" if s.consistent else "unreachable" if s.unreachable else "INCONSISTENT",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [

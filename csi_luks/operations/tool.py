@@ -72,7 +72,8 @@ class Tool:
             config_map = (namespace, name)
         kind = Backend(backend)
         volumes: VolumeBackend = (
-            RbdBackend(CephClusters(ceph_config), state_dir)
+            # A flatten an image owes is the plugin's to run: this process may end before it would finish.
+            RbdBackend(CephClusters(ceph_config), state_dir, resume_flattens=False)
             if kind is Backend.RBD
             else StandaloneBackend(state_dir)
         )

@@ -227,3 +227,10 @@ class VolumeBackend(ABC):
             yield device
         finally:
             self.detach(volume_id)
+
+    # --- work the backend does on its own (`csi-luks status`) ----------------------------------------
+
+    def background_work(self, volume_id: str) -> str | None:
+        """What the backend still owes the volume's backing store in the background (an RBD clone's
+        flatten), said for an operator; None when nothing."""
+        return None

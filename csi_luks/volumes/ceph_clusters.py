@@ -73,6 +73,10 @@ class CephClusters:
             )
         return clusters[cluster_id]
 
+    def all(self) -> list[CephCluster]:
+        """Every configured cluster."""
+        return list(self._load().values())
+
     def _load(self) -> dict[str, CephCluster]:
         try:
             raw: Any = json.loads(self.path.read_text())
@@ -129,6 +133,21 @@ class Credentials:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", user):
             raise BackendRequestError(f"{USER_ID} {user!r} is not a valid cephx user name")
         return cls(user.removeprefix("client."), key)
+
+
+def read_secrets(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The cephx user of a mounted Secret (a directory with the files userID and userKey), or of a JSON
+    object of the secrets a request would carry."""
+    where = Path(path)
+    try:
+        if where.is_dir():
+            return {name: (where / name).read_text().strip() for name in (USER_ID, USER_KEY)}
+        raw: Any = json.loads(where.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackendRequestError(f"the cephx credentials {where} are unreadable: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise BackendRequestError(f"{where}: must hold a JSON object of strings")
+    return raw
 
 
 def _key_dir_parent() -> str | None:

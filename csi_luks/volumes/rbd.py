@@ -37,6 +37,7 @@ from csi_luks.volumes.base import (
     BackendRequestError,
     CapacityOutOfRange,
     VolumeBackend,
+    VolumeBackendError,
     VolumeInfo,
     VolumeInUse,
     VolumeNotFound,
@@ -95,6 +96,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         connect_timeout: float = CONNECT_TIMEOUT,
         one_request: bool = False,
         connections: Connections | None = None,
+        resume_flattens: bool = True,
     ) -> None:
         self.clusters = clusters
         self.state_dir = Path(state_dir)
@@ -105,6 +107,9 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         self.connect_timeout = connect_timeout
         # Shared by every request of this backend (for_request hands it on).
         self.connections = connections or Connections(connect_timeout=connect_timeout, op_timeout=timeout)
+        # Whether reading an image that owes a flatten starts it here (not in a short-lived operator command,
+        # whose exit would cut it short: the plugin takes it up).
+        self.resume_flattens = resume_flattens
         # With one_request (see VolumeBackend.for_request), what this request read of its volumes.
         self.one_request = one_request
         self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
@@ -117,7 +122,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             return self
         return RbdBackend(
             self.clusters, self.state_dir, self.runner, credentials, self.timeout, self.map_timeout,
-            self.connect_timeout, one_request, self.connections,
+            self.connect_timeout, one_request, self.connections, self.resume_flattens,
         )  # fmt: skip
 
     # --- placement -----------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
 
     def _resume_flatten(self, ref: ImageRef, metadata: Mapping[str, str]) -> None:
         """Start the background flatten the image is owed (see rbd_chain), unless it runs already."""
-        if metadata.get(FLATTEN) != PENDING or self.credentials is None:
+        if metadata.get(FLATTEN) != PENDING or self.credentials is None or not self.resume_flattens:
             return
         connections, credentials = self.connections, self.credentials
         cluster = self.clusters.get(ref.cluster_id)
@@ -295,6 +300,43 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         if FLATTENS.start(ref.spec, flatten):
             log.info("image %s: a clone at depth %d or more: flattening it in the background",
                      ref.spec, SOFT_DEPTH)  # fmt: skip
+
+    def resume_owed_flattens(self) -> builtins.list[str]:
+        """Start every flatten that a stopped plugin left owed (the images of every configured cluster's
+        pools that carry the marker, complete ones only), as this backend's cephx user; their specs. A
+        cluster that cannot be reached, or a pool the user may not read, is logged and passed over."""
+        if self.credentials is None:
+            return []
+        owed: builtins.list[ImageRef] = []
+        for cluster in self.clusters.all():
+            try:
+                with self.connections.session(cluster, self.credentials) as handle:
+                    images = Images(handle)
+                    for pool in images.pools():
+                        where = ImageRef(cluster.cluster_id, pool, cluster.rados_namespace, "")
+                        try:
+                            marked = images.marked(where, FLATTEN, PENDING)
+                        except VolumeBackendError as exc:
+                            log.debug("owed flattens: pool %s of cluster %s passed over: %s",
+                                      pool, cluster.cluster_id, exc)  # fmt: skip
+                            continue
+                        owed += [ref for ref, metadata in marked if metadata.get(_OWNER)]
+            except VolumeBackendError as exc:
+                log.warning("owed flattens of cluster %s not looked for: %s (each resumes when its image "
+                            "is next read)", cluster.cluster_id, exc)  # fmt: skip
+        for ref in owed:
+            self._resume_flatten(ref, {FLATTEN: PENDING})
+        return [ref.spec for ref in owed]
+
+    def background_work(self, volume_id: str) -> str | None:
+        """Says "flattening (chain depth N)" while the image carries the marker of an owed flatten
+        (rbd_chain): running in a plugin, or owed by one that stopped (the next call reading it resumes)."""
+        ref = decode_volume_id(volume_id)
+        with self._images(ref) as images:
+            metadata = images.metadata(ref)
+            if metadata is None or metadata.get(FLATTEN) != PENDING:
+                return None
+            return f"flattening (chain depth {images.depth(ref)})"
 
     def get(self, volume_id: str) -> VolumeInfo:
         ref = decode_volume_id(volume_id)

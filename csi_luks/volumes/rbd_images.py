@@ -316,6 +316,25 @@ class Images:
                      ", ".join(freed), ref.pool)  # fmt: skip
             removed += freed
 
+    # --- the images of a pool ------------------------------------------------------------------------
+
+    def pools(self) -> list[str]:
+        with self._call("pool-list"):
+            return [str(name) for name in self.cluster.list_pools()]
+
+    def marked(self, where: ImageRef, key: str, value: str) -> list[tuple[ImageRef, dict[str, str]]]:
+        """The csi-luks images of where's pool and namespace whose metadata has key set to value, with
+        their metadata (one read-only open each: what a start-up scan costs)."""
+        with self._call("image-list"), self.ioctx(where) as ioctx:
+            names = [str(name) for name in self.rbd.list(ioctx)]
+        found = []
+        for name in filter(is_csi_image, names):
+            ref = ImageRef(where.cluster_id, where.pool, where.namespace, name)
+            metadata = self.metadata(ref)
+            if metadata is not None and metadata.get(key) == value:
+                found.append((ref, metadata))
+        return found
+
     # --- RADOS objects -----------------------------------------------------------------------------------
 
     def get_object(self, ref: ImageRef, name: str) -> bytes | None:

@@ -117,8 +117,10 @@ def test_the_standalone_overlay_runs_both_roles_on_local_files(kubectl: Path) ->
     for kind in ("Deployment", "DaemonSet"):
         env = _plugin_env(rendered, kind)
         assert env["CSI_LUKS_BACKEND"] == "standalone"
-        assert "CSI_LUKS_CEPH_CONFIG" not in env
-    assert "ceph-csi-config" not in yaml.safe_dump_all(rendered)  # no volume waits for a ConfigMap never made
+        assert "CSI_LUKS_CEPH_CONFIG" not in env and "CSI_LUKS_CEPH_SECRETS" not in env
+    text = yaml.safe_dump_all(rendered)
+    assert "ceph-csi-config" not in text  # no volume waits for a ConfigMap never made
+    assert "csi-rbd-secret" not in text and "csi-luks-ceph-secret" not in text
     kms = next(
         d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "csi-luks-kms-config"
     )
@@ -142,6 +144,13 @@ def test_the_rbd_vault_overlay_names_only_kms_ids_it_configures(kubectl: Path) -
     cluster_ids = {entry["clusterID"] for entry in yaml.safe_load(ceph["data"]["config.json"])}
     assert {c["parameters"]["clusterID"] for c in rendered if c["kind"] == "StorageClass"} <= cluster_ids
     assert _plugin_env(rendered, "DaemonSet")["CSI_LUKS_BACKEND"] == "rbd"
+    # The controller's own cephx user (owed flattens at start-up): the StorageClasses' Secret, optional.
+    controller = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    secret = next(v for v in controller["volumes"] if v["name"] == "ceph-secret")["secret"]
+    names = {c["parameters"]["csi.storage.k8s.io/provisioner-secret-name"]
+             for c in rendered if c["kind"] == "StorageClass"}  # fmt: skip
+    assert secret == {"secretName": "csi-rbd-secret", "optional": True} and names == {"csi-rbd-secret"}
+    assert _plugin_env(rendered, "Deployment")["CSI_LUKS_CEPH_SECRETS"] == "/etc/csi-luks-ceph-secret"
 
 
 def test_the_controller_runs_unprivileged_and_the_node_plugin_privileged(kubectl: Path) -> None:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from csi_luks.csi import csi_pb2
+from csi_luks.operations.tool import EXIT_OK
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import STATE
 from csi_luks.volumes import rbd as rbd_backend
@@ -31,6 +35,7 @@ from tests.host.test_rbd_controller import (
     trash,
 )
 from tests.support.ceph import CephCluster
+from tests.support.openbao import free_port
 from tests.support.plugin import MiB, RunningPlugin, running_plugin
 
 
@@ -157,6 +162,114 @@ def test_an_interrupted_background_flatten_is_taken_up_by_the_next_call(
     for volume_id in (source, clone):
         delete_volume(plugin, volume_id, ceph_secrets)
     assert trash(ceph, source, clone) == []
+
+
+def test_a_restarted_controller_resumes_owed_flattens_without_being_asked(
+    plugin: RunningPlugin,
+    ceph: CephCluster,
+    ceph_config: Path,
+    ceph_secrets: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = plugin.state_dir.parent
+    source = written_source(plugin, ceph, "pvc-owed-restart", ceph_secrets)
+    length = image_size(ceph, source)
+    clone = plugin.copy("pvc-owed-restart-clone", None, encrypted(ceph), volume_id=source,
+                        secrets=ceph_secrets).volume_id  # fmt: skip
+    # What a plugin stopped in the middle of a background flatten leaves: the marker, the parent there.
+    ceph.run("rbd", "image-meta", "set", spec(clone), FLATTEN, "pending")
+    assert FLATTENS.running() == [] and parent_of(ceph, clone) is not None
+    # The controller's cephx user as Kubernetes mounts a Secret: one file per key.
+    mounted = root / "ceph-secret"
+    mounted.mkdir()
+    for key, value in ceph_secrets.items():
+        (mounted / key).write_text(value)
+    caplog.set_level("INFO", logger="csi_luks")
+    with running_plugin(root / "restarted", mode=Mode.CONTROLLER, ceph_config=ceph_config,
+                        ceph_secrets=mounted) as restarted:  # fmt: skip
+        scan = restarted.server.flatten_scan
+        assert scan is not None
+        scan.join(60)
+        assert not scan.is_alive() and FLATTENS.wait(60)
+        # No request named the clone: the start-up scan found it and flattened it.
+        assert parent_of(ceph, clone) is None and FLATTEN not in image_meta(ceph, clone)
+        assert digest(ceph, clone, length) == digest(ceph, source, length)
+        logged = [r.getMessage() for r in caplog.records if "owed RBD flattens looked for" in r.getMessage()]
+        assert len(logged) == 1 and spec(clone) in logged[0]
+    for volume_id in (clone, source):
+        delete_volume(plugin, volume_id, ceph_secrets)
+    assert trash(ceph, source, clone) == []
+
+
+def test_an_unreachable_cluster_at_start_up_neither_blocks_nor_stops_the_controller(
+    ceph_secrets: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "config.json"  # a monitor port nothing listens on: the cluster never answers
+    config.write_text(json.dumps([{"clusterID": "gone", "monitors": [f"v1:127.0.0.1:{free_port()}"]}]))
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps(ceph_secrets))
+    caplog.set_level("INFO", logger="csi_luks")
+    started = time.monotonic()
+    with running_plugin(tmp_path / "plugin", mode=Mode.CONTROLLER, ceph_config=config,
+                        ceph_secrets=secrets) as plugin:  # fmt: skip
+        assert time.monotonic() - started < 5  # the scan runs beside the server, not before it
+        assert plugin.identity.Probe(csi_pb2.ProbeRequest(), timeout=5) is not None
+        scan = plugin.server.flatten_scan
+        assert scan is not None
+        scan.join(60)  # the connect timeout, then a warning
+    assert not scan.is_alive()
+    assert any("owed flattens of cluster gone not looked for" in r.getMessage() for r in caplog.records)
+
+
+def status_of(
+    plugin: RunningPlugin, ceph_config: Path, secrets: dict[str, str], *object_ids: str, output: str = "json"
+) -> subprocess.CompletedProcess[str]:
+    """`csi-luks status` of these objects, as an operator runs it against the plugin's cluster and KMS."""
+    secrets_file = plugin.state_dir.parent / "status-secrets.json"
+    secrets_file.write_text(json.dumps(secrets))
+    argv = [
+        sys.executable, "-m", "csi_luks.cli", "status", "--backend", "rbd", "--ceph-config", str(ceph_config),
+        "--state-dir", str(plugin.state_dir.parent / "status-state"), "--kms-config", str(plugin.kms_config),
+        "--secrets-file", str(secrets_file), "--output", output, *object_ids,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_status_shows_a_flatten_in_progress_and_it_is_no_inconsistency(
+    plugin: RunningPlugin, ceph: CephCluster, ceph_config: Path, ceph_secrets: dict[str, str]
+) -> None:
+    source = plugin.create("pvc-status-flat", 8 * MiB, encrypted(ceph), secrets=ceph_secrets).volume_id
+    snapshot = plugin.snapshot("snap-status-flat", source, secrets=ceph_secrets).snapshot_id
+    restored = plugin.copy("pvc-status-flat-restored", None, encrypted(ceph), snapshot_id=snapshot,
+                           secrets=ceph_secrets).volume_id  # fmt: skip
+    # What a plugin's background flatten of the restore (depth 2: source <- snapshot <- restore) shows
+    # while it runs, or while it is owed by a plugin that stopped: the marker on the image.
+    ceph.run("rbd", "image-meta", "set", spec(restored), FLATTEN, "pending")
+    done = status_of(plugin, ceph_config, ceph_secrets, source, snapshot, restored)
+    assert done.returncode == EXIT_OK, done.stderr
+    by_id = {s["volume_id"]: s for s in json.loads(done.stdout)}
+    assert by_id[restored]["background_work"] == "flattening (chain depth 2)"
+    assert by_id[restored]["kind"] == "volume" and by_id[restored]["consistent"]
+    assert by_id[source]["background_work"] is None and by_id[snapshot]["background_work"] is None
+    assert by_id[snapshot]["kind"] == "snapshot"
+    table = status_of(plugin, ceph_config, ceph_secrets, source, restored, output="table")
+    assert table.returncode == EXIT_OK, table.stderr
+    lines = table.stdout.splitlines()
+    assert "BACKGROUND" in lines[0].split()
+    assert any(restored in line and "flattening (chain depth 2)" in line for line in lines)
+    # status only reads: the flatten is still the plugin's to do.
+    assert parent_of(ceph, restored) == decode_volume_id(snapshot).image
+    assert image_meta(ceph, restored)[FLATTEN] == "pending"
+
+    # Once the plugin has done it, nothing is shown.
+    plugin.server.backend.for_request(ceph_secrets).get(restored)
+    assert FLATTENS.wait(60)
+    done = status_of(plugin, ceph_config, ceph_secrets, restored)
+    assert done.returncode == EXIT_OK and json.loads(done.stdout)[0]["background_work"] is None
+    for volume_id in (restored, source):
+        delete_volume(plugin, volume_id, ceph_secrets)
+    delete_snapshot(plugin, snapshot, ceph_secrets)
+    assert trash(ceph, source, snapshot, restored) == []
 
 
 def test_concurrent_requests_share_one_connection_and_a_wrong_key_is_permission_denied(

@@ -57,7 +57,8 @@ def test_consistent_volumes_exit_0(volumes: Volumes) -> None:
     table = volumes.cli("status")
     assert table.returncode == EXIT_OK
     assert table.stdout.splitlines()[0].split() == [
-        "VOLUME", "KIND", "KMS", "TYPE", "STATE", "SLOTS", "DEK", "OPENS", "PENDING", "BACKUP", "RESULT",
+        "VOLUME", "KIND", "KMS", "TYPE", "STATE", "SLOTS", "DEK", "OPENS", "PENDING", "BACKUP", "BACKGROUND",
+        "RESULT",
     ]  # fmt: skip
     assert "INCONSISTENT" not in table.stdout
 

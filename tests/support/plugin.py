@@ -153,12 +153,14 @@ def running_plugin(
     kms_config_map: str | None = None,
     ceph_config: Path | None = None,
     metrics_address: str | None = None,
+    ceph_secrets: Path | None = None,
 ) -> Iterator[RunningPlugin]:
     """Serve the plugin from root (socket, state dir, KMS config); stop it afterwards.
 
     With kms_config_map ("namespace/name") no KMS configuration file is written: the plugin reads the
     ConfigMap instead. With ceph_config (a ceph-csi cluster list) volumes are RBD images. With
-    metrics_address ("host:port") it serves its Prometheus metrics there.
+    metrics_address ("host:port") it serves its Prometheus metrics there. ceph_secrets: the RBD controller's
+    own cephx user (--ceph-secrets), for the owed flattens it resumes at start-up.
     """
     root.mkdir(parents=True, exist_ok=True)
     kms_config = root / "kms-config.json"
@@ -173,6 +175,7 @@ def running_plugin(
         kms_config_map=kms_config_map,
         backend=Backend.RBD if ceph_config is not None else Backend.STANDALONE,
         ceph_config=str(ceph_config or DEFAULT_CEPH_CONFIG),
+        ceph_secrets=None if ceph_secrets is None else str(ceph_secrets),
         node_id="test-node",
         grace_period=5,
         metrics_address=metrics_address,
