@@ -21,8 +21,6 @@ import base64
 import json
 import os
 import secrets
-import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes import ceph_clusters
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support import serve_process
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
@@ -123,18 +122,14 @@ class PluginProcess:
         self.spawn_log = root / "spawns.jsonl"
         wrapper = root / "wrapper.py"
         wrapper.write_text(WRAPPER)
-        self.log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
+        self.running = serve_process.start(
             [sys.executable, str(wrapper), "--log-level", "debug", "serve", "--endpoint", str(self.sock),
              "--node-id", "hygiene-node", *args],
-            stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "CSI_LUKS_TEST_SPAWN_LOG": str(self.spawn_log), **(env or {})},
+            self.sock,
+            {**os.environ, "CSI_LUKS_TEST_SPAWN_LOG": str(self.spawn_log), **(env or {})},
+            log=self.log,
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not _accepts(self.sock):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "the plugin did not open its socket within 60 s"
-            time.sleep(0.05)
+        self.proc = self.running.proc
         self.channel = grpc.insecure_channel(f"unix://{self.sock}")
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
@@ -171,18 +166,7 @@ class PluginProcess:
 
     def stop(self) -> None:
         self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        self.log_file.close()
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
+        self.running.stop()
 
 
 def scan_files(paths: Iterable[Path], found: Secrets, since: float | None = None) -> list[str]:

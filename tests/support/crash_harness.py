@@ -13,7 +13,6 @@ import ast
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import TypeVar
 import grpc
 
 from csi_luks.crash import CRASH_POINT_ENV
+from tests.support import serve_process
 
 PACKAGE = Path(__file__).resolve().parents[2] / "csi_luks"
 
@@ -213,22 +213,13 @@ def plugin_process(
     new_session: in a process group of its own, which a test kills whole (the plugin with the commands
     it runs, as an OOM kill of its container or a power loss does)."""
     endpoint.unlink(missing_ok=True)
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, start_new_session=new_session)
+    process = serve_process.start(argv, endpoint, env, new_session=new_session, ready_timeout=ready_timeout)
     channel = grpc.insecure_channel(f"unix://{endpoint}")
     try:
-        deadline = time.monotonic() + ready_timeout
-        while not endpoint.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"the plugin did not start: {proc.communicate()[1]}")
-            time.sleep(0.02)
-        grpc.channel_ready_future(channel).result(timeout=ready_timeout)
-        yield proc, channel
+        yield process.proc, channel
     finally:
         channel.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        process.kill()
 
 
 def killed_at(

@@ -9,20 +9,18 @@ and (where the test has no Kubernetes API) the KMS ConfigMap, by a KMS configura
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
-from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from tests.support import serve_process
+from tests.support.serve_process import ServeProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_BASE = REPO_ROOT / "deploy" / "kustomize" / "base"  # the plugin's objects; overlays build on them
@@ -60,20 +58,17 @@ class PluginProcess:
     role: str
     socket: Path
     log: Path
-    process: subprocess.Popen[bytes]
+    running: ServeProcess
+
+    @property
+    def process(self) -> subprocess.Popen[str]:
+        return self.running.proc
 
     def log_tail(self, limit: int = 4000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"--- {self.role} plugin log ({self.log}) ---\n{text[-limit:]}"
+        return f"--- {self.role} plugin log ({self.log}) ---\n{self.running.output(limit)}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.running.stop()
 
 
 def csi_luks_program() -> str:
@@ -88,38 +83,11 @@ def start_plugin(role: str, workdir: Path, env: Mapping[str, str | None]) -> Plu
     merged = {**deployed_env, **env}
     child_env = {k: v for k, v in {**os.environ, **merged}.items() if v is not None}
     log = workdir / f"{role}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-        )
-    plugin = PluginProcess(role, socket_path, log, process)
-    wait_ready(plugin)
-    return plugin
-
-
-def wait_ready(plugin: PluginProcess) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if plugin.process.poll() is not None:
-            raise RuntimeError(
-                f"csi-luks {plugin.role} exited {plugin.process.returncode}\n{plugin.log_tail()}"
-            )
-        if plugin.socket.exists():
-            with grpc.insecure_channel(f"unix://{plugin.socket}") as channel:
-                try:
-                    csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=5)
-                    return
-                except grpc.RpcError:
-                    pass
-        time.sleep(0.2)
-    plugin.stop()
-    raise RuntimeError(
-        f"csi-luks {plugin.role} did not answer Probe in {START_TIMEOUT:g}s\n{plugin.log_tail()}"
-    )
+    try:
+        running = serve_process.start(argv, socket_path, child_env, log=log, ready_timeout=START_TIMEOUT)
+    except AssertionError as exc:
+        raise RuntimeError(f"csi-luks {role}: {exc}") from None
+    return PluginProcess(role, socket_path, log, running)
 
 
 @contextmanager

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
-from csi_luks.csi import csi_pb2, csi_pb2_grpc
+from csi_luks.csi import csi_pb2_grpc
+from tests.support import serve_process
 
 
 class Plugin:
@@ -38,44 +37,17 @@ class Plugin:
         return self.proc.returncode, stderr
 
 
-def _accepts(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 @contextmanager
 def serve(sock: Path | str, *args: str, env: dict[str, str] | None = None) -> Iterator[Plugin]:
     endpoint = str(sock)
     path = Path(endpoint.removeprefix("unix://"))
     private = ["--state-dir", str(path.parent / "state"), "--kms-config", str(path.parent / "kms.json")]
-    proc = subprocess.Popen(
+    process = serve_process.start(
         [sys.executable, "-m", "csi_luks.cli", "serve", "--endpoint", endpoint, *private, *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
+        path,
+        {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
     )
     try:
-        # Wait for the socket to accept connections before making the channel: a channel made earlier
-        # backs off exponentially between reconnects, which on a loaded machine outlasts any deadline.
-        deadline = time.monotonic() + 60
-        while not _accepts(path):
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"the plugin exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the plugin did not open {path} within 60s")
-            time.sleep(0.05)
-        plugin = Plugin(proc, path)
-        plugin.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=30, wait_for_ready=True)
-        yield plugin
+        yield Plugin(process.proc, path)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        process.kill()

@@ -38,9 +38,10 @@ from csi_luks.system.programs import (
     XFS_GROWFS,
 )
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support import serve_process
 from tests.support.csi_sanity import keep_artifacts
 from tests.support.csi_tools import STRICT
-from tests.support.deployed_plugin import PluginProcess, deployed_command, wait_ready
+from tests.support.deployed_plugin import START_TIMEOUT, PluginProcess, deployed_command
 from tests.support.image_rootfs import ROOTFS_ENV, ROOTFS_ERROR_ENV, image_config, wait_for_handover
 from tests.support.plugin import MiB, mount_capability
 
@@ -151,18 +152,19 @@ def image_node(rootfs: Path, workdir: Path) -> Iterator[ImageNode]:
             *image_config().entrypoint,
             *args,
         ]
-        with log.open("wb") as out:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        plugin = PluginProcess("node", workdir / "csi" / "csi.sock", log, process)
         stack.callback(keep_artifacts, workdir / "image-node", [log, trace])  # after the stop below
+        socket_path = workdir / "csi" / "csi.sock"
+        running = serve_process.start(
+            argv, socket_path, dict(os.environ), log=log, ready_timeout=START_TIMEOUT
+        )
+        plugin = PluginProcess("node", socket_path, log, running)
         stack.callback(plugin.stop)  # strace: kills what it traces, if the plugin did not stop below
-        wait_ready(plugin)
         channel = stack.enter_context(grpc.insecure_channel(f"unix://{plugin.socket}"))
         stubs = csi_pb2_grpc.ControllerStub(channel), csi_pb2_grpc.NodeStub(channel)
         yield ImageNode(root, plugin, *stubs, workdir / "var-lib-csi-luks", trace)
         channel.close()
         os.kill(_served_pid(plugin), signal.SIGTERM)  # as the kubelet stops a container
-        assert process.wait(60) == 0, plugin.log_tail()  # strace exits with its tracee's status
+        assert plugin.process.wait(60) == 0, plugin.log_tail()  # strace exits with its tracee's status
 
 
 def _served_pid(plugin: PluginProcess) -> int:
