@@ -28,6 +28,7 @@ from csi_luks.csiaddons.identity_pb2_grpc import (
     add_IdentityServicer_to_server as add_addons_identity_servicer,
 )
 from csi_luks.errors import capped, status_for
+from csi_luks.kms import kdf
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.logs import CALL_FIELDS, new_request_id, request_scope
@@ -209,6 +210,7 @@ class PluginServer:
         self.backend = backend or _backend(settings)
         self.kms_config = KMSConfig.from_file(settings.kms_config, settings.kms_config_map_ref)
         self.locks = OperationLocks()
+        kdf.SLOTS.set_limit(settings.max_kdfs)  # process-wide: every KMS instance derives through them
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
         self.health = health.HealthServicer()
         self.stale_mappings = StaleMappings(is_ours=functools.partial(is_volume_mapping, self.backend))
