@@ -1,6 +1,6 @@
 """`./dev bench`: run the benchmarks and print one table of ratios and targets.
 
-./dev bench                    the host parts: vault, standalone, rbd
+./dev bench                    the host parts: vault, standalone, rbd, kdf
 ./dev bench --vm               the host parts, then the node part in a virtme-ng guest (dm-crypt)
 ./dev bench vault --pairs 1000 one part, with its own knobs
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench.table import Row, missed, render, rows_from_json, rows_to_json
 
-PARTS = ("vault", "standalone", "rbd", "node")
-HOST_PARTS = ("vault", "standalone", "rbd")
+PARTS = ("vault", "standalone", "rbd", "kdf", "node")
+HOST_PARTS = ("vault", "standalone", "rbd", "kdf")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None, dm_crypt: bool = False) -> arg
         type=_positive,
         default=1024,
         help="rbd: data in the written volume (1024 MiB; the test OSD holds 2 GiB)",
+    )
+    parser.add_argument(
+        "--kdf-calls", type=_positive, default=32, help="kdf: CreateVolume calls at once (32)"
     )
     parser.add_argument("--size-mib", type=_positive, default=64, help="node: volume size (64 MiB)")
     parser.add_argument("--samples", type=_positive, default=5, help="node: stages per flow (5)")
@@ -107,6 +110,10 @@ def _part(name: str, args: argparse.Namespace, notes: list[str]) -> list[Row]:
         from bench import rbd
 
         return rbd.measure(samples=args.rbd_samples, written_mib=args.written_mib)
+    if name == "kdf":
+        from bench import kdf
+
+        return kdf.measure(calls=args.kdf_calls)
     if args.vm:
         return _node_in_guest(args, notes)
     from bench import node

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench.__main__ import HOST_PARTS, parse_args
 from bench.breakdown import GRPC, TOTAL, FlowTimes, call_parts
 from bench.breakdown import render as render_breakdown
+from bench.kdf import peak_rss_mib
 from bench.node import CEPH_CSI_FLAGS, _run, plugin_format_flags
 from bench.table import Row, Target, missed, render, rows_from_json, rows_to_json
 from csi_luks.luks import Cryptsetup
@@ -139,3 +142,10 @@ def test_raw_commands_are_timed_by_name() -> None:
     _run(["sh", "-c", "sleep 0.02"], times=times, name="mount")
     _run(["true"], times=times)
     assert set(times) == {"true", "mount"} and times["mount"] >= 0.02
+
+
+def test_peak_rss_is_read_from_the_process_status() -> None:
+    before = peak_rss_mib(os.getpid())
+    ballast = b"\x01" * (64 * 1024 * 1024)  # written, so resident
+    assert peak_rss_mib(os.getpid()) >= before and peak_rss_mib(os.getpid()) >= 64
+    del ballast
