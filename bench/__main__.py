@@ -1,6 +1,6 @@
 """`./dev bench`: run the benchmarks and print one table of ratios and targets.
 
-./dev bench                    the host parts: vault, standalone, rbd
+./dev bench                    the host parts: vault, standalone, rbd, kdf
 ./dev bench --vm               the host parts, then the node part in a virtme-ng guest (dm-crypt)
 ./dev bench vault --pairs 1000 one part, with its own knobs
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench.table import Row, missed, render, rows_from_json, rows_to_json
 
-PARTS = ("vault", "standalone", "rbd", "node")
-HOST_PARTS = ("vault", "standalone", "rbd")
+PARTS = ("vault", "standalone", "rbd", "kdf", "node")
+HOST_PARTS = ("vault", "standalone", "rbd", "kdf")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,11 +44,15 @@ def parse_args(argv: Sequence[str] | None = None, dm_crypt: bool = False) -> arg
         default=1024,
         help="rbd: data in the written volume (1024 MiB; the test OSD holds 2 GiB)",
     )
+    parser.add_argument(
+        "--kdf-calls", type=_positive, default=32, help="kdf: CreateVolume calls at once (32)"
+    )
     parser.add_argument("--size-mib", type=_positive, default=64, help="node: volume size (64 MiB)")
     parser.add_argument("--samples", type=_positive, default=5, help="node: stages per flow (5)")
     parser.add_argument("--concurrent", type=_positive, default=16, help="node: stages at once (16)")
-    # Set by the host for the guest: where the guest writes its rows for the host's table.
+    # Set by the host for the guest: where the guest writes its rows and notes for the host's table.
     parser.add_argument("--rows-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--notes-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [part for part in args.parts if part not in PARTS]
     if unknown:
@@ -60,15 +64,18 @@ def parse_args(argv: Sequence[str] | None = None, dm_crypt: bool = False) -> arg
     return args
 
 
-def _node_in_guest(args: argparse.Namespace) -> list[Row]:
+def _node_in_guest(args: argparse.Namespace, notes: list[str]) -> list[Row]:
     from csi_luks.system import vm
 
     workdir = Path(tempfile.mkdtemp(prefix="csi-luks-bench-vm-"))
     rows_file = workdir / "node-rows.json"
+    notes_file = workdir / "node-notes.txt"
     from tests.support.guest_pylib import pack
 
-    command = (f"{sys.executable} -m bench node --rows-out {rows_file} --size-mib {args.size_mib} "
-               f"--samples {args.samples} --concurrent {args.concurrent}")  # fmt: skip
+    command = (
+        f"{sys.executable} -m bench node --rows-out {rows_file} --notes-out {notes_file} "
+        f"--size-mib {args.size_mib} --samples {args.samples} --concurrent {args.concurrent}"
+    )
     command = f"{pack(workdir / 'pylib')}\n{command}"  # imports from the guest's tmpfs, not over 9p
     print("node: booting a virtme-ng guest (about 20 s) ...", file=sys.stderr, flush=True)
     result = vm.run_in_guest(
@@ -82,11 +89,14 @@ def _node_in_guest(args: argparse.Namespace) -> list[Row]:
     if result.returncode != 0 or not rows_file.exists():
         raise SystemExit(f"the node part failed in the guest (exit {result.returncode}); see {workdir}")
     rows = rows_from_json(rows_file.read_text())
+    if notes_file.exists():
+        notes.append(notes_file.read_text())
     shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
-def _part(name: str, args: argparse.Namespace) -> list[Row]:
+def _part(name: str, args: argparse.Namespace, notes: list[str]) -> list[Row]:
+    """The part's rows; what it has to say beside the table (the node's breakdown) goes to notes."""
     print(f"{name}: measuring ...", file=sys.stderr, flush=True)
     if name == "vault":
         from bench import vault
@@ -100,21 +110,30 @@ def _part(name: str, args: argparse.Namespace) -> list[Row]:
         from bench import rbd
 
         return rbd.measure(samples=args.rbd_samples, written_mib=args.written_mib)
+    if name == "kdf":
+        from bench import kdf
+
+        return kdf.measure(calls=args.kdf_calls)
     if args.vm:
-        return _node_in_guest(args)
+        return _node_in_guest(args, notes)
     from bench import node
 
-    return node.measure(size_mib=args.size_mib, samples=args.samples, concurrent=args.concurrent)
+    return node.measure(args.size_mib, args.samples, args.concurrent, notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from csi_luks.system.kernel import device_mapper_missing_reason
 
     args = parse_args(argv, dm_crypt=device_mapper_missing_reason() is None)
-    rows = [row for part in args.parts for row in _part(part, args)]
+    notes: list[str] = []
+    rows = [row for part in args.parts for row in _part(part, args, notes)]
     if args.rows_out is not None:
         args.rows_out.write_text(rows_to_json(rows))
+    if args.notes_out is not None:
+        args.notes_out.write_text("\n".join(notes))
     print(render(rows))
+    for note in notes:
+        print(note)
     for row in missed(rows):
         print(f"target not met: {row.name} ({row.target})")
     return 0

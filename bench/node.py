@@ -7,6 +7,9 @@ Three flows over the same kind of volume (a sparse image on a loop device, LUKS2
 - Ceph-CSI: the raw commands with Ceph-CSI's luksFormat flags (argon2id, 32 MiB, time-benchmarked).
 Then 16 first stages at once against a plugin process in a cgroup of its own: memory.peak counts the
 plugin and every command it runs.
+
+Beside the ratios, a breakdown (bench/breakdown.py): the median of each of the plugin's steps and the
+processes inside them (timing.py, read in this process), against the median of each raw command.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
 
+from bench.breakdown import GRPC, TOTAL, FlowTimes, call_parts, render_all
 from bench.table import Row, Target
+from csi_luks import timing
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.luks.options import FormatOptions
 from csi_luks.settings import Mode
@@ -48,8 +54,16 @@ def plugin_format_flags() -> list[str]:
             "--key-slot", str(options.key_slot)]  # fmt: skip
 
 
-def _run(argv: Sequence[str], stdin: bytes | None = None) -> str:
-    return subprocess.run(list(argv), input=stdin, capture_output=True, check=True).stdout.decode().strip()
+def _run(
+    argv: Sequence[str], stdin: bytes | None = None, times: dict[str, float] | None = None, name: str = ""
+) -> str:
+    """Run a command; with times, its wall time is added there under name (the command's own by default)."""
+    started = time.perf_counter()
+    out = subprocess.run(list(argv), input=stdin, capture_output=True, check=True).stdout.decode().strip()
+    if times is not None:
+        key = name or argv[0]
+        times[key] = times.get(key, 0.0) + time.perf_counter() - started
+    return out
 
 
 @dataclass
@@ -61,24 +75,30 @@ class RawVolume:
     name: str
     format_flags: Sequence[str]
     device: str = ""
+    # The last stage's or unstage's commands: wall seconds by command.
+    times: dict[str, float] = field(default_factory=dict)
 
     def stage(self, first: bool) -> None:
-        self.device = _run(["losetup", "--find", "--show", str(self.image)])
+        self.times = times = dict[str, float]()
+        self.device = _run(
+            ["losetup", "--find", "--show", str(self.image)], times=times, name="losetup --find"
+        )
         if first:
             flags = ["--batch-mode", *self.format_flags, "--key-file=-"]
-            _run(["cryptsetup", "luksFormat", *flags, self.device], stdin=KEY)
+            _run(["cryptsetup", "luksFormat", *flags, self.device], KEY, times, "cryptsetup luksFormat")
         _run(["cryptsetup", "open", "--type", "luks2", "--disable-keyring", "--key-file=-", self.device,
-              self.name], stdin=KEY)  # fmt: skip
+              self.name], KEY, times, "cryptsetup open")  # fmt: skip
         if first:
             _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                  f"/dev/mapper/{self.name}"])  # fmt: skip
+                  f"/dev/mapper/{self.name}"], times=times)  # fmt: skip
         self.target.mkdir(parents=True, exist_ok=True)
-        _run(["mount", "-t", "ext4", f"/dev/mapper/{self.name}", str(self.target)])
+        _run(["mount", "-t", "ext4", f"/dev/mapper/{self.name}", str(self.target)], times=times)
 
     def unstage(self) -> None:
-        _run(["umount", str(self.target)])
-        _run(["cryptsetup", "close", self.name])
-        _run(["losetup", "--detach", self.device])
+        self.times = times = dict[str, float]()
+        _run(["umount", str(self.target)], times=times)
+        _run(["cryptsetup", "close", self.name], times=times, name="cryptsetup close")
+        _run(["losetup", "--detach", self.device], times=times, name="losetup --detach")
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -91,20 +111,43 @@ def _timed(action: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - started
 
 
-def raw_flow(scratch: Path, label: str, flags: Sequence[str], size: int, samples: int) -> dict[str, float]:
-    """Median ms of first stage, unstage, stage again, unstage, by hand with these luksFormat flags."""
-    times: dict[str, list[float]] = {"first": [], "again": [], "unstage": []}
+PHASES = ("first", "again", "unstage")
+ROUND = ("first", "unstage", "again", "unstage")  # what each sample of a flow does to its volume
+
+
+@dataclass
+class Flow:
+    """One flow's wall times by phase (first stage, stage again, unstage) and their parts by phase."""
+
+    times: dict[str, list[float]] = field(default_factory=lambda: {phase: [] for phase in PHASES})
+    parts: dict[str, FlowTimes] = field(default_factory=lambda: {phase: FlowTimes() for phase in PHASES})
+
+    def add(self, phase: str, seconds: float, parts: dict[str, float]) -> None:
+        self.times[phase].append(seconds)
+        self.parts[phase].add({**parts, TOTAL: seconds})
+
+    def medians_ms(self) -> dict[str, float]:
+        return {phase: _median_ms(values) for phase, values in self.times.items()}
+
+
+def raw_flow(scratch: Path, label: str, flags: Sequence[str], size: int, samples: int) -> Flow:
+    """First stage, unstage, stage again, unstage, by hand with these luksFormat flags; each command timed."""
+    flow = Flow()
     for i in range(samples):
         image = scratch / f"{label}-{i}.img"
         with image.open("wb") as f:
             f.truncate(size)
         volume = RawVolume(image, scratch / f"{label}-{i}-mnt", f"bench-{label}-{i}", flags)
-        times["first"].append(_timed(volume.stage, True))
-        times["unstage"].append(_timed(volume.unstage))
-        times["again"].append(_timed(volume.stage, False))
-        times["unstage"].append(_timed(volume.unstage))
+        actions: dict[str, Callable[[], None]] = {
+            "first": partial(volume.stage, True),
+            "again": partial(volume.stage, False),
+            "unstage": volume.unstage,
+        }
+        for phase in ROUND:
+            seconds = _timed(actions[phase])
+            flow.add(phase, seconds, volume.times)
         image.unlink()
-    return {step: _median_ms(values) for step, values in times.items()}
+    return flow
 
 
 def _stage(plugin: csi_pb2_grpc.NodeStub, volume_id: str, staging: Path) -> None:
@@ -119,17 +162,20 @@ def _unstage(plugin: csi_pb2_grpc.NodeStub, volume_id: str, staging: Path) -> No
     )
 
 
-def plugin_flow(plugin: RunningPlugin, scratch: Path, size: int, samples: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {"first": [], "again": [], "unstage": []}
+def plugin_flow(plugin: RunningPlugin, scratch: Path, size: int, samples: int) -> Flow:
+    """The same over gRPC; each call's steps as the plugin (in this process) timed them."""
+    flow = Flow()
     for i in range(samples):
         volume_id = plugin.create(f"bench-node-{i}", size, ENCRYPTED).volume_id
         staging = scratch / f"plugin-{i}-staging"
-        times["first"].append(_timed(_stage, plugin.node, volume_id, staging))
-        times["unstage"].append(_timed(_unstage, plugin.node, volume_id, staging))
-        times["again"].append(_timed(_stage, plugin.node, volume_id, staging))
-        times["unstage"].append(_timed(_unstage, plugin.node, volume_id, staging))
+        for phase in ROUND:
+            call = _unstage if phase == "unstage" else _stage
+            with timing.collecting() as calls:
+                seconds = _timed(call, plugin.node, volume_id, staging)
+            (timed,) = calls
+            flow.add(phase, seconds, {**call_parts(timed), GRPC: seconds - timed.seconds})
         plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
-    return {step: _median_ms(values) for step, values in times.items()}
+    return flow
 
 
 @contextlib.contextmanager
@@ -203,18 +249,32 @@ def concurrent_first_stages(scratch: Path, count: int, size: int) -> float:
     return peak
 
 
-def measure(size_mib: int = 64, samples: int = 5, concurrent: int = 16) -> list[Row]:
+TITLES = {"first": "NodeStage, first", "again": "NodeStage, again", "unstage": "NodeUnstage"}
+
+
+def breakdown(ours: Flow, raw: Flow) -> str:
+    """The plugin's steps beside the raw commands, phase by phase (medians)."""
+    return render_all((TITLES[phase], ours.parts[phase], raw.parts[phase]) for phase in PHASES)
+
+
+def measure(
+    size_mib: int = 64, samples: int = 5, concurrent: int = 16, notes: list[str] | None = None
+) -> list[Row]:
+    """The rows of the table; with notes, the breakdown is appended there for printing beside it."""
     size = size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="csi-luks-bench-node-") as name:
         scratch = Path(name)
         with running_plugin(scratch / "plugin", mode=Mode.ALL) as plugin:
-            ours = plugin_flow(plugin, scratch, size, samples)
-        raw = raw_flow(scratch, "raw", plugin_format_flags(), size, samples)
-        ceph = raw_flow(scratch, "ceph", CEPH_CSI_FLAGS, size, samples)
+            plugin_times = plugin_flow(plugin, scratch, size, samples)
+        raw_times = raw_flow(scratch, "raw", plugin_format_flags(), size, samples)
+        ceph = raw_flow(scratch, "ceph", CEPH_CSI_FLAGS, size, samples).medians_ms()
         peak = concurrent_first_stages(scratch, concurrent, size)
+    if notes is not None:
+        notes.append(breakdown(plugin_times, raw_times))
+    ours, raw = plugin_times.medians_ms(), raw_times.medians_ms()
     rows = []
-    steps = (("first", "NodeStage, first"), ("again", "NodeStage, again"), ("unstage", "NodeUnstage"))
-    for step, title in steps:
+    for step in PHASES:
+        title = TITLES[step]
         rows.append(Row(title, ours[step], "ms", raw[step], "raw commands", RAW))
         if step != "unstage":  # no KDF runs in an unstage: nothing for Ceph-CSI's flags to change
             rows.append(Row(title, ours[step], "ms", ceph[step], "Ceph-CSI luksFormat flags", CEPH_CSI))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,8 +68,12 @@ def cells(row: Row) -> tuple[str, str, str, str, str, str]:
 
 def render(rows: Iterable[Row]) -> str:
     """A Markdown table (it reads as plain text too, and pastes into the README as is)."""
-    lines = [HEADER, *(cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    return markdown([HEADER, *(cells(row) for row in rows)])
+
+
+def markdown(lines: Sequence[tuple[str, ...]]) -> str:
+    """Lines of cells as a Markdown table, the first line its header, every column aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
     def format_line(line: tuple[str, ...]) -> str:
         return "| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) + " |"

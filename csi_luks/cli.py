@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from csi_luks import __version__
+from csi_luks.kms.kdf import DEFAULT_MAX_KDFS
 from csi_luks.logs import LogFormat, configure
 from csi_luks.settings import (
     DEFAULT_CEPH_CONFIG,
@@ -120,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "RESOURCE_EXHAUSTED and retried by the CO (env CSI_LUKS_MAX_COPIES; default 4)",
     )
     serve.add_argument(
+        "--max-concurrent-kdfs",
+        type=int,
+        default=int(os.environ.get("CSI_LUKS_MAX_KDFS", str(DEFAULT_MAX_KDFS))),
+        help="memory-hard key derivations at once (the metadata KMS's scrypt, 32 MiB each); more wait for "
+        f"a slot (env CSI_LUKS_MAX_KDFS; default {DEFAULT_MAX_KDFS})",
+    )
+    serve.add_argument(
         "--metrics-address",
         default=os.environ.get("CSI_LUKS_METRICS_ADDRESS") or None,
         metavar="HOST:PORT",
@@ -217,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 socket_group=args.socket_group,
                 grace_period=args.grace_period,
                 max_copies=args.max_concurrent_copies,
+                max_kdfs=args.max_concurrent_kdfs,
                 backend=args.backend,
                 state_dir=args.state_dir,
                 ceph_config=args.ceph_config,

@@ -4,14 +4,21 @@ can prove that a kill between any two durable steps converges.
 
 Every `Step("<operation>", "<step>")` is written with literal strings: the crash-point harness
 (tests/support/crash_harness.py) finds them in the source, so a new step without a harness case fails
-a test. Without the environment variable a step costs one comparison with None."""
+a test. Without the environment variable a step costs one comparison with None.
+
+A Step is also a timed step of the call it runs in (timing.py), under its step's name: the points a
+crash test names are the parts an operator's timing breakdown shows. The crash points are taken outside
+the timed block, so timing changes nothing about where or when a process is killed."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from csi_luks import timing
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +42,17 @@ class Step:
 
     operation: str
     name: str
+    _timed: AbstractContextManager[None] | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> None:
         if _CRASH_POINT is not None:
             crash_point(f"{self.operation}.before-{self.name}")
+        self._timed = timing.step(self.name)
+        self._timed.__enter__()
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        if self._timed is not None:
+            self._timed.__exit__(kind, value, traceback)  # type: ignore[arg-type]
+            self._timed = None
         if kind is None and _CRASH_POINT is not None:
             crash_point(f"{self.operation}.after-{self.name}")

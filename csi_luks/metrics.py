@@ -2,7 +2,8 @@
 
 Each server has a registry of its own rather than prometheus_client's global one, so several servers in
 one process (the tests) do not count into each other. Label values are method names, status codes,
-operation names, KMS types and exception class names, never request fields: no secret can reach a scrape.
+operation names, step names (literals in the code), program names (the fixed set the plugin runs), KMS
+types and exception class names, never request fields: no secret and no volume id can reach a scrape.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from csi_luks.luks.naming import MAPPER_PREFIX
 from csi_luks.readiness import ReadinessCheck
+from csi_luks.timing import OTHER, CallTiming
 from csi_luks.volumes.base import VolumeBackend, VolumeBackendError
 from csi_luks.volumes.rbd_chain import FLATTENS
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # CSI calls range from a millisecond (Probe) to minutes (a copy, mkfs of a large volume).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, *_BUCKETS)
 
 STAGE = "/csi.v1.Node/NodeStageVolume"
 UNSTAGE = "/csi.v1.Node/NodeUnstageVolume"
@@ -53,6 +56,16 @@ class PluginMetrics:
         self._request_seconds = Histogram(
             "csi_luks_grpc_request_duration_seconds", "gRPC call latency, by method and status code",
             ["method", "code"], buckets=_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        # Steps and processes take from a fraction of a millisecond (a sysfs read) to minutes (mkfs).
+        self._step_seconds = Histogram(
+            "csi_luks_step_duration_seconds",
+            "time of each step of a call (timing.py), by method and step; `other` is what no step covers",
+            ["method", "step"], buckets=_STEP_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self._process_seconds = Histogram(
+            "csi_luks_process_duration_seconds", "wall time of each process a call ran, by method, program",
+            ["method", "program"], buckets=_STEP_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self._cryptsetup_seconds = Histogram(
             "csi_luks_cryptsetup_duration_seconds", "cryptsetup call duration, by operation",
@@ -105,6 +118,16 @@ class PluginMetrics:
                     self._staged.add(volume_id)
                 elif method == UNSTAGE:
                     self._staged.discard(volume_id)
+
+    def call_timed(self, timing: CallTiming) -> None:
+        """A call's breakdown: each top-level step (a step run twice is observed twice), the rest as
+        `other`, and each process it ran wherever it ran."""
+        for span in timing.steps:
+            self._step_seconds.labels(timing.method, span.name).observe(span.seconds)
+        self._step_seconds.labels(timing.method, OTHER).observe(timing.breakdown()[OTHER])
+        for span in timing.steps:
+            for process in [span] if span.process else span.processes():
+                self._process_seconds.labels(timing.method, process.name).observe(process.seconds)
 
     def cryptsetup_call(self, operation: str, seconds: float, error: BaseException | None) -> None:
         self._cryptsetup_seconds.labels(operation).observe(seconds)

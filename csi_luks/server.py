@@ -28,6 +28,7 @@ from csi_luks.csiaddons.identity_pb2_grpc import (
     add_IdentityServicer_to_server as add_addons_identity_servicer,
 )
 from csi_luks.errors import capped, status_for
+from csi_luks.kms import kdf
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.logs import CALL_FIELDS, new_request_id, request_scope
@@ -43,6 +44,7 @@ from csi_luks.services.rotation import EncryptionKeyRotationService
 from csi_luks.services.sanitize import sanitized
 from csi_luks.settings import Backend, Settings
 from csi_luks.system.filesystem import Filesystems
+from csi_luks.timing import CallTiming, timed_call
 from csi_luks.volumes.base import VolumeBackend
 from csi_luks.volumes.ceph_clusters import CephClusters, read_secrets, sweep_stale_key_dirs
 from csi_luks.volumes.rbd import RbdBackend
@@ -85,13 +87,16 @@ class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         started = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s request: %s", request_id, method, sanitized(request))
+        timing = CallTiming(method, _volume_id(request, None))
         try:
-            response = inner(request, context)
+            with timed_call(timing):
+                response = inner(request, context)
         except Exception as exc:
             code, message = status_for(exc)
             message = capped(message)
             elapsed = time.monotonic() - started
             volume_id = _volume_id(request, None)
+            self._timed(request_id, code, timing)
             self._finished(method, code, elapsed, volume_id)
             fields = _call_fields(method, code, elapsed, volume_id)
             if code == grpc.StatusCode.INTERNAL:
@@ -107,12 +112,23 @@ class _CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             raise
         elapsed = time.monotonic() - started
         volume_id = _volume_id(request, response)
+        timing.subject = volume_id
+        self._timed(request_id, grpc.StatusCode.OK, timing)
         self._finished(method, grpc.StatusCode.OK, elapsed, volume_id)
         log.info(
             "[%s] %s -> OK in %.3fs", request_id, method, elapsed,
             extra=_call_fields(method, grpc.StatusCode.OK, elapsed, volume_id),
         )  # fmt: skip
         return response
+
+    def _timed(self, request_id: str, code: grpc.StatusCode, timing: CallTiming) -> None:
+        """Where the call's time went (timing.py): one debug line, and the step histograms."""
+        if not timing.steps:
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("[%s] %s -> %s", request_id, timing.render(), code.name)
+        if self._metrics is not None:
+            self._metrics.call_timed(timing)
 
     def _finished(self, method: str, code: grpc.StatusCode, elapsed: float, volume_id: str | None) -> None:
         if self._metrics is not None:
@@ -194,6 +210,7 @@ class PluginServer:
         self.backend = backend or _backend(settings)
         self.kms_config = KMSConfig.from_file(settings.kms_config, settings.kms_config_map_ref)
         self.locks = OperationLocks()
+        kdf.SLOTS.set_limit(settings.max_kdfs)  # process-wide: every KMS instance derives through them
         self.readiness = ReadinessCheck(self.cryptsetup, needs_device_mapper=settings.mode.runs_node)
         self.health = health.HealthServicer()
         self.stale_mappings = StaleMappings(is_ours=functools.partial(is_volume_mapping, self.backend))

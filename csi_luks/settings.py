@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 from enum import Enum
 
+from csi_luks.kms.kdf import DEFAULT_MAX_KDFS
+
 DEFAULT_DRIVER_NAME = "luks.csi-luks.io"
 DEFAULT_STATE_DIR = "/var/lib/csi-luks"
 DEFAULT_KMS_CONFIG = "/etc/csi-luks/kms-config.json"
@@ -60,6 +62,7 @@ class Settings:
     grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM
     workers: int = 16
     max_copies: int = 4  # snapshots/clones/restores copying at once; more get RESOURCE_EXHAUSTED (retried)
+    max_kdfs: int = DEFAULT_MAX_KDFS  # memory-hard key derivations at once (kms/kdf.py); more wait
     backend: Backend = Backend.STANDALONE
     state_dir: str = DEFAULT_STATE_DIR  # standalone: volumes and metadata; rbd: the node's attachment records
     ceph_config: str = DEFAULT_CEPH_CONFIG  # rbd: the Ceph clusters, ceph-csi's config.json format
@@ -85,6 +88,8 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if not 1 <= self.max_copies < self.workers:
             raise ValueError(f"max copies must be at least 1 and fewer than the {self.workers} workers")
+        if self.max_kdfs < 1:
+            raise ValueError("max concurrent key derivations must be at least 1")
         if self.kms_config_map is not None:
             self.kms_config_map_ref  # noqa: B018 - validates the form
         if self.metrics_address is not None:

@@ -1,6 +1,7 @@
 """KMS type `metadata`: a passphrase (Kubernetes Secret, or the request's secrets) wraps each volume's DEK.
 
-KEK = scrypt(passphrase, salt = volume id, N=2^15, r=8, p=1, 32 bytes); AES-256-GCM wraps the DEK, and
+KEK = scrypt(passphrase, salt = volume id, N=2^15, r=8, p=1, 32 bytes; 32 MiB of memory, so a bounded
+number run at once: kdf.py); AES-256-GCM wraps the DEK, and
 the result {"dek": b64, "nonce": b64} is kept in the volume's metadata. The salt makes every volume's
 KEK different, so one leaked wrapped DEK says nothing about another.
 """
@@ -17,6 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from csi_luks.kms import kdf
 from csi_luks.kms.base import (
     DEKDecryptError,
     EncryptionKMS,
@@ -32,8 +34,9 @@ NONCE_BYTES = 12
 
 
 def derive_kek(passphrase: str, volume_id: str) -> bytes:
-    kdf = Scrypt(salt=volume_id.encode(), length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
-    return kdf.derive(passphrase.encode())
+    scrypt = Scrypt(salt=volume_id.encode(), length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    secret = passphrase.encode()
+    return kdf.SLOTS.run(lambda: scrypt.derive(secret))
 
 
 class MetadataKMS(EncryptionKMS):

@@ -41,6 +41,7 @@ from csi_luks.services.validation import checked_id, require_path, validate_capa
 from csi_luks.system.device_io import DeviceIOError, read_error, read_first_block
 from csi_luks.system.filesystem import Filesystems, Probe
 from csi_luks.system.runner import CommandError
+from csi_luks.timing import step
 from csi_luks.volume_metadata import (
     DELETING,
     FILESYSTEM,
@@ -136,17 +137,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         with self.locks.hold(volume_id, "NodeStageVolume"):
             # A mapping left on a dead device must not be taken for the open one: a new device may even
             # have the old one's name. Known from the name alone, before any call to the backend.
-            stale = self.stale_mappings.check(mapper_name(volume_id))
+            with step("stale-check"):
+                stale = self.stale_mappings.check(mapper_name(volume_id))
             if stale is not None:
                 raise failed_precondition(f"volume {volume_id} cannot be staged: {stale.message}")
-            _, layout = self._volume(backend, volume_id)
-            was_attached = backend.find_attachment(volume_id) is not None
-            device = backend.attach(volume_id)
-            self._refuse_if_deleting(backend, volume_id, layout, was_attached)
+            with step("lookup"):
+                _, layout = self._volume(backend, volume_id)
+            with step("attach"):
+                was_attached = backend.find_attachment(volume_id) is not None
+                device = backend.attach(volume_id)
+            with step("deleting-check"):
+                self._refuse_if_deleting(backend, volume_id, layout, was_attached)
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
             crash_point("node-stage.after-attach")
             opened = False
-            was_mounted = self.filesystems.is_mounted(staging)
+            with step("is-mounted"):
+                was_mounted = self.filesystems.is_mounted(staging)
             try:
                 if layout.record.encrypted:
                     device, opened = self._open_encrypted(
@@ -157,7 +163,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 if layout.record.encrypted and layout.record.state is EncryptionState.PREPARED:
                     # Only now, with the filesystem (or the raw device) recorded: a `prepared` volume is
                     # one that nothing of the user's can be on.
-                    backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
+                    with step("mark-encrypted"):
+                        backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
                     crash_point("node-stage.after-mark-encrypted")
             except Exception:
                 unmount = None if was_mounted else staging
@@ -166,7 +173,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if capability.WhichOneof("access_type") == "mount" and layout.record.source is not None:
                 # A restore or clone into a larger volume: the mapping spans the grown device already,
                 # the filesystem still has the source's size (a no-op once grown).
-                self.filesystems.grow(device, staging, capability.mount.fs_type or "ext4")
+                with step("grow"):
+                    self.filesystems.grow(device, staging, capability.mount.fs_type or "ext4")
             log.info("volume %s staged at %s (%s)", volume_id, staging, device)
             return csi_pb2.NodeStageVolumeResponse()
 
@@ -218,12 +226,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, backend: VolumeBackend, volume_id: str, device: str, layout: _Layout, secrets: dict[str, str]
     ) -> tuple[str, bool]:
         """The mapping's path, and whether this call opened it."""
-        already_open = self.cryptsetup.open_mapping_of(device, layout.mapper)
+        with step("find-mapping"):
+            already_open = self.cryptsetup.open_mapping_of(device, layout.mapper)
         if already_open:
             return already_open, False
         record = layout.record
-        encryption = self._encryption(backend, volume_id, record, secrets)
-        found = self.filesystems.probe(device)
+        with step("kms"):
+            encryption = self._encryption(backend, volume_id, record, secrets)
+        with step("probe-device"):
+            found = self.filesystems.probe(device)
         if record.state is EncryptionState.PREPARED and record.filesystem is None:
             if found.empty:
                 self._format(backend, volume_id, device, encryption)
@@ -232,7 +243,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 # killed inside cryptsetup's own writes (the magic on the disk, no key slot complete).
                 try:
                     mapped = self._open(device, layout, encryption, volume_id, record)
-                    refresh_header_backup(self.cryptsetup, backend, volume_id, device)
+                    with step("header-backup"):
+                        refresh_header_backup(self.cryptsetup, backend, volume_id, device)
                     return mapped, True
                 except (WrongPassphrase, NotLuksDevice):  # no key slot complete, or a torn header
                     self._refuse_unless_half_made_format(device, volume_id)
@@ -261,16 +273,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"it: restore the header from a backup (csi-luks header restore {volume_id})"
             )
         elif record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
-            KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
+            with step("finish-rotation"):
+                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
         return self._open(device, layout, encryption, volume_id, record), True
 
     def _format(
         self, backend: VolumeBackend, volume_id: str, device: str, encryption: VolumeEncryption
     ) -> None:
         label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
-        self.cryptsetup.format(device, encryption.get_passphrase(volume_id), FormatOptions(label=label))
+        with step("unwrap-dek"):
+            passphrase = encryption.get_passphrase(volume_id)
+        with step("luks-format"):
+            self.cryptsetup.format(device, passphrase, FormatOptions(label=label))
         crash_point("node-stage.after-luks-format")
-        refresh_header_backup(self.cryptsetup, backend, volume_id, device)
+        with step("header-backup"):
+            refresh_header_backup(self.cryptsetup, backend, volume_id, device)
         crash_point("node-stage.after-header-backup")
         log.info("volume %s: formatted LUKS2 on %s", volume_id, device)
 
@@ -295,8 +312,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _open(
         self, device: str, layout: _Layout, encryption: VolumeEncryption, volume_id: str, record: VolumeRecord
     ) -> str:
+        with step("unwrap-dek"):
+            passphrase = encryption.get_passphrase(volume_id)
         try:
-            mapped = self.cryptsetup.open(device, layout.mapper, encryption.get_passphrase(volume_id))
+            with step("open"):
+                mapped = self.cryptsetup.open(device, layout.mapper, passphrase)
         except (WrongPassphrase, NotLuksDevice):
             if record.state is EncryptionState.PREPARED and record.filesystem is None:
                 raise  # the caller tells a half-made format of ours from anything else
@@ -336,7 +356,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     "volume %s: its %s filesystem now has UUID %s, not %s as recorded; recording the new one",
                     volume_id, made.type, made.uuid, record.filesystem.uuid,
                 )  # fmt: skip
-        backend.set_metadata(volume_id, FILESYSTEM, made.value())
+        with step("record-filesystem"):
+            backend.set_metadata(volume_id, FILESYSTEM, made.value())
         crash_point("node-stage.after-record-filesystem")
 
     def _mount_filesystem(
@@ -349,8 +370,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> FilesystemRecord:
         """The filesystem mounted at staging: found on the device, or made where nothing can be lost."""
         fs_type = mount.fs_type or "ext4"
-        found = self.filesystems.probe(device)
-        if self.filesystems.is_mounted(staging):
+        with step("probe-filesystem"):
+            found = self.filesystems.probe(device)
+        with step("is-mounted"):
+            mounted = self.filesystems.is_mounted(staging)
+        if mounted:
             return FilesystemRecord(found.type or fs_type, found.uuid or "")
         if found.empty:
             if record.may_hold_data:
@@ -363,7 +387,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             )
         flags = list(mount.mount_flags)
         try:
-            self.filesystems.mount(device, staging, fs_type, flags)
+            with step("mount"):
+                self.filesystems.mount(device, staging, fs_type, flags)
         except CommandError as exc:
             self._explain_mount_failure(volume_id, device, staging, fs_type, flags, exc)
             if record.may_hold_data or not record.encrypted:
@@ -382,10 +407,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return FilesystemRecord(fs_type, found.uuid or "")
 
     def _mkfs(self, volume_id: str, device: str, fs_type: str) -> Probe:
-        self.filesystems.mkfs(device, fs_type)
+        with step("mkfs"):
+            self.filesystems.mkfs(device, fs_type)
         crash_point("node-stage.after-mkfs")
         log.info("volume %s: made %s on %s", volume_id, fs_type, device)
-        return self.filesystems.probe(device)
+        with step("probe-filesystem"):
+            return self.filesystems.probe(device)
 
     def _explain_mount_failure(
         self, volume_id: str, device: str, staging: str, fs_type: str, flags: list[str], error: CommandError
@@ -434,14 +461,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # Closing by the deterministic name works after a plugin restart, and for a volume whose
             # metadata is already gone.
             mapper = mapper_name(volume_id)
-            stale = self.stale_mappings.check(mapper)
+            with step("stale-check"):
+                stale = self.stale_mappings.check(mapper)
             if stale is not None:
                 log.warning("volume %s: %s; tearing it down", volume_id, stale.message)
-            self._unmount_staging(staging, stale)
+            with step("unmount"):
+                self._unmount_staging(staging, stale)
             crash_point("node-unstage.after-unmount")
-            self._close(mapper, stale)
+            with step("close"):
+                self._close(mapper, stale)
             crash_point("node-unstage.after-close")
-            with contextlib.suppress(VolumeNotFound):
+            with step("detach"), contextlib.suppress(VolumeNotFound):
                 backend.detach(volume_id)
             log.info("volume %s unstaged from %s", volume_id, staging)
             return csi_pb2.NodeUnstageVolumeResponse()
@@ -481,24 +511,31 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         validate_capability(request.volume_capability, request.HasField("volume_capability"))
         volume_id = checked_id(backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodePublishVolume"):
-            try:
-                # A staged volume is known from what this node recorded at its stage (RBD: no cluster call;
-                # kubelet publishes once per pod, and each rbd call takes a process and a round trip).
-                _, layout = self._volume(self.backend.for_request({}), volume_id)
-            except BackendRequestError:  # no record here, so never staged: ask with the credentials
-                _, layout = self._volume(backend, volume_id)
-            stale = self.stale_mappings.check(layout.mapper) if layout.record.encrypted else None
+            with step("lookup"):
+                try:
+                    # A staged volume is known from what this node recorded at its stage (RBD: no cluster
+                    # call; kubelet publishes once per pod, and each rbd call takes a process and a trip).
+                    _, layout = self._volume(self.backend.for_request({}), volume_id)
+                except BackendRequestError:  # no record here, so never staged: ask with the credentials
+                    _, layout = self._volume(backend, volume_id)
+            with step("stale-check"):
+                stale = self.stale_mappings.check(layout.mapper) if layout.record.encrypted else None
             if stale is not None:  # a new pod would get a filesystem or device that can no longer do I/O
                 raise failed_precondition(f"volume {volume_id} cannot be published: {stale.message}")
             if request.volume_capability.WhichOneof("access_type") == "block":
-                device = self._device(backend, volume_id, layout)
+                with step("find-device"):
+                    device = self._device(backend, volume_id, layout)
                 if device is None:
                     raise failed_precondition(f"volume {volume_id} is not staged on this node")
-                self.filesystems.bind_mount(device, target, request.readonly, target_is_file=True)
+                with step("bind-mount"):
+                    self.filesystems.bind_mount(device, target, request.readonly, target_is_file=True)
             else:
-                if not self.filesystems.is_mounted(staging):
+                with step("is-mounted"):
+                    staged = self.filesystems.is_mounted(staging)
+                if not staged:
                     raise failed_precondition(f"volume {volume_id} is not staged at {quoted(staging)}")
-                self.filesystems.bind_mount(staging, target, request.readonly)
+                with step("bind-mount"):
+                    self.filesystems.bind_mount(staging, target, request.readonly)
             return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(
@@ -507,8 +544,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         target = require_path(request.target_path, "target_path")
         volume_id = checked_id(self.backend, request.volume_id, "volume_id")
         with self.locks.hold(volume_id, "NodeUnpublishVolume"):
-            self.filesystems.unmount(target)
-            _remove_publish_target(target)
+            with step("unmount"):
+                self.filesystems.unmount(target)
+            with step("remove-target"):
+                _remove_publish_target(target)
             return csi_pb2.NodeUnpublishVolumeResponse()
 
     # --- expand and stats ----------------------------------------------------------------------------

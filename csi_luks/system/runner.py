@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from csi_luks import timing
+
 log = logging.getLogger(__name__)
 
 REDACTED = "<redacted>"
@@ -141,6 +143,7 @@ class Runner:
         except FileNotFoundError as exc:
             raise CommandNotFound(real_argv) from exc
         except subprocess.TimeoutExpired as exc:
+            timing.process(real_argv[0], time.monotonic() - started)
             raise CommandTimeout(
                 real_argv,
                 deadline,
@@ -153,6 +156,7 @@ class Runner:
             for fd in pass_fds:
                 os.close(fd)
         duration = time.monotonic() - started
+        timing.process(real_argv[0], duration)
         result = CommandResult(
             argv=real_argv,
             returncode=proc.returncode,

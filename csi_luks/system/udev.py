@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 
 import pyudev
 
+from csi_luks import timing
+
 # The longest we sleep between checks if no event comes: it bounds the wait for a node whose event
 # arrived before the monitor started, or on a machine where netlink is not available to us.
 _RECHECK = 0.5
@@ -34,13 +36,14 @@ def block_device_events() -> Iterator[Callable[[str, float], None]]:
 
     def wait(path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not os.path.exists(path):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeviceWaitTimeout(f"{path} did not appear within {timeout:g}s")
-            if monitor is None:
-                time.sleep(min(remaining, _RECHECK))
-            else:
-                monitor.poll(timeout=min(remaining, _RECHECK))
+        with timing.step("udev-wait"):
+            while not os.path.exists(path):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeviceWaitTimeout(f"{path} did not appear within {timeout:g}s")
+                if monitor is None:
+                    time.sleep(min(remaining, _RECHECK))
+                else:
+                    monitor.poll(timeout=min(remaining, _RECHECK))
 
     yield wait

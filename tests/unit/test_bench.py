@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench.__main__ import HOST_PARTS, parse_args
-from bench.node import CEPH_CSI_FLAGS, plugin_format_flags
+from bench.breakdown import GRPC, TOTAL, FlowTimes, call_parts
+from bench.breakdown import render as render_breakdown
+from bench.kdf import peak_rss_mib
+from bench.node import CEPH_CSI_FLAGS, _run, plugin_format_flags
 from bench.table import Row, Target, missed, render, rows_from_json, rows_to_json
 from csi_luks.luks import Cryptsetup
+from csi_luks.timing import OTHER, CallTiming, Span
 from tests.unit.test_luks_engine import FakeRunner
 
 PAIRS = Row("vault pairs", 96.0, "pairs/s", 120.0, "bare hvac", Target("ratio", ">=", 0.8))
@@ -78,3 +84,68 @@ def test_the_raw_flow_formats_with_exactly_the_plugins_flags() -> None:
         *plugin_format_flags()[2:], "--key-file=-"]  # fmt: skip
     assert plugin_format_flags()[:2] == ["--type", "luks2"]
     assert "--pbkdf-memory" in CEPH_CSI_FLAGS and "argon2id" in CEPH_CSI_FLAGS
+
+
+def _stage_call(seconds: dict[str, float], processes: dict[str, float], other: float) -> CallTiming:
+    """A NodeStage's timing as the plugin records it, with made-up durations."""
+    call = CallTiming("/csi.v1.Node/NodeStageVolume", "vol-x")
+    for name, spent in seconds.items():
+        span = Span(name, spent)
+        if name in processes:
+            span.parts.append(Span("cryptsetup", processes[name], process=True))
+        call.steps.append(span)
+    call.seconds = sum(seconds.values()) + other
+    return call
+
+
+def test_the_breakdown_names_each_step_and_its_processes_beside_the_raw_commands() -> None:
+    plugin, raw = FlowTimes(), FlowTimes()
+    for format_s, open_s, other in ((0.84, 0.05, 0.004), (0.86, 0.07, 0.006), (0.80, 0.06, 0.005)):
+        call = _stage_call({"attach": 0.012, "luks-format": format_s, "open": open_s},
+                           {"luks-format": format_s - 0.01, "open": open_s - 0.005}, other)  # fmt: skip
+        plugin.add({**call_parts(call), GRPC: 0.002, TOTAL: call.seconds + 0.002})
+    for luks_format in (0.82, 0.83, 0.81):
+        raw.add({"losetup --find": 0.01, "cryptsetup luksFormat": luks_format, TOTAL: luks_format + 0.01})
+    medians = plugin.medians_ms()
+    assert medians["luks-format"] == pytest.approx(840)
+    assert medians["luks-format/cryptsetup"] == pytest.approx(830)
+    assert medians[OTHER] == pytest.approx(5) and medians[GRPC] == pytest.approx(2)
+    text = render_breakdown("NodeStage, first", plugin, raw)
+    lines = text.splitlines()
+    assert lines[0].startswith("NodeStage, first: plugin 908.0 ms against raw 830.0 ms; ")
+    assert "the plugin's processes 885.0 ms" in lines[0]
+    assert lines[1].split("|")[1:5] == [
+        " plugin step ", " median ms (processes inside) ", " raw command           ", " median ms ",
+    ]  # fmt: skip
+    body = [[cell.strip() for cell in line.split("|")[1:5]] for line in lines[3:]]
+    assert body == [
+        ["attach", "12.0", "losetup --find", "10.0"],
+        ["luks-format", "840.0 (cryptsetup 830.0)", "cryptsetup luksFormat", "820.0"],
+        ["open", "60.0 (cryptsetup 55.0)", "total", "830.0"],
+        ["grpc", "2.0", "", ""],
+        [OTHER, "5.0", "", ""],
+        [TOTAL, "908.0", "", ""],
+    ]
+
+
+def test_a_part_missing_from_some_samples_counts_zero_there() -> None:
+    flow = FlowTimes()
+    flow.add({"mount": 0.01})
+    flow.add({"mount": 0.01, "grow": 0.3})
+    flow.add({"mount": 0.01})
+    assert flow.medians_ms() == {"mount": pytest.approx(10), "grow": 0}
+
+
+def test_raw_commands_are_timed_by_name() -> None:
+    times: dict[str, float] = {}
+    _run(["true"], times=times)
+    _run(["sh", "-c", "sleep 0.02"], times=times, name="mount")
+    _run(["true"], times=times)
+    assert set(times) == {"true", "mount"} and times["mount"] >= 0.02
+
+
+def test_peak_rss_is_read_from_the_process_status() -> None:
+    before = peak_rss_mib(os.getpid())
+    ballast = b"\x01" * (64 * 1024 * 1024)  # written, so resident
+    assert peak_rss_mib(os.getpid()) >= before and peak_rss_mib(os.getpid()) >= 64
+    del ballast

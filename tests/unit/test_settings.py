@@ -49,6 +49,12 @@ def test_copies_leave_workers_for_other_calls(workers: int, copies: int) -> None
         Settings(endpoint="/tmp/csi.sock", workers=workers, max_copies=copies)
 
 
+def test_key_derivations_get_at_least_one_slot_and_four_by_default() -> None:
+    assert Settings(endpoint="/tmp/csi.sock").max_kdfs == 4
+    with pytest.raises(ValueError, match="key derivations"):
+        Settings(endpoint="/tmp/csi.sock", max_kdfs=0)
+
+
 @pytest.mark.parametrize(
     ("address", "endpoint"),
     [("127.0.0.1:9808", ("127.0.0.1", 9808)), ("[::1]:9808", ("::1", 9808)), (":9808", ("0.0.0.0", 9808))],  # noqa: S104
