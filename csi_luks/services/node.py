@@ -408,11 +408,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _mkfs(self, volume_id: str, device: str, fs_type: str) -> Probe:
         with step("mkfs"):
-            self.filesystems.mkfs(device, fs_type)
+            filesystem_uuid = self.filesystems.mkfs(device, fs_type)
         crash_point("node-stage.after-mkfs")
-        log.info("volume %s: made %s on %s", volume_id, fs_type, device)
-        with step("probe-filesystem"):
-            return self.filesystems.probe(device)
+        log.info("volume %s: made %s (UUID %s) on %s", volume_id, fs_type, filesystem_uuid, device)
+        return Probe(type=fs_type, uuid=filesystem_uuid)
 
     def _explain_mount_failure(
         self, volume_id: str, device: str, staging: str, fs_type: str, flags: list[str], error: CommandError
