@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from csi_luks.luks.errors import (
+    CipherUnavailable,
     CryptsetupMissing,
     CryptsetupTimeout,
     DeviceBusy,
@@ -53,6 +54,10 @@ _EXIT_WRONG_DEVICE = 4
 _EXIT_BUSY = 5
 
 _UNLOCKED_SLOT = re.compile(r"Key slot (\d+) unlocked")
+# luksFormat's words when the kernel's crypto API cannot run the cipher; it checks before writing anything.
+_CIPHER_UNAVAILABLE = re.compile(
+    r"Cipher \S+ \(key size \d+ bits\) is not available|Required kernel crypto interface not available"
+)
 _SLOT_PROBLEM = re.compile(r"Key ?slot \d+ is (not active|full|invalid)|please select another", re.IGNORECASE)
 
 
@@ -75,6 +80,10 @@ def classify(error: CommandError, operation: str) -> LuksError:
     if "Cannot initialize device-mapper" in stderr:
         return DeviceMapperUnavailable(
             f"{operation}: the kernel has no device-mapper", stderr=stderr, returncode=rc
+        )
+    if _CIPHER_UNAVAILABLE.search(stderr):
+        return CipherUnavailable(
+            f"{operation}: the kernel cannot run this cipher", stderr=stderr, returncode=rc
         )
     if reports_io_error(stderr):
         return LuksDeviceIOError(f"{operation}: I/O error from the device", stderr=stderr, returncode=rc)
@@ -218,6 +227,15 @@ class Cryptsetup:
         self._run_on(device, "luksOpen", args, passphrase=passphrase)
         log.info("opened %s as %s", device, mapper_path(name))
         return mapper_path(name)
+
+    def refresh(self, name: str, passphrase: Passphrase, options: OpenOptions) -> None:
+        """Reload an open mapping with options' flags (those not given are dropped; with persistent, the
+        header's stored flags become exactly these). Needs the passphrase: the key is not in the keyring."""
+        args: list[str | SecretPipe] = [
+            "refresh", "--type", "luks2", "--disable-keyring", "--key-file=-", *options.args(), name,
+        ]  # fmt: skip
+        self._run("refresh", args, passphrase=passphrase)
+        log.info("refreshed %s (%s)", mapper_path(name), " ".join(options.args()) or "no flags")
 
     def open_mapping_of(self, device: str, name: str) -> str | None:
         """The mapping's path if NAME is already open on device; None if it is not open at all.
