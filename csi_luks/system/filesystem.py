@@ -12,6 +12,7 @@ from csi_luks.system.device_io import DeviceIOError, read_error, reports_io_erro
 from csi_luks.system.programs import (
     BLKID,
     E2FSCK,
+    FSTRIM,
     MKFS_EXT4,
     MKFS_XFS,
     MOUNT,
@@ -172,6 +173,15 @@ class Filesystems:
             self._run_on(device, "growing the filesystem (xfs_growfs)", [XFS_GROWFS, mountpoint], timeout=600)
         else:
             self._run_on(device, "growing the filesystem (resize2fs)", [RESIZE2FS, device], timeout=600)
+
+    def trim(self, mountpoint: str, device: str) -> int:
+        """fstrim: discard the mounted filesystem's free blocks; the bytes it reports trimmed (what the
+        filesystem passed down, not what the storage freed)."""
+        result = self._run_on(
+            device, "discarding free blocks (fstrim)", [FSTRIM, "-v", mountpoint], timeout=3600
+        )
+        match = re.search(r"\((\d+) bytes\) trimmed", result.stdout)
+        return int(match.group(1)) if match else 0
 
     def _run_on(self, device: str, step: str, argv: list[str], timeout: float | None = None) -> CommandResult:
         """Run a command on device; a failure the device's I/O errors caused is a DeviceIOError."""

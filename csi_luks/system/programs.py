@@ -16,6 +16,7 @@ E2FSCK = "e2fsck"  # `csi-luks fsck` only, read-only
 XFS_REPAIR = "xfs_repair"
 MOUNT = "mount"
 UMOUNT = "umount"
+FSTRIM = "fstrim"  # csi-addons NodeReclaimSpace
 LOSETUP = "losetup"
 CP = "cp"
 RBD = "rbd"
@@ -36,6 +37,7 @@ PROGRAMS: dict[str, str] = {
     XFS_GROWFS: "xfsprogs",
     MOUNT: "mount",
     UMOUNT: "mount",
+    FSTRIM: "util-linux",
     LOSETUP: "mount",
     CP: "coreutils",
     RBD: "ceph-common",

@@ -451,6 +451,27 @@ class RbdBackend(VolumeBackend):
         with Step("rbd-copy", "purge"):
             rbd.run("snap", "purge", "--no-progress", target.spec, timeout=BULK_TIMEOUT)
 
+    def used_bytes(self, volume_id: str) -> int | None:
+        """`rbd du`'s used bytes of the image itself (not its snapshots); None without credentials."""
+        if self.credentials is None:
+            return None
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            du = rbd.json("du", ref.spec)
+        return sum(
+            int(entry.get("used_size", 0))
+            for entry in (du or {}).get("images", [])
+            if entry.get("name") == ref.image and not entry.get("snapshot")
+        )
+
+    def sparsify(self, volume_id: str) -> bool:
+        """`rbd sparsify`: free the image's objects (or their ends) that hold only zeros. Of an encrypted
+        volume only what dm-crypt discarded can be zeros: ciphertext of zeros is not."""
+        ref = decode_volume_id(volume_id)
+        with self._session(ref) as rbd:
+            rbd.run("sparsify", "--no-progress", ref.spec, timeout=BULK_TIMEOUT)
+        return True
+
     def get(self, volume_id: str) -> VolumeInfo:
         ref = decode_volume_id(volume_id)
         if self.credentials is None:
