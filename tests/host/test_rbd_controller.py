@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from csi_luks.csi import csi_pb2
+from csi_luks.csiaddons import reclaimspace_pb2 as reclaim_pb
+from csi_luks.csiaddons import reclaimspace_pb2_grpc as reclaim_grpc
 from csi_luks.kms.local import LocalKMS
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
@@ -412,3 +414,28 @@ def test_placement_errors_are_the_requests_fault(ceph: CephCluster, tmp_path: Pa
     features = {"clusterID": "c", "pool": ceph.pool, "imageFeatures": "layering,teleport"}
     with pytest.raises(BackendRequestError, match="unknown \\['teleport'\\]"):
         backend.create(backend.volume_id_for("pvc-f", features), "pvc-f", 4 * MiB, {}, parameters=features)
+
+
+def rbd_used(ceph: CephCluster, volume_id: str) -> int:
+    du = json.loads(ceph.run("rbd", "du", "--format", "json", spec(volume_id)))
+    return sum(int(i["used_size"]) for i in du["images"] if not i.get("snapshot"))
+
+
+def test_controller_reclaim_space_sparsifies_the_image_and_reports_rbd_du(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume = plugin.create("pvc-sparsify", 64 * MiB, encrypted(ceph), secrets=secrets)
+    fill(ceph, volume.volume_id)
+    before = rbd_used(ceph, volume.volume_id)
+    assert before >= MiB
+    stub = reclaim_grpc.ReclaimSpaceControllerStub(plugin.channel)
+    request = reclaim_pb.ControllerReclaimSpaceRequest(volume_id=volume.volume_id, secrets=secrets)
+    spawned = len(AUDIT.ceph_spawns)
+    response = stub.ControllerReclaimSpace(request)
+    assert any("sparsify" in spawn.argv for spawn in AUDIT.ceph_spawns[spawned:])
+    assert response.pre_usage.usage_bytes == before
+    # The filled range is not zeros (as ciphertext never is): sparsify keeps it, and says what is used.
+    assert response.post_usage.usage_bytes == rbd_used(ceph, volume.volume_id) == before
+    no_credentials = reclaim_pb.ControllerReclaimSpaceRequest(volume_id=volume.volume_id)
+    assert code_of(stub.ControllerReclaimSpace, no_credentials) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "userID" in details_of(stub.ControllerReclaimSpace, no_credentials)
