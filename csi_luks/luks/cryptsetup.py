@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 
@@ -54,9 +55,12 @@ _EXIT_WRONG_DEVICE = 4
 _EXIT_BUSY = 5
 
 _UNLOCKED_SLOT = re.compile(r"Key slot (\d+) unlocked")
-# luksFormat's words when the kernel's crypto API cannot run the cipher; it checks before writing anything.
+# cryptsetup's words when the kernel cannot run a cipher: its crypto API check (luksFormat, before any
+# write, where the kernel offers AF_ALG), or dm-crypt refusing the table (an open, or luksFormat's key
+# slot encryption where it falls back to dm-crypt: after the header is written, hence check_cipher).
 _CIPHER_UNAVAILABLE = re.compile(
     r"Cipher \S+ \(key size \d+ bits\) is not available|Required kernel crypto interface not available"
+    r"|Check that kernel supports \S+ cipher"
 )
 _SLOT_PROBLEM = re.compile(r"Key ?slot \d+ is (not active|full|invalid)|please select another", re.IGNORECASE)
 
@@ -182,6 +186,28 @@ class Cryptsetup:
         self._run_on(device, "luksFormat", args, passphrase=passphrase)
         log.info("formatted %s as LUKS2 (%s, %d-bit key, %s)", device, opts.cipher, opts.key_size, opts.pbkdf)
 
+    def check_cipher(self, device: str, options: FormatOptions) -> None:
+        """CipherUnavailable unless the kernel's dm-crypt runs options' cipher, key size and sector size.
+
+        A read-only plain mapping of device under a throwaway random key, closed at once: the kernel builds
+        the cipher as it would for the volume, and nothing is written to the device (luksFormat's own
+        check needs the kernel's AF_ALG interface; without it, it finds out only after writing the header).
+        """
+        name = f"csi-luks-cipher-check-{os.getpid()}-{secrets.token_hex(4)}"
+        args: list[str | SecretPipe] = [
+            "open", "--type", "plain", "--readonly", "--cipher", options.cipher,
+            "--key-size", str(options.key_size), "--hash", "sha256", "--key-file=-",
+        ]  # fmt: skip
+        if options.sector_size is not None:
+            args += ["--sector-size", str(options.sector_size)]
+        self._run_on(
+            device,
+            "cipher check",
+            [*args, device, name],
+            passphrase=secrets.token_bytes(options.key_size // 8),
+        )
+        self.close(name)
+
     def is_luks(self, device: str) -> bool:
         """True when device holds a LUKS header; DeviceNotFound when it does not exist."""
         result = self._run("isLuks", ["isLuks", device], check=False)
@@ -232,7 +258,7 @@ class Cryptsetup:
         """Reload an open mapping with options' flags (those not given are dropped; with persistent, the
         header's stored flags become exactly these). Needs the passphrase: the key is not in the keyring."""
         args: list[str | SecretPipe] = [
-            "refresh", "--type", "luks2", "--disable-keyring", "--key-file=-", *options.args(), name,
+            "refresh", "--disable-keyring", "--key-file=-", *options.args(), name,
         ]  # fmt: skip
         self._run("refresh", args, passphrase=passphrase)
         log.info("refreshed %s (%s)", mapper_path(name), " ".join(options.args()) or "no flags")

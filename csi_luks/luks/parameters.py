@@ -149,6 +149,11 @@ class LuksParameters:
     def any(self) -> bool:
         return self != LuksParameters()
 
+    @property
+    def chooses_cipher(self) -> bool:
+        """Whether the class chose the cipher's shape (cipher, key size or sector size)."""
+        return (self.cipher, self.key_size, self.sector_size) != (None, None, None)
+
     def class_values(self) -> dict[str, str]:
         """These parameters as a StorageClass says them; only what differs from csi-luks's defaults."""
         values = {

@@ -247,6 +247,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
         options = record.luks.format_options(label)  # the class's cipher, key size and sector size
         try:
+            if record.luks.chooses_cipher:  # the default cipher runs wherever dm-crypt does
+                self.cryptsetup.check_cipher(device, options)
             self.cryptsetup.format(device, encryption.get_passphrase(volume_id), options)
         except CipherUnavailable as exc:  # luksFormat checks the cipher before it writes anything
             raise failed_precondition(
