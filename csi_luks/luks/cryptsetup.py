@@ -200,12 +200,23 @@ class Cryptsetup:
         ]  # fmt: skip
         if options.sector_size is not None:
             args += ["--sector-size", str(options.sector_size)]
-        self._run_on(
-            device,
-            "cipher check",
-            [*args, device, name],
-            passphrase=secrets.token_bytes(options.key_size // 8),
-        )
+        key = secrets.token_bytes(options.key_size // 8)
+        try:
+            self._run_on(device, "cipher check", [*args, device, name], passphrase=key)
+        except (LuksDeviceIOError, CryptsetupTimeout, CryptsetupMissing, DeviceMapperUnavailable):
+            raise
+        except LuksError as exc:
+            # The kernel refused the table, whose only choices are the cipher, key size and sector size
+            # (cryptsetup says just "reload ioctl ... failed": ENOENT for a cipher it does not have).
+            if "reload ioctl" not in exc.stderr:
+                raise
+            sector = f", {options.sector_size}-byte sectors" if options.sector_size else ""
+            raise CipherUnavailable(
+                f"cipher check: the kernel's dm-crypt refused {options.cipher} with a {options.key_size}-bit "
+                f"key{sector}",
+                stderr=exc.stderr,
+                returncode=exc.returncode,
+            ) from None
         self.close(name)
 
     def is_luks(self, device: str) -> bool:
