@@ -23,9 +23,9 @@ RUN python3 -m venv /opt/csi-luks \
 
 # Stage 2: what runs. No compiler, no pip, no wheel; only Debian's runtime packages:
 #   python3; cryptsetup-bin (cryptsetup); util-linux (blkid); mount (mount, umount, losetup);
-#   e2fsprogs (mkfs.ext4, resize2fs); xfsprogs (mkfs.xfs, xfs_growfs); ceph-common (rbd, rados);
+#   e2fsprogs (mkfs.ext4, resize2fs); xfsprogs (mkfs.xfs, xfs_growfs); ceph-common (rbd);
 #   rbd-nbd; kmod (modprobe, which rbd map runs); udev (libudev, through which the plugin waits for
-#   device nodes). csi_luks/system/programs.py names every program the plugin runs and its package.
+#   device nodes); python3-rados and python3-rbd (librados and librbd: the controller's RBD calls). csi_luks/system/programs.py names every program the plugin runs and its package.
 # Versions are not pinned (DL3008): a rebuild should take bookworm's security updates, and the suite
 # tests what bookworm ships.
 FROM debian:bookworm-slim
@@ -33,8 +33,14 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3 cryptsetup-bin util-linux mount e2fsprogs xfsprogs ceph-common rbd-nbd kmod udev \
+        python3-rados python3-rbd \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/csi-luks /opt/csi-luks
+# The virtualenv sees Debian's rados and rbd modules and nothing else of dist-packages (a link to each).
+RUN for module in rados rbd; do \
+        ln -s /usr/lib/python3/dist-packages/"$module".cpython-*.so /opt/csi-luks/lib/python3.*/site-packages/; \
+    done \
+    && /opt/csi-luks/bin/python -c 'import rados, rbd'
 ENV PATH=/opt/csi-luks/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # The image runs as root (no USER) because the node plugin must: it attaches loop and RBD devices,
 # opens dm-crypt mappings and mounts them into kubelet's directories with Bidirectional propagation,

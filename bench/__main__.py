@@ -1,6 +1,6 @@
 """`./dev bench`: run the benchmarks and print one table of ratios and targets.
 
-./dev bench                    the host parts: vault, standalone
+./dev bench                    the host parts: vault, standalone, rbd
 ./dev bench --vm               the host parts, then the node part in a virtme-ng guest (dm-crypt)
 ./dev bench vault --pairs 1000 one part, with its own knobs
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench.table import Row, missed, render, rows_from_json, rows_to_json
 
-PARTS = ("vault", "standalone", "node")
-HOST_PARTS = ("vault", "standalone")
+PARTS = ("vault", "standalone", "rbd", "node")
+HOST_PARTS = ("vault", "standalone", "rbd")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +37,13 @@ def parse_args(argv: Sequence[str] | None = None, dm_crypt: bool = False) -> arg
     parser.add_argument("--vm", action="store_true", help="run the node part in a virtme-ng guest")
     parser.add_argument("--pairs", type=_positive, default=500, help="vault: pairs per side (500)")
     parser.add_argument("--volumes", type=_positive, default=1000, help="standalone: the many volumes (1000)")
+    parser.add_argument("--rbd-samples", type=_positive, default=10, help="rbd: samples per figure (10)")
+    parser.add_argument(
+        "--written-mib",
+        type=_positive,
+        default=1024,
+        help="rbd: data in the written volume (1024 MiB; the test OSD holds 2 GiB)",
+    )
     parser.add_argument("--size-mib", type=_positive, default=64, help="node: volume size (64 MiB)")
     parser.add_argument("--samples", type=_positive, default=5, help="node: stages per flow (5)")
     parser.add_argument("--concurrent", type=_positive, default=16, help="node: stages at once (16)")
@@ -89,6 +96,10 @@ def _part(name: str, args: argparse.Namespace) -> list[Row]:
         from bench import standalone
 
         return standalone.measure(many=args.volumes)
+    if name == "rbd":
+        from bench import rbd
+
+        return rbd.measure(samples=args.rbd_samples, written_mib=args.written_mib)
     if args.vm:
         return _node_in_guest(args)
     from bench import node

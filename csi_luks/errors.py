@@ -7,8 +7,9 @@ import grpc
 from csi_luks import luks
 from csi_luks.key_lock import KeyOperationBusy
 from csi_luks.kms import base as kms
-from csi_luks.operations import OperationRefused
+from csi_luks.refusal import OperationRefused
 from csi_luks.system.device_io import DeviceIOError
+from csi_luks.system.fs_limits import FilesystemTooSmall
 from csi_luks.volumes import base as volumes
 
 
@@ -56,6 +57,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),  # a malformed id too: nothing of it can exist
     # The size itself is the problem (CSI: OUT_OF_RANGE), not a shortage that a retry could outwait.
     (volumes.CapacityOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    # mkfs refused the device as smaller than the filesystem's minimum (mkfs.xfs: 300 MiB).
+    (FilesystemTooSmall, grpc.StatusCode.OUT_OF_RANGE),
     (volumes.VolumeInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (volumes.BackendPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -68,7 +71,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     # "retry, it will pass", and no retry fixes a wrong CA or server name; an operator must change the
     # KMS configuration, the CA Secret or Vault's certificate.
     (kms.KMSTLSError, grpc.StatusCode.FAILED_PRECONDITION),
-    # A Secret or ServiceAccount the KMS configuration names is missing: the cluster, not the call, is wrong.
+    # A Secret, ServiceAccount or key file the KMS configuration names is missing: the cluster or the
+    # node, not the call, is wrong.
     (kms.KMSObjectNotFound, grpc.StatusCode.FAILED_PRECONDITION),
     # Vault answered the request with an error of its own (e.g. 400 "invalid role name"): the KMS's
     # setup or configuration is wrong, not the plugin; INTERNAL would send the operator to our logs.

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from csi_luks.operations import OperationRefused
+from csi_luks.refusal import OperationRefused
 
 
 class KeyOperationBusy(OperationRefused):

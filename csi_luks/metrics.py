@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from csi_luks.luks.naming import MAPPER_PREFIX
 from csi_luks.readiness import ReadinessCheck
 from csi_luks.volumes.base import VolumeBackend, VolumeBackendError
+from csi_luks.volumes.rbd_chain import FLATTENS
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class PluginMetrics:
             "1 when the plugin can work on this machine (what Probe answers), else 0",
             registry=self.registry,
         ).set_function(lambda: 1.0 if (latest := readiness.latest) is not None and latest.ready else 0.0)
+        Gauge(
+            "csi_luks_rbd_flattens_running",
+            "RBD clones this process flattens in the background (their chain grew past the soft depth)",
+            registry=self.registry,
+        ).set_function(lambda: float(len(FLATTENS.running())))
         if stale_mappings is not None:
             # Counted anew at each scrape from sysfs (no process): always the current count.
             Gauge(

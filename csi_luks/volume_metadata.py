@@ -50,6 +50,11 @@ _LUKS_KEYS = dict(
         strict=True,
     )
 )
+# DeleteVolume's intent, written durably before it looks for users of the volume (value: when, UTC). A
+# NodeStage that finds it after attaching detaches and refuses: of two calls that each publish (intent,
+# attachment) before they look at the other's, at least one sees the other. A crash leaves it: the CO
+# retries DeleteVolume until it answers, and the retry finishes the delete or removes it.
+DELETING = PREFIX + "deleting"
 
 # LUKS2 header and key-slot area as luksFormat lays them out by default; added to the backing store so
 # the user gets the capacity they asked for.

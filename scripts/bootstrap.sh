@@ -17,6 +17,8 @@ if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 pkgs=(cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev python3-venv)
 # A single-node Ceph cluster (one mon, one memstore OSD) for the RBD tests, on the host and in the guest.
 pkgs+=(ceph-mon ceph-osd ceph-common rbd-nbd)
+# Ceph's own Python bindings (librados, librbd): the controller's RBD calls, over one cached connection.
+pkgs+=(python3-rados python3-rbd)
 # The e2e tier's one-node Kubernetes cluster: its container runtime (kubelet talks CRI to containerd).
 pkgs+=(containerd runc containernetworking-plugins)
 # The plugin image's root file system, built from the Dockerfile's steps without a container engine.
@@ -54,3 +56,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
     fi
     echo "$hash" >"$stamp"
 fi
+
+# The virtualenv sees Debian's rados and rbd modules, and nothing else of dist-packages: a link to each
+# extension module in its site-packages (see the README, "Ceph's Python bindings"). They are built for
+# CPython 3.11's stable ABI tag, which this interpreter shares with Debian's.
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+for module in rados rbd; do
+    found=(/usr/lib/python3/dist-packages/"$module".cpython-*.so)
+    [ -e "${found[0]}" ] || { echo "bootstrap: python3-$module has no $module module" >&2; exit 1; }
+    ln -sfn "${found[0]}" "$site/$(basename "${found[0]}")"
+done
+"$venv/bin/python" -c 'import rados, rbd' || { echo "bootstrap: the venv cannot import rados/rbd" >&2; exit 1; }

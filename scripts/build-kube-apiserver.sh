@@ -124,7 +124,9 @@ DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommen
 if systemctl is-enabled etcd >/dev/null 2>&1; then $sudo systemctl disable --now etcd || true; fi
 
 if ! have_all; then
-    rm -rf "$cache"/build.*  # leftovers of failed builds; the lock keeps out any running one
+    # Leftovers of failed builds (mktemp's build.XXXXXX; the lock keeps out any running one). Not build.*:
+    # that removed build.lock itself, and the next run took a fresh lock and removed a running build.
+    rm -rf "$cache"/build.??????
     work="$(mktemp -d "$cache/build.XXXXXX")"
     echo "build-kube-apiserver: building ${programs[*]} from Debian's source (about 12 minutes, once); log: $log" >&4
     cd "$work"

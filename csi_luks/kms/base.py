@@ -22,7 +22,8 @@ class KMSConfigError(KMSError):
 
 
 class KMSObjectNotFound(KMSConfigError):
-    """An object the configuration names (a Kubernetes Secret, a ServiceAccount) does not exist."""
+    """An object the configuration names (a Kubernetes Secret, a ServiceAccount, the local KMS's key file)
+    does not exist."""
 
 
 class KMSUnavailable(KMSError):
@@ -100,6 +101,10 @@ class EncryptionKMS(ABC):
     @abstractmethod
     def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
         """Unwrap a stored DEK."""
+
+    def check_access(self, volume_id: str) -> None:  # noqa: B027 - optional hook, most need no login
+        """Log in (or connect) and fail as the first real call would, before CreateVolume makes anything:
+        a KMS that refuses or is down then costs no image created and deleted on every retry."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients and connections."""

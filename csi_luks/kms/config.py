@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # Imported for their @register side effect: building a KMS must find every built-in type.
+from csi_luks.kms import aws as _aws  # noqa: F401
+from csi_luks.kms import kmip as _kmip  # noqa: F401
 from csi_luks.kms import local as _local  # noqa: F401
 from csi_luks.kms import metadata as _metadata  # noqa: F401
 from csi_luks.kms import secrets as _secrets  # noqa: F401

@@ -20,7 +20,14 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from csi_luks.kms.base import DEKDecryptError, EncryptionKMS, KMSConfigError, KMSContext, register
+from csi_luks.kms.base import (
+    DEKDecryptError,
+    EncryptionKMS,
+    KMSConfigError,
+    KMSContext,
+    KMSObjectNotFound,
+    register,
+)
 
 KEY_FILE_KEY = "keyFile"
 DEFAULT_KEY_FILE = "/var/lib/csi-luks/local-kek"
@@ -79,7 +86,9 @@ class LocalKMS(EncryptionKMS):
             return self._load_key()
         except FileNotFoundError:
             if not create:
-                raise KMSConfigError(
+                # The request is fine, the node is not (FAILED_PRECONDITION, not INVALID_ARGUMENT): an
+                # operator restores the file, and the CO's retry succeeds.
+                raise KMSObjectNotFound(
                     f"key file {self.key_file} of KMS {self.kms_id!r} is missing; it is created with the "
                     "first volume, so it was removed or keyFile changed: restore it from a backup"
                 ) from None

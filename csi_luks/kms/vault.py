@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import functools
 import logging
-import math
 import re
 import threading
 import time
@@ -40,6 +39,7 @@ from csi_luks.kms.base import (
     KMSUnavailable,
     register,
 )
+from csi_luks.kms.entry_values import flag, seconds
 from csi_luks.kms.vault_auth import KubernetesAuth, TokenFileAuth, TokenSecretAuth, VaultAuth
 from csi_luks.kms.vault_tls import (
     CABundleFile,
@@ -60,30 +60,6 @@ PENDING_SUFFIX = "-pending"  # a rotation's next DEK: <prefix><volume id>-pendin
 MAX_SECONDS = 86400.0
 # What an HTTP header value (X-Vault-Namespace) may hold: printable ASCII, no surrounding blanks.
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
-
-
-def _flag(kms_id: str, entry: Mapping[str, str], key: str, default: bool) -> bool:
-    value = entry.get(key)
-    if value is None or value == "":
-        return default
-    if value not in ("true", "false"):
-        raise KMSConfigError(f'KMS {kms_id!r}, key {key!r}: must be "true" or "false"')
-    return value == "true"
-
-
-def _seconds(kms_id: str, entry: Mapping[str, str], key: str, default: float) -> float:
-    value = entry.get(key)
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise KMSConfigError(f"KMS {kms_id!r}, key {key!r}: must be a number of seconds") from None
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
-        raise KMSConfigError(
-            f"KMS {kms_id!r}, key {key!r}: must be a positive number, at most {MAX_SECONDS:g}"
-        )
-    return seconds
 
 
 def _address(kms_id: str, address: str) -> str:
@@ -168,7 +144,7 @@ class VaultSettings:
     def parse(cls, kms_id: str, entry: Mapping[str, str], auth: VaultAuth | None = None) -> VaultSettings:
         """The entry's settings; auth replaces the entry's own login keys (the tenant types choose it)."""
         address = _address(kms_id, entry.get("vaultAddress", ""))
-        verify: bool | str = _flag(kms_id, entry, "vaultCAVerify", True)
+        verify: bool | str = flag(kms_id, entry, "vaultCAVerify", True)
         ca_file = entry.get("vaultCAFile")
         ca_secret_name = entry.get("vaultCAFromSecret")
         if ca_file and ca_secret_name:
@@ -192,8 +168,8 @@ class VaultSettings:
             namespace=_header_value(kms_id, entry, "vaultNamespace"),
             verify=verify,
             auth=auth if auth is not None else _auth(kms_id, entry),
-            timeout=_seconds(kms_id, entry, "vaultTimeout", 10.0),
-            retry_deadline=_seconds(kms_id, entry, "vaultRetryDeadline", 20.0),
+            timeout=seconds(kms_id, entry, "vaultTimeout", 10.0, MAX_SECONDS),
+            retry_deadline=seconds(kms_id, entry, "vaultRetryDeadline", 20.0, MAX_SECONDS),
             ca_secret=ca_secret,
             tls_server_name=server_name,
         )
@@ -421,6 +397,10 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
     def decrypt_dek(self, volume_id: str, encrypted_dek: str) -> str:
         return encrypted_dek
 
+    def check_access(self, volume_id: str) -> None:
+        # Logs in, and asks the engine's version as store_dek will.
+        self.connection.kv_version(self.mount, volume_id)
+
     def path(self, volume_id: str) -> str:
         return f"{self.prefix}{volume_id}{self.suffix}"
 
@@ -519,6 +499,12 @@ class VaultTransitKMS(EncryptionKMS):
         # associated_data would do it too, but rewrap does not take it.)
         self.derived = derived
 
+    def check_access(self, volume_id: str) -> None:
+        # A token login is local to the client: ask Vault something any token with a right on the mount may.
+        self.connection.call(
+            "check access", volume_id, lambda c: c.adapter.get(f"/v1/sys/internal/ui/mounts/{self.mount}")
+        )
+
     def _context(self, volume_id: str) -> str | None:
         return base64.b64encode(volume_id.encode()).decode() if self.derived else None
 
@@ -589,7 +575,7 @@ def kv_settings(kms_id: str, entry: Mapping[str, str]) -> KVSettings:
         mount=(entry.get("vaultBackendPath") or "secret").strip("/"),
         prefix=entry.get("vaultPassphrasePath", ""),
         kv_version=_kv_version(kms_id, entry),
-        destroy=_flag(kms_id, entry, "vaultDestroyKeys", True),
+        destroy=flag(kms_id, entry, "vaultDestroyKeys", True),
     )
 
 
@@ -610,5 +596,5 @@ def _build_transit(kms_id: str, entry: Mapping[str, str], context: KMSContext) -
         connection_for(VaultSettings.parse(kms_id, entry)),
         mount=entry.get("vaultTransitPath", "transit").strip("/"),
         key=key,
-        derived=_flag(kms_id, entry, "vaultTransitDerivedKey", False),
+        derived=flag(kms_id, entry, "vaultTransitDerivedKey", False),
     )

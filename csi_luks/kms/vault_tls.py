@@ -53,15 +53,16 @@ class CASecret:
         return pem + "\n"
 
 
-def plugin_namespace(kms_id: str) -> str:
-    """The namespace the plugin runs in: the default home of a vaultCAFromSecret Secret."""
+def plugin_namespace(kms_id: str, key: str = "vaultCAFromSecretNamespace") -> str:
+    """The namespace the plugin runs in: the default home of a Secret the entry names (key: the entry
+    key that names another namespace, for the message when the plugin's own is unknown)."""
     try:
         namespace = Path(SA_NAMESPACE_FILE).read_text().strip()
     except OSError:
         namespace = ""
     if not namespace:
         raise KMSConfigError(
-            f"KMS {kms_id!r}: set 'vaultCAFromSecretNamespace': the plugin's own namespace is unknown "
+            f"KMS {kms_id!r}: set {key!r}: the plugin's own namespace is unknown "
             f"({SA_NAMESPACE_FILE} is missing, so it does not run in a pod)"
         )
     return namespace

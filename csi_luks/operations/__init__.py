@@ -6,6 +6,6 @@ the gRPC services and the `csi-luks` commands share one implementation.
 
 from __future__ import annotations
 
+from csi_luks.refusal import OperationRefused
 
-class OperationRefused(Exception):
-    """The volume is not in a state the operation can act on; an operator must look (FAILED_PRECONDITION)."""
+__all__ = ["OperationRefused"]

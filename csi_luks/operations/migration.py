@@ -24,13 +24,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from csi_luks.crash import Step, crash_points
 from csi_luks.encryption import VolumeEncryption
 from csi_luks.kms.base import KMSError
 from csi_luks.kms.dek_store import DEK_KEY, MetadataDEKStore
 from csi_luks.kms.vault import VaultKVKMS
 from csi_luks.luks.errors import LuksError
 from csi_luks.operations import OperationRefused
-from csi_luks.operations.crash import Step, crash_points
 from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Tool, exit_code
 from csi_luks.volume_metadata import KMS_ID, PREFIX, EncryptionState, VolumeRecord
 from csi_luks.volumes.base import VolumeBackendError

@@ -22,7 +22,7 @@ wipes. Every later call finishes what was begun: `csi-luks rotate` and Encryptio
 `rotating` volume (`finish`), and so does NodeStage. A pending DEK under state `encrypted` (a kill
 between steps 1 and 2) is in no key slot: the next rotation uses it.
 
-Test-only crash points (operations/crash.py): CSI_LUKS_CRASH_POINT=rotation.before-<step> or
+Test-only crash points (crash.py): CSI_LUKS_CRASH_POINT=rotation.before-<step> or
 rotation.after-<step> SIGKILLs the process there.
 """
 
@@ -31,10 +31,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from csi_luks.crash import CRASH_POINT_ENV, Step, crash_points
 from csi_luks.encryption import VolumeEncryption
 from csi_luks.luks import Cryptsetup
 from csi_luks.operations import OperationRefused
-from csi_luks.operations.crash import CRASH_POINT_ENV, Step, crash_points
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.volume_metadata import STATE, EncryptionState, VolumeRecord
 from csi_luks.volumes.base import VolumeBackend

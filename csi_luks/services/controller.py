@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from csi_luks.crash import Step
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import volume_encryption
 from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not_found
@@ -22,7 +24,6 @@ from csi_luks.luks.parameters import (
     LuksParameterError,
     LuksParameters,
 )
-from csi_luks.operations.crash import Step
 from csi_luks.quoting import quoted, quoted_list
 from csi_luks.services.validation import (
     capability_problem,
@@ -34,9 +35,11 @@ from csi_luks.services.validation import (
     unknown_keys,
     validate_capabilities,
 )
+from csi_luks.system.fs_limits import too_small
 from csi_luks.volume_metadata import (
     CAPACITY,
     CREATED,
+    DELETING,
     ENCRYPTED,
     FILESYSTEM,
     KIND,
@@ -177,6 +180,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"{PARAM_KMS_ID} names a KMS"
                 )
             capacity = _capacity(request, source.capacity if source else None)
+            _check_filesystem_fits(request.volume_capabilities, capacity)
             if source is not None and capacity < source.capacity:
                 raise CsiError(
                     grpc.StatusCode.OUT_OF_RANGE,
@@ -193,6 +197,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 created = False
                 info = existing
                 if info is None:
+                    if encrypted:
+                        self._check_kms_access(backend, volume_id, kms_id, request.secrets, pvc_namespace)
                     metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
@@ -253,6 +259,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         info = self._info_or_none(backend, object_id)
         record = VolumeRecord.parse(info.metadata) if info is not None else None
         return record if record is not None and record.is_snapshot == snapshot else None
+
+    def _check_kms_access(
+        self,
+        backend: VolumeBackend,
+        volume_id: str,
+        kms_id: str,
+        secrets: Mapping[str, str],
+        pvc_namespace: str | None,
+    ) -> None:
+        """A KMS that refuses this volume's credentials, or is down, fails CreateVolume before the backing
+        store is made: the provisioner retries a refused claim for ever, and each retry would otherwise
+        create and delete an image."""
+        context = KMSContext(secrets=dict(secrets), pvc_namespace=pvc_namespace)
+        volume_encryption(self.kms_config, kms_id, context, backend).kms.check_access(volume_id)
 
     def _prepare_key(
         self, backend: VolumeBackend, volume_id: str, record: VolumeRecord, secrets: Mapping[str, str]
@@ -375,14 +395,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 raise invalid_argument(
                     f"{volume_id} is a snapshot, not a volume: delete it with DeleteSnapshot"
                 )
-            if backend.find_attachment(volume_id):
-                raise CsiError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"volume {volume_id} is still attached on this machine; unstage it first",
-                )
-            self._delete(backend, volume_id, record, request.secrets)
+            with backend.delete_guard(volume_id):
+                self._refuse_if_in_use(backend, volume_id)
+                self._delete(backend, volume_id, record, request.secrets)
             log.info("volume %s deleted", volume_id)
             return csi_pb2.DeleteVolumeResponse()
+
+    @staticmethod
+    def _refuse_if_in_use(backend: VolumeBackend, volume_id: str) -> None:
+        """Record the intent to delete, durably, and only then look for users (attached, mapped on any
+        node); in use: take the intent back and refuse. A NodeStage attaches first and reads the intent
+        afterwards, so of the two at least one sees the other: never a DEK shredded under a stage."""
+        with Step("delete", "mark-deleting"):
+            backend.set_metadata(volume_id, DELETING, datetime.now(UTC).isoformat(timespec="seconds"))
+        where = backend.in_use(volume_id)
+        if where is None:
+            return
+        with Step("delete", "unmark-deleting"):
+            backend.remove_metadata(volume_id, DELETING)
+        raise failed_precondition(
+            f"volume {volume_id} is in use ({where}); nothing was deleted: unstage it (or unmap it) first"
+        )
 
     def _delete(
         self, backend: VolumeBackend, object_id: str, record: VolumeRecord, secrets: Mapping[str, str]
@@ -661,6 +694,16 @@ def _source_of(request: csi_pb2.CreateVolumeRequest, backend: VolumeBackend) -> 
     if kind == "volume":
         return kind, checked_id(backend, content.volume.volume_id, "volume_content_source.volume.volume_id")
     raise invalid_argument("volume_content_source names neither a snapshot nor a volume")
+
+
+def _check_filesystem_fits(capabilities: Iterable[csi_pb2.VolumeCapability], capacity: int) -> None:
+    """OUT_OF_RANGE if a filesystem the capabilities name cannot be made on a volume of this capacity
+    (the dm-crypt mapping of an encrypted volume has exactly the capacity)."""
+    for capability in capabilities:
+        if capability.WhichOneof("access_type") == "mount":
+            problem = too_small(capability.mount.fs_type or "ext4", capacity)
+            if problem is not None:
+                raise CsiError(grpc.StatusCode.OUT_OF_RANGE, problem)
 
 
 def _echoed_source(request: csi_pb2.CreateVolumeRequest) -> csi_pb2.VolumeContentSource | None:

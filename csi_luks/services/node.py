@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from csi_luks.crash import crash_point
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import VolumeEncryption, volume_encryption
 from csi_luks.errors import failed_precondition, invalid_argument, not_found
@@ -33,7 +34,6 @@ from csi_luks.luks import (
 )
 from csi_luks.luks.stale import StaleMapping, StaleMappings
 from csi_luks.luks.status import luks2_label
-from csi_luks.operations.crash import crash_point
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.rotation import KeyRotation
 from csi_luks.quoting import quoted, quoted_list
@@ -41,7 +41,14 @@ from csi_luks.services.validation import checked_id, require_path, validate_capa
 from csi_luks.system.device_io import DeviceIOError, read_error, read_first_block
 from csi_luks.system.filesystem import Filesystems, Probe
 from csi_luks.system.runner import CommandError
-from csi_luks.volume_metadata import FILESYSTEM, STATE, EncryptionState, FilesystemRecord, VolumeRecord
+from csi_luks.volume_metadata import (
+    DELETING,
+    FILESYSTEM,
+    STATE,
+    EncryptionState,
+    FilesystemRecord,
+    VolumeRecord,
+)
 from csi_luks.volumes.base import BackendRequestError, VolumeBackend, VolumeInfo, VolumeNotFound
 
 log = logging.getLogger(__name__)
@@ -135,6 +142,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             _, layout = self._volume(backend, volume_id)
             was_attached = backend.find_attachment(volume_id) is not None
             device = backend.attach(volume_id)
+            self._refuse_if_deleting(backend, volume_id, layout, was_attached)
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
             crash_point("node-stage.after-attach")
             opened = False
@@ -152,7 +160,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     backend.set_metadata(volume_id, STATE, EncryptionState.ENCRYPTED.value)
                     crash_point("node-stage.after-mark-encrypted")
             except Exception:
-                self._undo_stage(backend, volume_id, layout, staging, opened, was_attached, was_mounted)
+                unmount = None if was_mounted else staging
+                self._undo_stage(backend, volume_id, layout, opened, was_attached, unmount)
                 raise
             if capability.WhichOneof("access_type") == "mount" and layout.record.source is not None:
                 # A restore or clone into a larger volume: the mapping spans the grown device already,
@@ -161,15 +170,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             log.info("volume %s staged at %s (%s)", volume_id, staging, device)
             return csi_pb2.NodeStageVolumeResponse()
 
+    def _refuse_if_deleting(
+        self, backend: VolumeBackend, volume_id: str, layout: _Layout, was_attached: bool
+    ) -> None:
+        """After the attach (which DeleteVolume sees), read the volume's metadata afresh: a DeleteVolume
+        that recorded its intent may have found no user before the attach, and is shredding the DEK.
+        Then detach what this call attached, and refuse."""
+        try:
+            deleting = backend.fresh_metadata(volume_id).get(DELETING)
+        except Exception as exc:
+            self._undo_stage(backend, volume_id, layout, False, was_attached)
+            if isinstance(exc, VolumeNotFound):
+                raise not_found(f"volume {volume_id} was deleted while it was being staged") from None
+            raise
+        if deleting is not None:
+            self._undo_stage(backend, volume_id, layout, False, was_attached)
+            raise failed_precondition(
+                f"volume {volume_id} is being deleted (DeleteVolume started at {deleting} and has not "
+                "finished); it cannot be staged: the CO retries DeleteVolume until it completes"
+            )
+
     def _undo_stage(
         self,
         backend: VolumeBackend,
         volume_id: str,
         layout: _Layout,
-        staging: str,
         opened: bool,
         was_attached: bool,
-        was_mounted: bool,
+        unmount: str | None = None,
     ) -> None:
         """Leave the node as a failed stage found it: the mapping it opened closed, the loop device it
         attached detached. A device that failed I/O (a mkfs that did not reach the disk) may have left its
@@ -177,8 +205,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         retry probes what is really on the disk. Failures here are logged: the stage's own error is
         what the caller must see."""
         try:
-            if not was_mounted and self.filesystems.is_mounted(staging):  # recording the filesystem failed
-                self.filesystems.unmount(staging)
+            if unmount is not None and self.filesystems.is_mounted(unmount):  # mounted by this call
+                self.filesystems.unmount(unmount)
             if opened:
                 self.cryptsetup.close(layout.mapper)
             if not was_attached:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_luks.system.device_io import DeviceIOError, read_error, reports_io_error
+from csi_luks.system.fs_limits import raise_if_too_small
 from csi_luks.system.programs import (
     BLKID,
     E2FSCK,
@@ -85,7 +86,11 @@ class Filesystems:
         args = [MKFS_EXT4, "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
         if fstype == "xfs":
             args = [MKFS_XFS, "-q"]
-        self._run_on(device, f"mkfs.{fstype}", [*args, device], timeout=600)
+        try:
+            self._run_on(device, f"mkfs.{fstype}", [*args, device], timeout=600)
+        except CommandError as exc:
+            raise_if_too_small(device, fstype, exc)  # below mkfs's minimum: OUT_OF_RANGE, not INTERNAL
+            raise
 
     def mount(
         self, source: str, target: str, fstype: str | None = None, options: list[str] | None = None

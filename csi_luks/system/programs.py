@@ -20,7 +20,6 @@ FSTRIM = "fstrim"  # csi-addons NodeReclaimSpace
 LOSETUP = "losetup"
 CP = "cp"
 RBD = "rbd"
-RADOS = "rados"
 # Not run by the plugin itself but by rbd on its behalf: `rbd device map --device-type nbd` starts the
 # rbd-nbd daemon, and rbd map loads the rbd and nbd kernel modules with modprobe.
 RBD_NBD = "rbd-nbd"
@@ -41,7 +40,6 @@ PROGRAMS: dict[str, str] = {
     LOSETUP: "mount",
     CP: "coreutils",
     RBD: "ceph-common",
-    RADOS: "ceph-common",
     RBD_NBD: "rbd-nbd",
     MODPROBE: "kmod",
 }

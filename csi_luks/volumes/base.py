@@ -164,6 +164,21 @@ class VolumeBackend(ABC):
         """The device path of an existing attachment (found from the system, not from memory)."""
 
     @abstractmethod
+    def in_use(self, volume_id: str) -> str | None:
+        """Where the volume is in use (attached or open), from the storage and the system, not from
+        memory; None when nowhere. Never answers from a cache: DeleteVolume's decision rests on it."""
+
+    def fresh_metadata(self, volume_id: str) -> dict[str, str]:
+        """The volume's metadata as stored now (not as this request read it earlier); VolumeNotFound."""
+        return dict(self.get(volume_id).metadata)
+
+    @contextlib.contextmanager
+    def delete_guard(self, volume_id: str) -> Iterator[None]:
+        """Held by DeleteVolume from its intent to the shred. By default nothing: every user of a volume
+        shows in in_use()."""
+        yield
+
+    @abstractmethod
     def detach(self, volume_id: str) -> None:
         """Detach the volume; a volume that is not attached is already detached."""
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from csi_luks.operations.crash import Step
+from csi_luks.crash import Step
 from csi_luks.quoting import quoted
 from csi_luks.system.loop import LoopDevices
 from csi_luks.system.programs import CP
@@ -523,6 +523,18 @@ class StandaloneBackend(VolumeBackend):
             return None  # not ours, so not attached
         # From the kernel's loop table, not memory; this also finds a loop device whose image was removed.
         return self.loops.find(str(self._volumes / volume_id / IMAGE))
+
+    def in_use(self, volume_id: str) -> str | None:
+        # One machine: a loop device over the image is the only attachment there is.
+        device = self.find_attachment(volume_id)
+        return None if device is None else f"attached to {device} on this machine"
+
+    @contextlib.contextmanager
+    def delete_guard(self, volume_id: str) -> Iterator[None]:
+        """The volume's key lock: an operator's rotate, header restore or migrate of a volume that is not
+        attached writes the image file itself, with no loop device for in_use() to see."""
+        with self.key_operation(volume_id, "DeleteVolume"):
+            yield
 
     def detach(self, volume_id: str) -> None:
         device = self.find_attachment(volume_id)

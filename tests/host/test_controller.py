@@ -16,6 +16,7 @@ from tests.support.plugin import (
     MiB,
     Mode_,
     RunningPlugin,
+    block_capability,
     code_of,
     details_of,
     mount_capability,
@@ -125,6 +126,29 @@ def test_capacity_range_rules(plugin: RunningPlugin) -> None:
         volume_capabilities=[mount_capability()],
     )
     assert code_of(plugin.controller.CreateVolume, too_big) == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_an_xfs_volume_smaller_than_mkfs_xfs_accepts_is_out_of_range_and_not_made(
+    plugin: RunningPlugin,
+) -> None:
+    def request(name: str, size: int, *fs_types: str) -> csi_pb2.CreateVolumeRequest:
+        return csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[mount_capability(fs_type) for fs_type in fs_types],
+            parameters={"encrypted": "true", "encryptionKMSID": "local-1"},
+        )
+
+    for fs_types in (("xfs",), ("ext4", "xfs")):
+        small = request("pvc-xfs-small", 299 * MiB, *fs_types)
+        with pytest.raises(grpc.RpcError) as info:
+            plugin.controller.CreateVolume(small)
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert "at least 314572800 bytes (300 MiB" in info.value.details(), info.value.details()
+    assert plugin.backend.list() == []  # nothing made, no DEK stored
+    plugin.controller.CreateVolume(request("pvc-xfs-300", 300 * MiB, "xfs"))  # the minimum itself
+    plugin.controller.CreateVolume(request("pvc-ext4-small", 64 * MiB, "ext4"))
+    plugin.create("pvc-block-small", 64 * MiB, capability=block_capability())
 
 
 def test_delete_removes_volume_and_dek_and_is_idempotent(plugin: RunningPlugin) -> None:

@@ -1,7 +1,8 @@
 """The controller's crash points, each one: a `csi-luks serve` process with CSI_LUKS_CRASH_POINT set makes
 the call and is SIGKILLed there; a plugin without it retries the same call, which must give the answer an
 uninterrupted call gives, with the data intact, no DEK orphaned or missing, and nothing left of a deleted
-volume. On the standalone backend with the `local` and `vault` (OpenBao) KMS, and on the host's Ceph.
+volume. On the standalone backend with the `local`, `vault` (OpenBao) and `kmip` (PyKMIP) KMS, and on the
+host's Ceph.
 
 The cases come from tests/support/crash_harness.py, whose points tests/unit/test_crash_points.py checks
 against the code.
@@ -18,22 +19,25 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
+import grpc
 import hvac.exceptions
 import pytest
 
+from csi_luks import kube as plugin_kube
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.encryption import volume_encryption
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.settings import Mode
-from csi_luks.volume_metadata import CAPACITY, STATE, backing_bytes
+from csi_luks.volume_metadata import CAPACITY, DELETING, STATE, backing_bytes
 from csi_luks.volumes.base import VolumeBackend, VolumeNotFound
 from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support.crash_harness import CONFIGS, controller_cases, killed_at, serve_argv
 from tests.support.openbao import OpenBao
-from tests.support.operations import Volumes, vault_login
+from tests.support.operations import Volumes, breadth_entries, vault_login, write_kubeconfig
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 
 SIZE = 16 * MiB
@@ -184,6 +188,21 @@ class Harness:
             self.backend.store_header_backup(volume_id, os.urandom(4096))
 
 
+@contextmanager
+def _kube_secrets(request: pytest.FixtureRequest, root: Path) -> Iterator[dict[str, dict[str, str]]]:
+    """The kmip entries, their Secret on the test API server, read with the plugin's ServiceAccount:
+    through $KUBECONFIG in the plugin processes, through the plugin's client in this one."""
+    env = request.getfixturevalue("kms_env")
+    entries = breadth_entries(env, request.getfixturevalue("session_kmip"), None)
+    kubeconfig = write_kubeconfig(root, env.kube, env.node_token_file)
+    with patch.dict(os.environ, {"KUBECONFIG": str(kubeconfig)}):
+        plugin_kube.set_api_client(env.kube.api_client(env.node_token_file.read_text()))
+        try:
+            yield entries
+        finally:
+            plugin_kube.set_api_client(None)
+
+
 def _entries(root: Path, bao: OpenBao | None) -> dict[str, dict[str, str]]:
     entries = {"local-1": {"encryptionKMSType": "local", "keyFile": str(root / "kek-1")}}
     if bao is not None:
@@ -199,7 +218,18 @@ def _entries(root: Path, bao: OpenBao | None) -> dict[str, dict[str, str]]:
 def _harness(name: str, request: pytest.FixtureRequest, root: Path) -> Iterator[Harness]:
     config = CONFIGS[name]
     bao = request.getfixturevalue("session_bao") if config.kms_id.startswith("vault") else None
-    volumes = Volumes(root, _entries(root, bao))
+    with ExitStack() as stack:
+        entries = _entries(root, bao)
+        if config.kms_id.startswith("kmip"):
+            entries |= stack.enter_context(_kube_secrets(request, root))
+        yield stack.enter_context(_harness_over(name, request, root, Volumes(root, entries), bao))
+
+
+@contextmanager
+def _harness_over(
+    name: str, request: pytest.FixtureRequest, root: Path, volumes: Volumes, bao: OpenBao | None
+) -> Iterator[Harness]:
+    config = CONFIGS[name]
     parameters = {"encrypted": "true", "encryptionKMSID": config.kms_id}
     extra = ["--mode", "controller"]
     ceph, secrets, ceph_config = None, {}, None
@@ -345,6 +375,30 @@ def scenario_delete(h: Harness, name: str, point: str) -> None:
     h.assert_consistent()
 
 
+def scenario_delete_in_use(h: Harness, name: str, point: str) -> None:
+    """A delete of an attached volume, killed around its intent: the retry refuses, the DEK and the data
+    stay, and no intent is left to refuse the volume's stages."""
+    volume_id = h.make_volume(name)
+    h.format_with_data(volume_id)
+    content = h.content(volume_id, SIZE)
+    dek = h.dek(volume_id)
+    h.backend.attach(volume_id)
+    try:
+        request = csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=h.secrets)
+        call: Call = lambda c: c.DeleteVolume(request)  # noqa: E731
+        crash(h, point, call)
+        with pytest.raises(grpc.RpcError) as info:
+            h.retry(call)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+        assert "is in use" in info.value.details()
+        assert DELETING not in h.record(volume_id)
+        assert h.dek(volume_id) == dek and h.content(volume_id, SIZE) == content
+        h.assert_consistent()
+    finally:
+        h.backend.detach(volume_id)
+    h.delete(volume_id)
+
+
 def scenario_expand(h: Harness, name: str, point: str) -> None:
     volume_id = h.make_volume(name)
     request = csi_pb2.ControllerExpandVolumeRequest(
@@ -368,6 +422,7 @@ SCENARIOS = {
     "clone": scenario_clone,
     "snapshot": scenario_snapshot,
     "delete": scenario_delete,
+    "delete-in-use": scenario_delete_in_use,
     "expand": scenario_expand,
 }
 

@@ -12,6 +12,7 @@ import pytest
 from csi_luks.csi import csi_pb2
 from csi_luks.errors import status_for
 from csi_luks.kms.base import KMSUnavailable
+from csi_luks.volume_metadata import DELETING
 from csi_luks.volumes.base import VolumeNotFound
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.openbao import OpenBao, free_port
@@ -122,6 +123,9 @@ def test_a_vault_that_is_down_fails_the_delete_with_unavailable_and_keeps_everyt
         else:
             _delete(volumes, object_id)
     assert status_for(info.value)[0] == grpc.StatusCode.UNAVAILABLE
-    assert volumes.backend.get(object_id).metadata == before
+    after = dict(volumes.backend.get(object_id).metadata)
+    # A volume keeps the delete's intent (its stages are refused) until the CO's retry gets through.
+    assert (after.pop(DELETING, None) is not None) == (kind == "volume")
+    assert after == before
     assert volumes.backend.fetch_header_backup(object_id) is not None
     assert object_id not in volumes.backend.left_at_delete  # type: ignore[attr-defined]

@@ -30,7 +30,9 @@ from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.local import LocalKMS
 from csi_luks.kms.vault import VaultKVKMS
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.kmip_server import SERVER_NAME, KMIPServer
 from tests.support.kms_env import NODE_SA, SYSTEM_NAMESPACE, KmsEnv
+from tests.support.moto_server import AWSEmulator
 from tests.support.openbao import free_port
 
 MiB = 1024 * 1024
@@ -84,7 +86,83 @@ def _fast(entry: dict[str, str]) -> dict[str, str]:
     return {**entry, "vaultRetryDeadline": "1.5", "vaultTimeout": "0.5"}
 
 
-def build_case(name: str, env: KmsEnv, tmp: Path) -> Case:
+def kmip_case(name: str, env: KmsEnv, kmip: KMIPServer) -> Case:
+    """kmip-rpc (the server wraps: Encrypt/Decrypt) and kmip-local (Get, wrapped here with AES-GCM)."""
+    namespace = env.tenant.namespace
+    env.put_secret(namespace, "kmip-creds", kmip.secret_data())
+    env.put_secret(namespace, "kmip-other-key", kmip.secret_data(key="other-kek"))
+    env.put_secret(namespace, "kmip-foreign", kmip.secret_data(identity="foreign"))
+    entry = {
+        "encryptionKMSType": "kmip", "KMIP_ENDPOINT": kmip.endpoint, "KMIP_SECRET_NAME": "kmip-creds",
+        "KMIP_SECRET_NAMESPACE": namespace, "TLS_SERVER_NAME": SERVER_NAME,
+        "USE_CRYPTO_RPC": "true" if name == "kmip-rpc" else "false",
+    }  # fmt: skip
+    none = KMSContext(secrets={})
+    dead = f"127.0.0.1:{free_port()}"
+    return Case(
+        Variant(entry, none),
+        wraps=True,
+        variants={
+            "wrong_key": Variant({**entry, "KMIP_SECRET_NAME": "kmip-other-key"}, none),
+            "down": Variant(
+                {**entry, "KMIP_ENDPOINT": dead, "READ_TIMEOUT": "1", "WRITE_TIMEOUT": "1"}, none
+            ),
+            # A client certificate of a CA the server does not trust: its TLS refuses the identity.
+            "denied": Variant({**entry, "KMIP_SECRET_NAME": "kmip-foreign"}, none),
+        },
+    )
+
+
+def aws_case(name: str, env: KmsEnv, aws: AWSEmulator) -> Case:
+    """aws-metadata (static credentials) and aws-sts-metadata (the tenant's role through STS), on moto."""
+    tenant, outsider = env.tenant.namespace, env.outsider.namespace
+    dead = f"http://127.0.0.1:{free_port()}"
+    if name == "aws-metadata":
+        env.put_secret(tenant, "aws-creds", aws.metadata_secret())
+        env.put_secret(tenant, "aws-other-cmk", aws.metadata_secret(cmk="other-cmk"))
+        env.put_secret(tenant, "aws-nobody", aws.metadata_secret(user="nobody"))
+        entry = {
+            "encryptionKMSType": "aws-metadata", "AWS_REGION": "us-east-1", "KMS_SECRET_NAME": "aws-creds",
+            "KMS_SECRET_NAMESPACE": tenant, "AWS_KMS_ENDPOINT": aws.url,
+        }  # fmt: skip
+        none = KMSContext(secrets={})
+        return Case(
+            Variant(entry, none),
+            wraps=True,
+            variants={
+                "wrong_key": Variant({**entry, "KMS_SECRET_NAME": "aws-other-cmk"}, none),
+                "down": Variant({**entry, "AWS_KMS_ENDPOINT": dead, "AWS_TIMEOUT": "1"}, none),
+                "denied": Variant({**entry, "KMS_SECRET_NAME": "aws-nobody"}, none),  # no IAM policy
+            },
+            # moto answers a Decrypt naming another key AccessDeniedException (AWS: IncorrectKeyException,
+            # a DEKDecryptError): either way the other key's holder does not get the DEK.
+            wrong_key_error=KMSPermissionDenied,
+        )
+    env.put_secret(tenant, "ceph-csi-aws-credentials", aws.tenant_secret())  # Ceph-CSI's default name
+    env.put_secret(outsider, "ceph-csi-aws-credentials", aws.tenant_secret(role="stranger"))
+    entry = {
+        "encryptionKMSType": "aws-sts-metadata", "tokenFilePath": str(env.node_token_file),
+        "awsKMSEndpoint": aws.url, "awsSTSEndpoint": aws.url,
+    }  # fmt: skip
+    ctx = KMSContext(secrets={}, pvc_namespace=tenant)
+    outsider_ctx = KMSContext(secrets={}, pvc_namespace=outsider)  # its role has no KMS policy
+    return Case(
+        Variant(entry, ctx),
+        wraps=True,
+        variants={
+            "wrong_key": Variant(entry, outsider_ctx),
+            "down": Variant(
+                {**entry, "awsKMSEndpoint": dead, "awsSTSEndpoint": dead, "awsTimeout": "1"}, ctx
+            ),
+            "denied": Variant(entry, outsider_ctx),
+        },
+        wrong_key_error=KMSPermissionDenied,
+    )
+
+
+def build_case(
+    name: str, env: KmsEnv, tmp: Path, kmip: KMIPServer | None = None, aws: AWSEmulator | None = None
+) -> Case:
     bao = env.bao.address
     tenant, outsider = env.tenant.namespace, env.outsider.namespace
     none = KMSContext(secrets={})
@@ -175,6 +253,12 @@ def build_case(name: str, env: KmsEnv, tmp: Path) -> Case:
                 "denied": Variant({**entry, "vaultTokenFile": str(denied_token)}, none),
             },
         )
+    if name in ("kmip-rpc", "kmip-local"):
+        assert kmip is not None, "the kmip cases need the session's KMIP server"
+        return kmip_case(name, env, kmip)
+    if name in ("aws-metadata", "aws-sts-metadata"):
+        assert aws is not None, "the aws cases need the session's AWS emulator"
+        return aws_case(name, env, aws)
     if name in ("vaulttokens", "vaulttenantsa"):
         entry = {"encryptionKMSType": name, "vaultAddress": bao, "vaultPassphrasePath": f"contract/{name}/"}
         if name == "vaulttenantsa":
@@ -207,6 +291,10 @@ NAMES = [
     "vault-transit-derived",
     "vaulttokens",
     "vaulttenantsa",
+    "kmip-rpc",
+    "kmip-local",
+    "aws-metadata",
+    "aws-sts-metadata",
 ]
 
 
@@ -221,8 +309,13 @@ def applicable(item: str) -> list[str]:
 
 
 @pytest.fixture
-def case(name: str, kms_env: KmsEnv, tmp_path: Path, plugin_kube_client: None) -> Case:
-    return build_case(name, kms_env, tmp_path)
+def case(
+    request: pytest.FixtureRequest, name: str, kms_env: KmsEnv, tmp_path: Path, plugin_kube_client: None
+) -> Case:
+    # The KMIP server starts only for a session that runs a kmip case.
+    kmip = request.getfixturevalue("session_kmip") if name.startswith("kmip") else None
+    aws = request.getfixturevalue("session_aws") if name.startswith("aws") else None
+    return build_case(name, kms_env, tmp_path, kmip, aws)
 
 
 @contextmanager
@@ -258,9 +351,15 @@ def make_volume(backend: StandaloneBackend, name: str) -> str:
     return volume_id
 
 
-def test_every_type_covers_every_item(kms_env: KmsEnv, tmp_path: Path, plugin_kube_client: None) -> None:
+def test_every_type_covers_every_item(
+    kms_env: KmsEnv,
+    tmp_path: Path,
+    plugin_kube_client: None,
+    session_kmip: KMIPServer,
+    session_aws: AWSEmulator,
+) -> None:
     for name in NAMES:
-        case = build_case(name, kms_env, tmp_path / name)
+        case = build_case(name, kms_env, tmp_path / name, session_kmip, session_aws)
         for item in ("wrong_key", "down", "denied"):
             covered = item in case.variants or item in NOT_APPLICABLE.get(name, {})
             assert covered, f"{name}: contract item {item} is neither tested nor declared not applicable"

@@ -16,12 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from csi_luks.crash import CRASH_POINT_ENV
 from csi_luks.csi import csi_pb2
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.dek_store import DEK_KEY
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import FormatOptions
-from csi_luks.operations.crash import CRASH_POINT_ENV
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.migration import MIGRATING_TO
 from csi_luks.operations.tool import EXIT_OK, EXIT_USAGE, Tool

@@ -113,6 +113,7 @@ def test_metrics_endpoint_counts_the_calls_of_a_lifecycle(root: Path) -> None:
     # Readiness runs the real `cryptsetup --version`, at start and for each Probe.
     assert _value(samples, "csi_luks_cryptsetup_duration_seconds_count", operation="version") >= 2
     assert _value(samples, "csi_luks_ready") == 1
+    assert _value(samples, "csi_luks_rbd_flattens_running") == 0  # exposed, on any backend
     assert _value(samples, "csi_luks_volumes_staged") == 0
 
     for secret in (REQUEST_SECRET, done.dek, done.wrapped_dek):

@@ -1,5 +1,6 @@
 """DEK rotation on the host (image files are LUKS devices to cryptsetup): the crash-point matrix for the
-local, metadata and vault KMS types, the secrets type's refusal, rewrap, and the csi-addons service."""
+local, metadata and vault KMS types, a rotation with each of kmip (both modes), aws-metadata and
+aws-sts-metadata, the secrets type's refusal, rewrap, and the csi-addons service."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from tests.support.operations import Volumes, vault_login
 from tests.support.plugin import code_of, details_of, running_plugin
 
 KMS_IDS = ("local-1", "metadata-1", "vault-kv")
+# Types whose credentials are Kubernetes Secrets (the test API server) and whose keys live on the session's
+# KMIP server or AWS emulator. They keep the wrapped DEK in the volume's metadata, as local and metadata do,
+# through the same DEK store: the crash-point matrix (16 kills, a CLI start each) stays with local and
+# metadata for that store, and these rotate once each.
+BREADTH_IDS = ("kmip-rpc", "kmip-local", "aws-metadata", "aws-sts-metadata")
 
 
 def _entries(root: Path, bao: OpenBao) -> dict[str, dict[str, str]]:
@@ -41,6 +47,13 @@ def _entries(root: Path, bao: OpenBao) -> dict[str, dict[str, str]]:
 def volumes(tmp_path: Path, session_bao: OpenBao) -> Volumes:
     secrets = {"encryptionPassphrase": "kek passphrase of the metadata type, 0123456789"}
     return Volumes(tmp_path, _entries(tmp_path, session_bao), secrets)
+
+
+@pytest.fixture
+def kms_volumes(request: pytest.FixtureRequest, kms_id: str) -> Volumes:
+    """The volumes fixture that has kms_id."""
+    found: Volumes = request.getfixturevalue("breadth_volumes" if kms_id in BREADTH_IDS else "volumes")
+    return found
 
 
 # Between promote and the wipe the old key slot is one the KMS has no key for any more (the protocol's
@@ -72,8 +85,9 @@ def _assert_rotated(volumes: Volumes, volume_id: str, old_dek: str) -> None:
     assert header_backup_matches(volumes.tool.cryptsetup, volumes.backend, volume_id, image) is True
 
 
-@pytest.mark.parametrize("kms_id", KMS_IDS)
-def test_rotate_gives_a_new_dek_and_wipes_the_old_slot(volumes: Volumes, kms_id: str) -> None:
+@pytest.mark.parametrize("kms_id", KMS_IDS + BREADTH_IDS)
+def test_rotate_gives_a_new_dek_and_wipes_the_old_slot(kms_volumes: Volumes, kms_id: str) -> None:
+    volumes = kms_volumes
     volume_id = volumes.create_formatted(f"pvc-rotate-{kms_id}", kms_id)
     old = volumes.dek(volume_id)
     done = volumes.cli("rotate", volume_id)
@@ -89,8 +103,9 @@ def test_rotate_gives_a_new_dek_and_wipes_the_old_slot(volumes: Volumes, kms_id:
 @pytest.mark.parametrize("crash_point", CRASH_POINTS)
 @pytest.mark.parametrize("kms_id", KMS_IDS)
 def test_a_rotation_killed_at_any_step_is_safe_and_converges(
-    volumes: Volumes, kms_id: str, crash_point: str
+    kms_volumes: Volumes, kms_id: str, crash_point: str
 ) -> None:
+    volumes = kms_volumes
     volume_id = volumes.create_formatted(f"pvc-{kms_id}-{crash_point}", kms_id)
     old = volumes.dek(volume_id)
     crashed = volumes.cli("rotate", volume_id, env={**os.environ, CRASH_POINT_ENV: crash_point})

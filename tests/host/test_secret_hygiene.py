@@ -2,12 +2,14 @@
 
 `csi-luks --log-level debug serve` runs as a real process (under a wrapper that records, through Python's
 audit hook, the argv and environment of every command it spawns and every temporary directory it makes).
-One lifecycle per KMS type (local, metadata, vault KV v2, vault-transit, secrets; vaulttokens and
-vaulttenantsa on the test kube-apiserver; then RBD with a cephx key): create, first format (as NodeStage
+One lifecycle per KMS type (local, metadata, vault KV v2, vault-transit, secrets; vaulttokens,
+vaulttenantsa, kmip (both modes), aws-metadata and aws-sts-metadata with their Secrets on the test
+kube-apiserver; then RBD with a cephx key): create, first format (as NodeStage
 does; the host has no device-mapper), a NodeStage that fails at device-mapper with its secrets, a DEK
 rotation through EncryptionKeyRotate (cryptsetup with two DEKs), snapshot, expand, a few refused calls
 carrying secrets, delete. Every DEK is read back through its KMS. Then the secrets (DEKs raw, hex and
-base64; the local KEK; the metadata and secrets passphrases; a Vault token of its own; the cephx key) are
+base64; the local KEK; the metadata and secrets passphrases; a Vault token of its own; the KMIP client key
+and wrapping key; the AWS secret access key; the cephx key) are
 looked for in: every log line, every gRPC error message, the plugin's /proc/<pid>/cmdline and environ, its
 children's argv and environment, every file under the state dir, and every file in /tmp and /dev/shm
 written during the test. Modes: what the README documents.
@@ -48,9 +50,11 @@ from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
+from tests.support.kmip_server import KMIPServer
 from tests.support.kms_env import KmsEnv
+from tests.support.moto_server import AWSEmulator
 from tests.support.openbao import OpenBao
-from tests.support.operations import write_kubeconfig
+from tests.support.operations import breadth_entries, write_kubeconfig
 from tests.support.plugin import MiB, mount_capability
 
 # Runs the CLI with an audit hook that appends each spawned command (argv, env) and each mkdtemp to a file.
@@ -445,10 +449,12 @@ def test_no_cephx_key_in_clear(
     lab = Lab(root, plugin, config, state_dir, found)
     try:
         rbd_lifecycle(lab, ceph, ceph_secrets, state_dir)
-        key_dirs = [entry["mkdtemp"] for entry in plugin.spawns() if "mkdtemp" in entry]
-        assert key_dirs, "no cephx key directory was made: the audit of the plugin is not working"
-        assert [d for d in key_dirs if os.path.exists(d)] == []  # each removed after its call
-        assert any(spawn.get("argv", [""])[0] == "rbd" for spawn in plugin.spawns())
+        # The controller talks to Ceph through librados, the key handed over in memory: no key file is
+        # made and no rbd or rados process runs (the node's `rbd device map` still gets a key file: the VM
+        # tier's RBD node tests audit those).
+        spawns = plugin.spawns()
+        assert [entry["mkdtemp"] for entry in spawns if "mkdtemp" in entry] == []
+        assert [s["argv"] for s in spawns if Path(s.get("argv", [""])[0]).name in ("rbd", "rados")] == []
         assert_clean(lab, started, plugin)
     finally:
         if plugin.proc.poll() is None:
@@ -485,6 +491,53 @@ def test_no_secret_in_clear_for_the_tenant_vault_types(
         for kms_id in ("tokens", "tenant-sa"):
             lifecycle(lab, kms_id, {}, namespace=kms_env.tenant.namespace)
         assert len([name for name in found.values if name.startswith("DEK")]) == 6
+        assert_clean(lab, started, plugin)
+    finally:
+        if plugin.proc.poll() is None:
+            plugin.proc.kill()
+
+
+def test_no_secret_in_clear_for_the_kmip_and_aws_types(
+    tmp_path: Path,
+    found: Secrets,
+    kms_env: KmsEnv,
+    session_kmip: KMIPServer,
+    session_aws: AWSEmulator,
+    plugin_kube_client: None,
+) -> None:
+    """kmip (the client key reaches OpenSSL through a memfd; USE_CRYPTO_RPC false fetches the wrapping
+    key itself), aws-metadata (a secret access key) and aws-sts-metadata (STS credentials)."""
+    started = time.time() - 1
+    root = tmp_path / "hygiene-breadth"
+    root.mkdir()
+    kubeconfig = write_kubeconfig(root, kms_env.kube, kms_env.node_token_file)
+    client_key = session_kmip.secret_data()["CLIENT_KEY"]
+    found.add("the KMIP client key", client_key)
+    found.add("the KMIP client key's body", "".join(client_key.strip().splitlines()[1:-1]))
+    client = session_kmip.client()
+    client.open()
+    try:
+        found.add("the KMIP wrapping key", client.get(session_kmip.keys["csi-kek"]).value)
+    finally:
+        client.close()
+    found.add("the AWS secret access key", session_aws.metadata_secret()["AWS_SECRET_ACCESS_KEY"])
+    found.add("the plugin's Kubernetes token", kms_env.node_token_file.read_text().strip())
+    # Their homes: the KMIP server's certificates and key store, the API server's store, the test's own
+    # token file, the plugin's kubeconfig.
+    found.homes |= {str(session_kmip.log.parent), str(kms_env.kube.workdir), str(kms_env.node_token_file),
+                    str(kubeconfig)}  # fmt: skip
+    config = root / "kms-config.json"
+    entries = breadth_entries(kms_env, session_kmip, session_aws)
+    config.write_text(json.dumps(entries))
+    state_dir = root / "state"
+    plugin = PluginProcess(
+        root, "--state-dir", str(state_dir), "--kms-config", str(config), env={"KUBECONFIG": str(kubeconfig)}
+    )
+    lab = Lab(root, plugin, config, state_dir, found)
+    try:
+        for kms_id in entries:
+            lifecycle(lab, kms_id, {}, namespace=kms_env.tenant.namespace)
+        assert len([name for name in found.values if name.startswith("DEK")]) == 3 * len(entries) == 12
         assert_clean(lab, started, plugin)
     finally:
         if plugin.proc.poll() is None:

@@ -120,3 +120,24 @@ def test_a_backend_that_cannot_list_is_a_usage_error(volumes: Volumes, tmp_path:
     assert refused.returncode == EXIT_USAGE
     assert "csi-luks status: the RBD backend cannot list volumes" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_the_kmip_and_aws_types_and_a_kmip_server_down(breadth_volumes: Volumes) -> None:
+    volumes = breadth_volumes
+    entries = json.loads(volumes.kms_config.read_text())
+    ids = {volumes.create_formatted(f"pvc-status-{kms_id}", kms_id): kms_id for kms_id in entries}
+    code, statuses = _status(volumes)
+    assert code == EXIT_OK, statuses
+    for status in statuses:
+        kms_id = ids[status["volume_id"]]
+        assert status["kms_type"] == entries[kms_id]["encryptionKMSType"]
+        assert status["consistent"] and status["dek_slot"] == 0, status
+    dead = {"KMIP_ENDPOINT": f"127.0.0.1:{free_port()}", "READ_TIMEOUT": "1", "WRITE_TIMEOUT": "1"}
+    volumes.configure({**entries, "kmip-rpc": {**entries["kmip-rpc"], **dead}})
+    code, statuses = _status(volumes)
+    assert code == EXIT_UNAVAILABLE
+    for status in statuses:
+        if ids[status["volume_id"]] == "kmip-rpc":
+            assert status["unreachable"] and "unavailable" in status["problems"][0], status
+        else:
+            assert status["consistent"], status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -21,8 +22,10 @@ from csi_luks.kms.base import (
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.dek_store import MetadataDEKStore
 from csi_luks.kms.vault import VaultTransitKMS
+from csi_luks.volumes.base import VolumeInfo
 from csi_luks.volumes.standalone import StandaloneBackend
 from tests.support.openbao import OpenBao, free_port
+from tests.support.operations import Volumes
 
 MiB = 1024 * 1024
 CONTEXT = KMSContext(secrets={})
@@ -299,3 +302,34 @@ def test_copy_rewraps_the_dek_for_the_target_kms(
     assert target_encryption.get_passphrase(clone) == source_encryption.get_passphrase(original)
     source_encryption.remove(original)  # the clone's key does not depend on the source's
     assert len(target_encryption.get_passphrase(clone)) >= 43
+
+
+@pytest.mark.parametrize(
+    ("kms_id", "error"),
+    [("down", KMSUnavailable), ("no-login", KMSPermissionDenied), ("transit-down", KMSUnavailable)],
+)
+def test_create_volume_makes_nothing_when_the_kms_refuses_or_is_down(
+    bao: OpenBao, tokens: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    kms_id: str, error: type[Exception],
+) -> None:  # fmt: skip
+    """The provisioner retries a refused claim for ever: no retry may create (and delete) a backing store."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    bad_token = tmp_path / "bad-token"
+    bad_token.write_text("not-a-token")
+    listed = entries(bao, tokens, dead)
+    listed["no-login"] = {**listed["kv2-auto"], "vaultTokenFile": str(bad_token)}
+    listed["transit-down"] = {**listed["transit"], "vaultAddress": dead, "vaultRetryDeadline": "1.5",
+                              "vaultTimeout": "0.5"}  # fmt: skip
+    volumes = Volumes(tmp_path / "volumes", listed)
+    created: list[str] = []
+    real_create = volumes.backend.create
+
+    def create(volume_id: str, *args: Any, **kwargs: Any) -> VolumeInfo:
+        created.append(volume_id)
+        return real_create(volume_id, *args, **kwargs)
+
+    monkeypatch.setattr(volumes.backend, "create", create)
+    with pytest.raises(error):
+        volumes.create(f"pvc-{kms_id}", kms_id)
+    assert created == [] and volumes.backend.list() == []
+    assert volumes.create("pvc-reachable", "kv2-auto") in created  # the recording itself works

@@ -28,6 +28,7 @@ class ArgvAudit:
     passphrases: set[str] = field(default_factory=set)
     ceph_spawns: list[Spawn] = field(default_factory=list)
     ceph_keys: set[str] = field(default_factory=set)
+    programs: list[str] = field(default_factory=list)  # every process spawned, by program name
 
     def install(self) -> None:
         sys.addaudithook(self._hook)
@@ -38,6 +39,7 @@ class ArgvAudit:
         executable, argv, _cwd, env = args
         words = [os.fsdecode(a) for a in (argv if isinstance(argv, list | tuple) else [argv])]
         program = os.path.basename(os.fsdecode(executable or words[0]))
+        self.programs.append(program)
         if program == "cryptsetup":
             calls = self.spawns
         elif program in CEPH_PROGRAMS:

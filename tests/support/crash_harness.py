@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import grpc
 
-from csi_luks.operations.crash import CRASH_POINT_ENV
+from csi_luks.crash import CRASH_POINT_ENV
 
 PACKAGE = Path(__file__).resolve().parents[2] / "csi_luks"
 
@@ -49,7 +49,7 @@ def code_points(package: Path = PACKAGE) -> CodePoints:
             if not isinstance(node, ast.Call):
                 continue
             callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-            if callee not in ("Step", "crash_point") or relative == "operations/crash.py":
+            if callee not in ("Step", "crash_point") or relative == "crash.py":
                 continue
             literals = [
                 a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
@@ -69,7 +69,7 @@ def code_points(package: Path = PACKAGE) -> CodePoints:
 
 _COPY_KEY = steps("prepare-key", "copy-dek", "mark-state")
 _STANDALONE_COPY = steps("standalone-create", "meta", "header-backup", "image")
-_RBD_COPY = steps("rbd-copy", "snapshot", "deep-copy", "remove-snapshot", "purge") + steps(
+_RBD_COPY = steps("rbd-clone", "snapshot", "clone", "remove-snapshot") + steps(
     "rbd-create", "header-backup", "grow", "drop-source-metadata", "metadata", "owner"
 )
 # The points each controller call passes through, by backend.
@@ -81,8 +81,10 @@ CONTROLLER_SCENARIOS: dict[str, dict[str, tuple[str, ...]]] = {
         "restore": steps("create-volume", "backing-store") + _STANDALONE_COPY + _COPY_KEY,
         "clone": steps("create-volume", "backing-store") + _STANDALONE_COPY + _COPY_KEY,
         "snapshot": steps("create-snapshot", "backing-store") + _STANDALONE_COPY + _COPY_KEY,
-        "delete": steps("delete", "remove-dek", "remove-header-backup", "remove-data")
+        "delete": steps("delete", "mark-deleting", "remove-dek", "remove-header-backup", "remove-data")
         + steps("standalone-delete", "rename", "sweep"),
+        # The volume is attached (a loop device on this machine): the intent is recorded, then taken back.
+        "delete-in-use": steps("delete", "mark-deleting", "unmark-deleting"),
         "expand": steps("controller-expand", "resize", "record-capacity")
         + steps("standalone-resize", "record-size", "grow"),
     },
@@ -93,7 +95,8 @@ CONTROLLER_SCENARIOS: dict[str, dict[str, tuple[str, ...]]] = {
         "restore": steps("create-volume", "backing-store") + _RBD_COPY + _COPY_KEY,
         "clone": steps("create-volume", "backing-store") + _RBD_COPY + _COPY_KEY,
         "snapshot": steps("create-snapshot", "backing-store") + _RBD_COPY + _COPY_KEY,
-        "delete": steps("delete", "remove-dek", "remove-header-backup", "remove-data"),
+        "delete": steps("delete", "mark-deleting", "remove-dek", "remove-header-backup", "remove-data")
+        + steps("rbd-delete", "remove-image", "purge-trash"),
         "expand": steps("controller-expand", "resize", "record-capacity"),
     },
 }
@@ -113,7 +116,7 @@ class Config:
 _ALL = ("create", "restore", "clone", "snapshot", "delete", "expand")
 CONFIGS = {
     # The cheapest: every call through every point.
-    "standalone-local": Config("standalone", "local-1", _ALL, every_pair=True),
+    "standalone-local": Config("standalone", "local-1", (*_ALL, "delete-in-use"), every_pair=True),
     # The KMS matters where the controller stores, copies or removes a DEK.
     "standalone-vault": Config(
         "standalone",
@@ -122,7 +125,15 @@ CONFIGS = {
         every_pair=False,
         files=("services/controller.py",),
     ),
-    # rbd calls cost a few hundred ms each: the backend's own points, each once (the controller's are
+    # A KMIP server wraps the DEKs, its credentials a Secret on the test API server.
+    "standalone-kmip": Config(
+        "standalone",
+        "kmip-rpc",
+        ("create", "snapshot", "restore", "delete"),
+        every_pair=False,
+        files=("services/controller.py",),
+    ),
+    # Each case starts a plugin: the backend's own points, each once (the controller's are
     # the same code on every backend).
     "rbd-local": Config("rbd", "local-1", _ALL, every_pair=False, files=("volumes/rbd.py",)),
 }

@@ -64,7 +64,8 @@ def _tls_config(workdir: Path, listeners: Sequence[tuple[Path, Path]]) -> tuple[
     return [f"-config={config}"], ports
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """Whether something takes connections on 127.0.0.1:port."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -98,7 +99,7 @@ def openbao_server(workdir: Path, tls_listeners: Sequence[tuple[Path, Path]] = (
         while True:
             try:
                 healthy = requests.get(f"{address}/v1/sys/health", timeout=10).status_code == 200
-                if healthy and all(_listening(port) for port in tls_ports):
+                if healthy and all(listening(port) for port in tls_ports):
                     break
             except (requests.ConnectionError, requests.Timeout):
                 pass  # not listening yet, or (in the TCG guest) too slow to answer yet
@@ -107,9 +108,14 @@ def openbao_server(workdir: Path, tls_listeners: Sequence[tuple[Path, Path]] = (
             time.sleep(0.1)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it is still there after 10 s."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

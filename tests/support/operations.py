@@ -16,10 +16,13 @@ from csi_luks.locks import OperationLocks
 from csi_luks.luks import FormatOptions
 from csi_luks.operations.header_backup import refresh_header_backup
 from csi_luks.operations.tool import Tool
-from csi_luks.services.controller import ControllerService
+from csi_luks.services.controller import PARAM_PVC_NAMESPACE, ControllerService
 from csi_luks.volume_metadata import STATE, EncryptionState
 from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.kmip_server import SERVER_NAME, KMIPServer
+from tests.support.kms_env import KmsEnv
 from tests.support.kube import KubeCluster
+from tests.support.moto_server import AWSEmulator
 from tests.support.openbao import ROOT_TOKEN, OpenBao
 from tests.support.plugin import MiB, mount_capability
 
@@ -52,6 +55,42 @@ def write_kubeconfig(root: Path, kube: KubeCluster, token_file: Path) -> Path:
     return path
 
 
+def breadth_entries(env: KmsEnv, kmip: KMIPServer, aws: AWSEmulator | None) -> dict[str, dict[str, str]]:
+    """Entries `kmip-rpc`, `kmip-local`, `aws-metadata` and `aws-sts-metadata`, their Secrets put in the
+    tenant's namespace (the aws-sts-metadata one is the tenant's own: volumes need it as PVC namespace).
+    Without an AWS emulator, the kmip entries only."""
+    namespace = env.tenant.namespace
+    env.put_secret(namespace, "ops-kmip", kmip.secret_data())
+    kmip_entry = {
+        "encryptionKMSType": "kmip", "KMIP_ENDPOINT": kmip.endpoint, "KMIP_SECRET_NAME": "ops-kmip",
+        "KMIP_SECRET_NAMESPACE": namespace, "TLS_SERVER_NAME": SERVER_NAME,
+    }  # fmt: skip
+    entries = {
+        "kmip-rpc": {**kmip_entry, "USE_CRYPTO_RPC": "true"},
+        "kmip-local": {**kmip_entry, "USE_CRYPTO_RPC": "false"},
+    }
+    if aws is None:
+        return entries
+    env.put_secret(namespace, "ops-aws", aws.metadata_secret())
+    env.put_secret(namespace, "ceph-csi-aws-credentials", aws.tenant_secret())
+    return {
+        **entries,
+        "aws-metadata": {
+            "encryptionKMSType": "aws-metadata",
+            "AWS_REGION": "us-east-1",
+            "KMS_SECRET_NAME": "ops-aws",
+            "KMS_SECRET_NAMESPACE": namespace,
+            "AWS_KMS_ENDPOINT": aws.url,
+        },
+        "aws-sts-metadata": {
+            "encryptionKMSType": "aws-sts-metadata",
+            "tokenFilePath": str(env.node_token_file),
+            "awsKMSEndpoint": aws.url,
+            "awsSTSEndpoint": aws.url,
+        },
+    }
+
+
 def vault_kv_has(bao: OpenBao, path: str) -> bool:
     """Whether the KV v2 engine at secret/ of bao holds a secret at path."""
     try:
@@ -64,8 +103,15 @@ def vault_kv_has(bao: OpenBao, path: str) -> bool:
 class Volumes:
     """A standalone state directory, a KMS configuration file, and the controller and tool over them."""
 
-    def __init__(self, root: Path, entries: dict[str, dict[str, str]], secrets: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        entries: dict[str, dict[str, str]],
+        secrets: dict[str, str] | None = None,
+        pvc_namespace: str | None = None,  # the PVC namespace of every volume created (tenant KMS types)
+    ):
         root.mkdir(parents=True, exist_ok=True)
+        self.pvc_namespace = pvc_namespace
         self.root = root
         self.state_dir = root / "state"
         self.kms_config = root / "kms-config.json"
@@ -82,12 +128,15 @@ class Volumes:
         self.kms_config.write_text(json.dumps(entries))
 
     def create(self, name: str, kms_id: str, size: int = 16 * MiB) -> str:
+        parameters = {"encrypted": "true", "encryptionKMSID": kms_id}
+        if self.pvc_namespace is not None:
+            parameters[PARAM_PVC_NAMESPACE] = self.pvc_namespace
         response = self.controller.CreateVolume(
             csi_pb2.CreateVolumeRequest(
                 name=name,
                 capacity_range=csi_pb2.CapacityRange(required_bytes=size),
                 volume_capabilities=[mount_capability()],
-                parameters={"encrypted": "true", "encryptionKMSID": kms_id},
+                parameters=parameters,
                 secrets=self.secrets,
             ),
             None,

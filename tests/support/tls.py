@@ -1,4 +1,5 @@
-"""Throw-away CAs and server certificates (cryptography), for TLS listeners of the test OpenBao."""
+"""Throw-away CAs, server and client certificates (cryptography), for the test OpenBao's TLS listeners
+and the test KMIP server's mutual TLS."""
 
 from __future__ import annotations
 
@@ -54,11 +55,18 @@ class CA:
     def pem(self) -> str:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
-    def issue(self, directory: Path, stem: str, dns: list[str], ips: list[str]) -> tuple[Path, Path]:
-        """A server certificate for these names, signed by this CA: (cert file, key file) in directory."""
+    def issue(
+        self, directory: Path, stem: str, dns: list[str], ips: list[str], client: bool = False
+    ) -> tuple[Path, Path]:
+        """A server certificate for these names, signed by this CA: (cert file, key file) in directory.
+
+        client: a client certificate instead, whose subject (common name) is dns[0]: the identity a
+        KMIP server authorizes.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         cert = (
             _validity(x509.CertificateBuilder())
             .subject_name(_name(dns[0] if dns else ips[0]))
@@ -67,7 +75,7 @@ class CA:
             .serial_number(x509.random_serial_number())
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )

@@ -38,7 +38,7 @@ def test_every_crash_point_in_the_code_has_a_harness_case_and_every_case_a_point
 def test_the_registry_finds_a_new_step_and_refuses_computed_names(tmp_path: Path) -> None:
     package = tmp_path
     (package / "module.py").write_text(
-        "from csi_luks.operations.crash import Step, crash_point\n"
+        "from csi_luks.crash import Step, crash_point\n"
         "with Step('op', 'write'):\n    pass\n"
         "crash_point('op.after-sync')\n"
         "with Step('op', name):\n    pass\n"

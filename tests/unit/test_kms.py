@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 import pytest
 
 from csi_luks import encryption as encryption_module
 from csi_luks.encryption import VolumeEncryption, new_dek, volume_encryption
+from csi_luks.errors import status_for
 from csi_luks.kms.base import (
     DEKDecryptError,
     DEKNotFound,
@@ -86,6 +88,9 @@ class MemoryBackend(VolumeBackend):
         raise NotImplementedError
 
     def find_attachment(self, volume_id: str) -> str | None:
+        raise NotImplementedError
+
+    def in_use(self, volume_id: str) -> str | None:
         raise NotImplementedError
 
     def detach(self, volume_id: str) -> None:
@@ -346,11 +351,17 @@ def test_local_key_file_is_created_0600_once_and_reused(tmp_path: Path) -> None:
     assert sorted(p.name for p in key_file.parent.iterdir()) == ["kek"]  # no temporary file left
 
 
-def test_local_missing_key_file_on_decrypt_is_a_config_error_and_creates_nothing(world: World) -> None:
+def test_local_missing_key_file_on_decrypt_is_a_failed_precondition_and_creates_nothing(world: World) -> None:
     with pytest.raises(KMSConfigError) as info:
         LocalKMS("local-1", world.key_file).decrypt_dek("vol-a", '{"dek": "", "nonce": ""}')
     assert str(world.key_file) in str(info.value) and "'local-1'" in str(info.value)
     assert not world.key_file.exists()
+    # The request is fine, the node is not: not INVALID_ARGUMENT, which a CO takes as final.
+    assert status_for(info.value) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"key file {world.key_file} of KMS 'local-1' is missing; it is created with the first volume, so "
+        "it was removed or keyFile changed: restore it from a backup",
+    )
 
 
 def test_local_key_file_open_to_group_or_others_is_refused(tmp_path: Path) -> None:
