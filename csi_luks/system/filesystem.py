@@ -18,6 +18,7 @@ from csi_luks.system.programs import (
     MKFS_XFS,
     MOUNT,
     RESIZE2FS,
+    SYNC,
     UMOUNT,
     XFS_GROWFS,
     XFS_REPAIR,
@@ -181,7 +182,13 @@ class Filesystems:
 
     def trim(self, mountpoint: str, device: str) -> int:
         """fstrim: discard the mounted filesystem's free blocks; the bytes it reports trimmed (what the
-        filesystem passed down, not what the storage freed)."""
+        filesystem passed down, not what the storage freed).
+
+        The filesystem is synced first (`sync -f`, a journal commit): ext4 gives a deleted file's blocks
+        back to the free-space map fstrim reads only when the transaction that freed them commits (up to
+        5 s later), so an fstrim right after a delete would skip them."""
+        self._run_on(device, "committing the filesystem's journal (sync -f)", [SYNC, "-f", mountpoint],
+                     timeout=600)  # fmt: skip
         result = self._run_on(
             device, "discarding free blocks (fstrim)", [FSTRIM, "-v", mountpoint], timeout=3600
         )

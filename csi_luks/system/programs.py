@@ -17,6 +17,7 @@ XFS_REPAIR = "xfs_repair"
 MOUNT = "mount"
 UMOUNT = "umount"
 FSTRIM = "fstrim"  # csi-addons NodeReclaimSpace
+SYNC = "sync"  # `sync -f` before fstrim
 LOSETUP = "losetup"
 CP = "cp"
 RBD = "rbd"
@@ -39,6 +40,7 @@ PROGRAMS: dict[str, str] = {
     FSTRIM: "util-linux",
     LOSETUP: "mount",
     CP: "coreutils",
+    SYNC: "coreutils",
     RBD: "ceph-common",
     RBD_NBD: "rbd-nbd",
     MODPROBE: "kmod",
