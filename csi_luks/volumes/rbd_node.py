@@ -45,8 +45,9 @@ _KRBD, _NBD = "krbd", "nbd"  # rbd device --device-type
 _SYSFS_RBD = "/sys/bus/rbd/devices"
 # krbd's map options. alloc_size: krbd's discard granularity, and what it rounds each discard in to. At
 # its default (64 KiB) the block layer cuts a filesystem's long discards into 4 MiB pieces aligned only to
-# 64 KiB, so each piece covers the ends of two objects and no object is ever discarded whole: krbd zeroes
-# or truncates them, they stay, and `rbd du` never drops. At the object size (krbd lowers it to a
+# 64 KiB, so unless a free extent starts on an object boundary each piece covers the ends of two objects
+# and none is discarded whole: krbd zeroes or truncates them, they stay, and `rbd du` counts them. At the
+# object size (krbd lowers it to a
 # smaller image's object size) the pieces are whole objects, which krbd deletes (see the README, "Space
 # reclaim"); the ends of a free extent short of a whole object are not discarded at all.
 KRBD_MAP_OPTIONS: tuple[str, ...] = ("alloc_size=4194304",)
