@@ -1,15 +1,16 @@
 """The csi-addons ReclaimSpace services: give a thin backing store back the blocks a filesystem freed.
 
-- NodeReclaimSpace (node plugin): fstrim of the staged filesystem. On an encrypted volume the discards
-  pass through dm-crypt only when its mapping allows them (`encryptionDiscard`, or `csi-luks luks-flags
-  VOLUME --discard on`); without that, nothing can be freed, and the answer says so (FAILED_PRECONDITION
-  naming the way to turn it on) rather than reporting an unchanged usage as if the reclaim had run.
-  A raw block volume is refused: only the workload knows which of its blocks are free.
-- ControllerReclaimSpace (controller plugin): `rbd sparsify` on RBD; nothing to do on the standalone
-  backend, whose loop devices punch the discarded blocks out of the sparse file at once.
+- NodeReclaimSpace (node plugin): a journal commit (sync -f), then fstrim of the staged filesystem. On an
+  encrypted volume the discards pass through dm-crypt only when its mapping allows them
+  (`encryptionDiscard`, or `csi-luks luks-flags VOLUME --discard on`); without that, nothing can be
+  freed, and the answer says so (FAILED_PRECONDITION naming the way to turn it on) rather than reporting
+  an unchanged usage as if the reclaim had run. A raw block volume is refused: only the workload knows
+  which of its blocks are free.
+- ControllerReclaimSpace (controller plugin): librbd's sparsify on RBD (no process); nothing to do on the
+  standalone backend, whose loop devices punch the discarded blocks out of the sparse file at once.
 
-Both answer the backing store's usage before and after (sparse file blocks, `rbd du`) when the backend
-can tell.
+Both answer the backing store's usage before and after (sparse file blocks, `rbd du`'s used bytes read
+through librbd) when the backend can tell.
 """
 
 from __future__ import annotations
