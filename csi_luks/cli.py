@@ -192,6 +192,21 @@ def _parser() -> argparse.ArgumentParser:
         "name them)",
     )
 
+    flags = _operator_command(
+        sub,
+        "luks-flags",
+        "change volumes' persistent dm-crypt flags (discard, perf flags) in their LUKS headers, staged "
+        "or not",
+    )
+    flags.add_argument("volume_ids", nargs="+", metavar="VOLUME_ID")
+    flags.add_argument("--discard", choices=["on", "off"], help="pass discards (TRIM) down through dm-crypt")
+    flags.add_argument(
+        "--perf-flags",
+        metavar="LIST",
+        help="comma-separated: no_read_workqueue, no_write_workqueue, same_cpu_crypt, "
+        'submit_from_crypt_cpus; "none" clears them; replaces the volume\'s perf flags',
+    )
+
     sub.add_parser("version", help="print the version")
     sub.add_parser(
         "demo",
@@ -264,7 +279,7 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _dispatch(tool: Tool, args: argparse.Namespace) -> int:
-    from csi_luks.operations import commands
+    from csi_luks.operations import OperationRefused, commands
 
     if args.command == "rotate":
         return commands.rotate(tool, args.volume_ids)
@@ -282,6 +297,18 @@ def _dispatch(tool: Tool, args: argparse.Namespace) -> int:
         from csi_luks.operations.fsck import fsck
 
         return fsck(tool, args.volume_ids)
+    if args.command == "luks-flags":
+        from csi_luks.luks.parameters import parse_perf_flags
+        from csi_luks.operations.luks_flags import luks_flags
+
+        if args.discard is None and args.perf_flags is None:
+            raise OperationRefused("luks-flags: give --discard and/or --perf-flags")
+        try:
+            perf = None if args.perf_flags is None else parse_perf_flags(args.perf_flags)
+        except ValueError as exc:
+            raise OperationRefused(str(exc)) from None
+        discard = None if args.discard is None else args.discard == "on"
+        return luks_flags(tool, args.volume_ids, discard, perf)
     if args.command == "status":
         from csi_luks.operations.status import report
 

@@ -51,6 +51,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (luks.DeviceMapperUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.DeviceBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (luks.KeySlotError, grpc.StatusCode.FAILED_PRECONDITION),
+    # The node's kernel cannot run the volume's cipher: a module to load, or another class.
+    (luks.CipherUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (OperationRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (volumes.VolumeNotFound, grpc.StatusCode.NOT_FOUND),  # a malformed id too: nothing of it can exist
     # The size itself is the problem (CSI: OUT_OF_RANGE), not a shortage that a retry could outwait.

@@ -27,6 +27,10 @@ from csi_luks.csiaddons.encryptionkeyrotation_pb2_grpc import (
 from csi_luks.csiaddons.identity_pb2_grpc import (
     add_IdentityServicer_to_server as add_addons_identity_servicer,
 )
+from csi_luks.csiaddons.reclaimspace_pb2_grpc import (
+    add_ReclaimSpaceControllerServicer_to_server,
+    add_ReclaimSpaceNodeServicer_to_server,
+)
 from csi_luks.errors import capped, status_for
 from csi_luks.kms import kdf
 from csi_luks.kms.config import KMSConfig
@@ -40,6 +44,7 @@ from csi_luks.services.controller import ControllerService
 from csi_luks.services.csiaddons_identity import CsiAddonsIdentityService
 from csi_luks.services.identity import IdentityService
 from csi_luks.services.node import NodeService
+from csi_luks.services.reclaim_space import ReclaimSpaceControllerService, ReclaimSpaceNodeService
 from csi_luks.services.rotation import EncryptionKeyRotationService
 from csi_luks.services.sanitize import sanitized
 from csi_luks.settings import Backend, Settings
@@ -278,6 +283,10 @@ class PluginServer:
         if self.settings.mode.runs_controller:
             csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
             services.append("csi.v1.Controller")
+            add_ReclaimSpaceControllerServicer_to_server(
+                ReclaimSpaceControllerService(self.backend, self.locks), server
+            )
+            services.append("reclaimspace.ReclaimSpaceController")
         if self.settings.mode.runs_node:
             csi_pb2_grpc.add_NodeServicer_to_server(
                 NodeService(
@@ -297,6 +306,13 @@ class PluginServer:
             )
             add_key_rotation_servicer(rotation, server)
             services.append("encryptionkeyrotation.EncryptionKeyRotationController")
+            add_ReclaimSpaceNodeServicer_to_server(
+                ReclaimSpaceNodeService(
+                    self.backend, self.locks, self.cryptsetup, Filesystems(self.cryptsetup.runner)
+                ),
+                server,
+            )
+            services.append("reclaimspace.ReclaimSpaceNode")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         # Created 0600 from the first instant: a umask, not a chmod after the fact, closes the window.
         with _umask(0o177):

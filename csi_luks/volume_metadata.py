@@ -9,8 +9,10 @@ records it and no mkfs ever runs on the volume again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+
+from csi_luks.luks.parameters import PARAMETER_KEYS, ActivationFlags, LuksParameters, parse_perf_flags
 
 PREFIX = "csi-luks/"
 NAME = PREFIX + "name"
@@ -33,6 +35,21 @@ CREATED = PREFIX + "created"  # snapshots: creation time, nanoseconds since the 
 # What the first NodeStage made on the volume (FilesystemRecord): "<type> <uuid>", or "block" for a volume
 # handed out as a raw device. Copies carry their source's.
 FILESYSTEM = PREFIX + "filesystem"
+# The LUKS parameters of the volume's header (luks/parameters.py): the class's at creation, a copy's
+# source's (a copy carries its source's header). Absent: csi-luks's defaults. The flags are those the
+# header stores (changed by `csi-luks luks-flags`, which updates these too).
+LUKS_CIPHER = PREFIX + "luks-cipher"
+LUKS_KEY_SIZE = PREFIX + "luks-key-size"
+LUKS_SECTOR_SIZE = PREFIX + "luks-sector-size"
+LUKS_DISCARD = PREFIX + "luks-discard"
+LUKS_PERF_FLAGS = PREFIX + "luks-perf-flags"
+_LUKS_KEYS = dict(
+    zip(
+        PARAMETER_KEYS,
+        (LUKS_CIPHER, LUKS_KEY_SIZE, LUKS_SECTOR_SIZE, LUKS_DISCARD, LUKS_PERF_FLAGS),
+        strict=True,
+    )
+)
 # DeleteVolume's intent, written durably before it looks for users of the volume (value: when, UTC). A
 # NodeStage that finds it after attaching detaches and refuses: of two calls that each publish (intent,
 # attachment) before they look at the other's, at least one sees the other. A crash leaves it: the CO
@@ -92,6 +109,7 @@ class VolumeRecord:
     source_state: EncryptionState | None = None
     created_ns: int = 0
     filesystem: FilesystemRecord | None = None
+    luks: LuksParameters = field(default_factory=LuksParameters)
 
     @classmethod
     def parse(cls, metadata: dict[str, str]) -> VolumeRecord:
@@ -108,6 +126,7 @@ class VolumeRecord:
             source_state=EncryptionState(metadata[SOURCE_STATE]) if metadata.get(SOURCE_STATE) else None,
             created_ns=int(metadata.get(CREATED, "0")),
             filesystem=FilesystemRecord.parse(metadata.get(FILESYSTEM)),
+            luks=luks_parameters(metadata),
         )
 
     @property
@@ -127,6 +146,26 @@ class VolumeRecord:
     @property
     def backing_bytes(self) -> int:
         return backing_bytes(self.capacity, self.encrypted)
+
+
+def luks_parameters(metadata: dict[str, str]) -> LuksParameters:
+    """The recorded LUKS parameters, as recorded: the node applies them, and the node's kernel judges the
+    cipher (a record from another version of the controller's list is not refused here)."""
+    key_size, sector_size = metadata.get(LUKS_KEY_SIZE), metadata.get(LUKS_SECTOR_SIZE)
+    return LuksParameters(
+        cipher=metadata.get(LUKS_CIPHER) or None,
+        key_size=int(key_size) if key_size else None,
+        sector_size=int(sector_size) if sector_size else None,
+        flags=ActivationFlags(
+            discard=metadata.get(LUKS_DISCARD) == "true",
+            perf_flags=parse_perf_flags(metadata.get(LUKS_PERF_FLAGS, "")),
+        ),
+    )
+
+
+def luks_metadata(parameters: LuksParameters) -> dict[str, str]:
+    """The metadata recording parameters (only what differs from the defaults)."""
+    return {_LUKS_KEYS[key]: value for key, value in parameters.class_values().items()}
 
 
 def backing_bytes(capacity: int, encrypted: bool) -> int:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Generate csi_luks/csi/csi_pb2{.py,.pyi,_grpc.py} from proto/csi.proto, and
-csi_luks/csiaddons/{encryptionkeyrotation,identity}_pb2{...} from proto/csi-addons/ (run by `./dev proto`).
+csi_luks/csiaddons/{encryptionkeyrotation,identity,reclaimspace}_pb2{...} from proto/csi-addons/
+(run by `./dev proto`).
 
 The proto directories are mapped to package paths (-Icsi_luks/csi=proto), so the generated gRPC modules
 import `csi_luks.csi.csi_pb2` rather than a top-level `csi_pb2`.
@@ -32,6 +33,7 @@ def generate(out_dir: Path) -> None:
         str(ROOT / "proto" / "csi.proto"),
         str(ROOT / "proto" / "csi-addons" / "encryptionkeyrotation.proto"),
         str(ROOT / "proto" / "csi-addons" / "identity.proto"),
+        str(ROOT / "proto" / "csi-addons" / "reclaimspace.proto"),
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!csi_luks/csiaddons/identity.proto\x12\x08identity\x1a\x1egoogle/protobuf/wrappers.proto\"\x14\n\x12GetIdentityRequest\"\xab\x01\n\x13GetIdentityResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0evendor_version\x18\x02 \x01(\t\x12=\n\x08manifest\x18\x03 \x03(\x0b\x32+.identity.GetIdentityResponse.ManifestEntry\x1a/\n\rManifestEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetCapabilitiesRequest\"E\n\x17GetCapabilitiesResponse\x12*\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x14.identity.Capability\"\x98\x03\n\nCapability\x12/\n\x07service\x18\x01 \x01(\x0b\x32\x1c.identity.Capability.ServiceH\x00\x12M\n\x17\x65ncryption_key_rotation\x18\x06 \x01(\x0b\x32*.identity.Capability.EncryptionKeyRotationH\x00\x1ay\n\x07Service\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.identity.Capability.Service.Type\"=\n\x04Type\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x16\n\x12\x43ONTROLLER_SERVICE\x10\x01\x12\x10\n\x0cNODE_SERVICE\x10\x02\x1a\x86\x01\n\x15\x45ncryptionKeyRotation\x12=\n\x04type\x18\x01 \x01(\x0e\x32/.identity.Capability.EncryptionKeyRotation.Type\".\n\x04Type\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x19\n\x15\x45NCRYPTIONKEYROTATION\x10\x01\x42\x06\n\x04type\"\x0e\n\x0cProbeRequest\":\n\rProbeResponse\x12)\n\x05ready\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.BoolValue2\xee\x01\n\x08Identity\x12L\n\x0bGetIdentity\x12\x1c.identity.GetIdentityRequest\x1a\x1d.identity.GetIdentityResponse\"\x00\x12X\n\x0fGetCapabilities\x12 .identity.GetCapabilitiesRequest\x1a!.identity.GetCapabilitiesResponse\"\x00\x12:\n\x05Probe\x12\x16.identity.ProbeRequest\x1a\x17.identity.ProbeResponse\"\x00\x42\x0cZ\n.;identityb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!csi_luks/csiaddons/identity.proto\x12\x08identity\x1a\x1egoogle/protobuf/wrappers.proto\"\x14\n\x12GetIdentityRequest\"\xab\x01\n\x13GetIdentityResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0evendor_version\x18\x02 \x01(\t\x12=\n\x08manifest\x18\x03 \x03(\x0b\x32+.identity.GetIdentityResponse.ManifestEntry\x1a/\n\rManifestEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetCapabilitiesRequest\"E\n\x17GetCapabilitiesResponse\x12*\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x14.identity.Capability\"\xc8\x04\n\nCapability\x12/\n\x07service\x18\x01 \x01(\x0b\x32\x1c.identity.Capability.ServiceH\x00\x12:\n\rreclaim_space\x18\x02 \x01(\x0b\x32!.identity.Capability.ReclaimSpaceH\x00\x12M\n\x17\x65ncryption_key_rotation\x18\x06 \x01(\x0b\x32*.identity.Capability.EncryptionKeyRotationH\x00\x1ay\n\x07Service\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.identity.Capability.Service.Type\"=\n\x04Type\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x16\n\x12\x43ONTROLLER_SERVICE\x10\x01\x12\x10\n\x0cNODE_SERVICE\x10\x02\x1ar\n\x0cReclaimSpace\x12\x34\n\x04type\x18\x01 \x01(\x0e\x32&.identity.Capability.ReclaimSpace.Type\",\n\x04Type\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07OFFLINE\x10\x01\x12\n\n\x06ONLINE\x10\x02\x1a\x86\x01\n\x15\x45ncryptionKeyRotation\x12=\n\x04type\x18\x01 \x01(\x0e\x32/.identity.Capability.EncryptionKeyRotation.Type\".\n\x04Type\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x19\n\x15\x45NCRYPTIONKEYROTATION\x10\x01\x42\x06\n\x04type\"\x0e\n\x0cProbeRequest\":\n\rProbeResponse\x12)\n\x05ready\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.BoolValue2\xee\x01\n\x08Identity\x12L\n\x0bGetIdentity\x12\x1c.identity.GetIdentityRequest\x1a\x1d.identity.GetIdentityResponse\"\x00\x12X\n\x0fGetCapabilities\x12 .identity.GetCapabilitiesRequest\x1a!.identity.GetCapabilitiesResponse\"\x00\x12:\n\x05Probe\x12\x16.identity.ProbeRequest\x1a\x17.identity.ProbeResponse\"\x00\x42\x0cZ\n.;identityb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCAPABILITIESRESPONSE']._serialized_start=301
   _globals['_GETCAPABILITIESRESPONSE']._serialized_end=370
   _globals['_CAPABILITY']._serialized_start=373
-  _globals['_CAPABILITY']._serialized_end=781
-  _globals['_CAPABILITY_SERVICE']._serialized_start=515
-  _globals['_CAPABILITY_SERVICE']._serialized_end=636
-  _globals['_CAPABILITY_SERVICE_TYPE']._serialized_start=575
-  _globals['_CAPABILITY_SERVICE_TYPE']._serialized_end=636
-  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION']._serialized_start=639
-  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION']._serialized_end=773
-  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION_TYPE']._serialized_start=727
-  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION_TYPE']._serialized_end=773
-  _globals['_PROBEREQUEST']._serialized_start=783
-  _globals['_PROBEREQUEST']._serialized_end=797
-  _globals['_PROBERESPONSE']._serialized_start=799
-  _globals['_PROBERESPONSE']._serialized_end=857
-  _globals['_IDENTITY']._serialized_start=860
-  _globals['_IDENTITY']._serialized_end=1098
+  _globals['_CAPABILITY']._serialized_end=957
+  _globals['_CAPABILITY_SERVICE']._serialized_start=575
+  _globals['_CAPABILITY_SERVICE']._serialized_end=696
+  _globals['_CAPABILITY_SERVICE_TYPE']._serialized_start=635
+  _globals['_CAPABILITY_SERVICE_TYPE']._serialized_end=696
+  _globals['_CAPABILITY_RECLAIMSPACE']._serialized_start=698
+  _globals['_CAPABILITY_RECLAIMSPACE']._serialized_end=812
+  _globals['_CAPABILITY_RECLAIMSPACE_TYPE']._serialized_start=768
+  _globals['_CAPABILITY_RECLAIMSPACE_TYPE']._serialized_end=812
+  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION']._serialized_start=815
+  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION']._serialized_end=949
+  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION_TYPE']._serialized_start=903
+  _globals['_CAPABILITY_ENCRYPTIONKEYROTATION_TYPE']._serialized_end=949
+  _globals['_PROBEREQUEST']._serialized_start=959
+  _globals['_PROBEREQUEST']._serialized_end=973
+  _globals['_PROBERESPONSE']._serialized_start=975
+  _globals['_PROBERESPONSE']._serialized_end=1033
+  _globals['_IDENTITY']._serialized_start=1036
+  _globals['_IDENTITY']._serialized_end=1274
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class GetCapabilitiesResponse(_message.Message):
     def __init__(self, capabilities: _Optional[_Iterable[_Union[Capability, _Mapping]]] = ...) -> None: ...
 
 class Capability(_message.Message):
-    __slots__ = ("service", "encryption_key_rotation")
+    __slots__ = ("service", "reclaim_space", "encryption_key_rotation")
     class Service(_message.Message):
         __slots__ = ("type",)
         class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -54,6 +54,19 @@ class Capability(_message.Message):
         TYPE_FIELD_NUMBER: _ClassVar[int]
         type: Capability.Service.Type
         def __init__(self, type: _Optional[_Union[Capability.Service.Type, str]] = ...) -> None: ...
+    class ReclaimSpace(_message.Message):
+        __slots__ = ("type",)
+        class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+            __slots__ = ()
+            UNKNOWN: _ClassVar[Capability.ReclaimSpace.Type]
+            OFFLINE: _ClassVar[Capability.ReclaimSpace.Type]
+            ONLINE: _ClassVar[Capability.ReclaimSpace.Type]
+        UNKNOWN: Capability.ReclaimSpace.Type
+        OFFLINE: Capability.ReclaimSpace.Type
+        ONLINE: Capability.ReclaimSpace.Type
+        TYPE_FIELD_NUMBER: _ClassVar[int]
+        type: Capability.ReclaimSpace.Type
+        def __init__(self, type: _Optional[_Union[Capability.ReclaimSpace.Type, str]] = ...) -> None: ...
     class EncryptionKeyRotation(_message.Message):
         __slots__ = ("type",)
         class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -66,10 +79,12 @@ class Capability(_message.Message):
         type: Capability.EncryptionKeyRotation.Type
         def __init__(self, type: _Optional[_Union[Capability.EncryptionKeyRotation.Type, str]] = ...) -> None: ...
     SERVICE_FIELD_NUMBER: _ClassVar[int]
+    RECLAIM_SPACE_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_KEY_ROTATION_FIELD_NUMBER: _ClassVar[int]
     service: Capability.Service
+    reclaim_space: Capability.ReclaimSpace
     encryption_key_rotation: Capability.EncryptionKeyRotation
-    def __init__(self, service: _Optional[_Union[Capability.Service, _Mapping]] = ..., encryption_key_rotation: _Optional[_Union[Capability.EncryptionKeyRotation, _Mapping]] = ...) -> None: ...
+    def __init__(self, service: _Optional[_Union[Capability.Service, _Mapping]] = ..., reclaim_space: _Optional[_Union[Capability.ReclaimSpace, _Mapping]] = ..., encryption_key_rotation: _Optional[_Union[Capability.EncryptionKeyRotation, _Mapping]] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ()

@@ -2,6 +2,7 @@
 
 from csi_luks.luks.cryptsetup import Cryptsetup, Passphrase
 from csi_luks.luks.errors import (
+    CipherUnavailable,
     CryptsetupMissing,
     CryptsetupTimeout,
     DeviceBusy,
@@ -18,6 +19,7 @@ from csi_luks.luks.options import FormatOptions, OpenOptions
 from csi_luks.luks.status import KeySlot, LuksHeader, MappingStatus
 
 __all__ = [
+    "CipherUnavailable",
     "Cryptsetup",
     "CryptsetupMissing",
     "CryptsetupTimeout",

@@ -10,10 +10,12 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 
 from csi_luks.luks.errors import (
+    CipherUnavailable,
     CryptsetupMissing,
     CryptsetupTimeout,
     DeviceBusy,
@@ -53,6 +55,13 @@ _EXIT_WRONG_DEVICE = 4
 _EXIT_BUSY = 5
 
 _UNLOCKED_SLOT = re.compile(r"Key slot (\d+) unlocked")
+# cryptsetup's words when the kernel cannot run a cipher: its crypto API check (luksFormat, before any
+# write, where the kernel offers AF_ALG), or dm-crypt refusing the table (an open, or luksFormat's key
+# slot encryption where it falls back to dm-crypt: after the header is written, hence check_cipher).
+_CIPHER_UNAVAILABLE = re.compile(
+    r"Cipher \S+ \(key size \d+ bits\) is not available|Required kernel crypto interface not available"
+    r"|Check that kernel supports \S+ cipher"
+)
 _SLOT_PROBLEM = re.compile(r"Key ?slot \d+ is (not active|full|invalid)|please select another", re.IGNORECASE)
 
 
@@ -75,6 +84,10 @@ def classify(error: CommandError, operation: str) -> LuksError:
     if "Cannot initialize device-mapper" in stderr:
         return DeviceMapperUnavailable(
             f"{operation}: the kernel has no device-mapper", stderr=stderr, returncode=rc
+        )
+    if _CIPHER_UNAVAILABLE.search(stderr):
+        return CipherUnavailable(
+            f"{operation}: the kernel cannot run this cipher", stderr=stderr, returncode=rc
         )
     if reports_io_error(stderr):
         return LuksDeviceIOError(f"{operation}: I/O error from the device", stderr=stderr, returncode=rc)
@@ -173,6 +186,39 @@ class Cryptsetup:
         self._run_on(device, "luksFormat", args, passphrase=passphrase)
         log.info("formatted %s as LUKS2 (%s, %d-bit key, %s)", device, opts.cipher, opts.key_size, opts.pbkdf)
 
+    def check_cipher(self, device: str, options: FormatOptions) -> None:
+        """CipherUnavailable unless the kernel's dm-crypt runs options' cipher, key size and sector size.
+
+        A read-only plain mapping of device under a throwaway random key, closed at once: the kernel builds
+        the cipher as it would for the volume, and nothing is written to the device (luksFormat's own
+        check needs the kernel's AF_ALG interface; without it, it finds out only after writing the header).
+        """
+        name = f"csi-luks-cipher-check-{os.getpid()}-{secrets.token_hex(4)}"
+        args: list[str | SecretPipe] = [
+            "open", "--type", "plain", "--readonly", "--cipher", options.cipher,
+            "--key-size", str(options.key_size), "--hash", "sha256", "--key-file=-",
+        ]  # fmt: skip
+        if options.sector_size is not None:
+            args += ["--sector-size", str(options.sector_size)]
+        key = secrets.token_bytes(options.key_size // 8)
+        try:
+            self._run_on(device, "cipher check", [*args, device, name], passphrase=key)
+        except (LuksDeviceIOError, CryptsetupTimeout, CryptsetupMissing, DeviceMapperUnavailable):
+            raise
+        except LuksError as exc:
+            # The kernel refused the table, whose only choices are the cipher, key size and sector size
+            # (cryptsetup says just "reload ioctl ... failed": ENOENT for a cipher it does not have).
+            if "reload ioctl" not in exc.stderr:
+                raise
+            sector = f", {options.sector_size}-byte sectors" if options.sector_size else ""
+            raise CipherUnavailable(
+                f"cipher check: the kernel's dm-crypt refused {options.cipher} with a {options.key_size}-bit "
+                f"key{sector}",
+                stderr=exc.stderr,
+                returncode=exc.returncode,
+            ) from None
+        self.close(name)
+
     def is_luks(self, device: str) -> bool:
         """True when device holds a LUKS header; DeviceNotFound when it does not exist."""
         result = self._run("isLuks", ["isLuks", device], check=False)
@@ -218,6 +264,15 @@ class Cryptsetup:
         self._run_on(device, "luksOpen", args, passphrase=passphrase)
         log.info("opened %s as %s", device, mapper_path(name))
         return mapper_path(name)
+
+    def refresh(self, name: str, passphrase: Passphrase, options: OpenOptions) -> None:
+        """Reload an open mapping with options' flags (those not given are dropped; with persistent, the
+        header's stored flags become exactly these). Needs the passphrase: the key is not in the keyring."""
+        args: list[str | SecretPipe] = [
+            "refresh", "--disable-keyring", "--key-file=-", *options.args(), name,
+        ]  # fmt: skip
+        self._run("refresh", args, passphrase=passphrase)
+        log.info("refreshed %s (%s)", mapper_path(name), " ".join(options.args()) or "no flags")
 
     def open_mapping_of(self, device: str, name: str) -> str | None:
         """The mapping's path if NAME is already open on device; None if it is not open at all.

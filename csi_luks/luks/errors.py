@@ -49,3 +49,7 @@ class DeviceMapperUnavailable(LuksError):
 
 class LuksDeviceIOError(LuksError, DeviceIOError):
     """The device returned I/O errors to cryptsetup (the storage failed, not the LUKS operation)."""
+
+
+class CipherUnavailable(LuksError):
+    """The kernel cannot run the cipher (and key size) asked for; luksFormat checks before writing."""

@@ -84,6 +84,9 @@ class OpenOptions:
     same_cpu_crypt: bool = False
     submit_from_crypt_cpus: bool = False
     readonly: bool = False
+    # Store the flags above (discard, perf) in the LUKS2 header, replacing those there: every later open
+    # applies them without being told.
+    persistent: bool = False
 
     def args(self) -> list[str]:
         flags = {
@@ -93,5 +96,6 @@ class OpenOptions:
             "--perf-same_cpu_crypt": self.same_cpu_crypt,
             "--perf-submit_from_crypt_cpus": self.submit_from_crypt_cpus,
             "--readonly": self.readonly,
+            "--persistent": self.persistent,
         }
         return [flag for flag, on in flags.items() if on]

@@ -93,6 +93,7 @@ class LuksHeader:
     sector_size: int
     data_offset_bytes: int
     keyslots: dict[int, KeySlot] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()  # persistent activation flags (config.flags): allow-discards, ...
 
     @property
     def key_size_bits(self) -> int | None:
@@ -132,6 +133,7 @@ def parse_dump(json_metadata: str, text_dump: str) -> LuksHeader:
         sector_size=int(crypt.get("sector_size", 512)),
         data_offset_bytes=int(crypt.get("offset", 0)),
         keyslots=keyslots,
+        flags=tuple(meta.get("config", {}).get("flags", [])),
     )
 
 

@@ -19,6 +19,11 @@ from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
+from csi_luks.luks.parameters import (
+    PARAMETER_KEYS,
+    LuksParameterError,
+    LuksParameters,
+)
 from csi_luks.quoting import quoted, quoted_list
 from csi_luks.services.validation import (
     capability_problem,
@@ -48,6 +53,7 @@ from csi_luks.volume_metadata import (
     EncryptionState,
     VolumeRecord,
     backing_bytes,
+    luks_metadata,
 )
 from csi_luks.volumes.base import MalformedId, VolumeBackend, VolumeInfo, VolumeNotFound
 
@@ -56,7 +62,7 @@ log = logging.getLogger(__name__)
 PARAM_ENCRYPTED = "encrypted"
 PARAM_KMS_ID = "encryptionKMSID"
 PARAM_PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
-KNOWN_PARAMETERS = (PARAM_ENCRYPTED, PARAM_KMS_ID)
+KNOWN_PARAMETERS = (PARAM_ENCRYPTED, PARAM_KMS_ID, *PARAMETER_KEYS)
 _PAGE_AFTER = "after:"  # ListVolumes tokens: "after:<last volume id returned>"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC.Type
@@ -123,6 +129,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise invalid_argument(f'{PARAM_KMS_ID} is set but {PARAM_ENCRYPTED} is not "true"')
         if encrypted:
             self.kms_config.entry(kms_id)  # unknown id -> INVALID_ARGUMENT naming the known ids
+        luks = _luks_parameters(parameters, encrypted)
         requested_source = _source_of(request, backend)
         volume_id = backend.volume_id_for(name, parameters)
         pvc_namespace = parameters.get(PARAM_PVC_NAMESPACE)
@@ -142,7 +149,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     # Complete: a retry is answered from the volume alone, even if its source is gone now.
                     requested = requested_source[1] if requested_source else None
                     capacity = _capacity(request, record.capacity if requested else None)
-                    self._check_same(name, record, capacity, encrypted, kms_id, requested)
+                    self._check_same(name, record, capacity, encrypted, kms_id, requested, luks)
                     return csi_pb2.CreateVolumeResponse(
                         volume=self._volume(volume_id, record.capacity, record, _echoed_source(request))
                     )
@@ -195,6 +202,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
+                    else:
+                        metadata.update(luks_metadata(luks))
                     with (
                         self._copy_slot(f"CreateVolume {quoted(name)}") if source_id else nullcontext(),
                         Step("create-volume", "backing-store"),
@@ -209,7 +218,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                         )
                     created = True
                 record = VolumeRecord.parse(info.metadata)
-                self._check_same(name, record, capacity, encrypted, kms_id, source_id)
+                self._check_same(name, record, capacity, encrypted, kms_id, source_id, luks)
                 if encrypted and record.state is None:
                     try:
                         self._prepare_key(backend, volume_id, record, request.secrets)
@@ -302,7 +311,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
 
     @staticmethod
     def _check_same(
-        name: str, record: VolumeRecord, capacity: int, encrypted: bool, kms_id: str, source_id: str | None
+        name: str,
+        record: VolumeRecord,
+        capacity: int,
+        encrypted: bool,
+        kms_id: str,
+        source_id: str | None,
+        luks: LuksParameters,
     ) -> None:
         if record.source != source_id:
             raise CsiError(
@@ -321,6 +336,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"volume {quoted(name)} exists with encrypted={record.encrypted}, KMS {record.kms_id!r}; "
                 "the request asks for other parameters",
             )
+        # A copy carries its source's header, so its source's parameters, whatever its class asks for.
+        if source_id is None and record.luks != luks:
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"volume {quoted(name)} exists with LUKS parameters {record.luks.describe()}; the request "
+                f"asks for {luks.describe()}",
+            )
 
     @staticmethod
     def _volume(
@@ -332,6 +354,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         volume_context = {PARAM_ENCRYPTED: "true" if record.encrypted else "false"}
         if record.encrypted:
             volume_context[PARAM_KMS_ID] = record.kms_id
+            # What the volume's header really has (a copy: its source's), under the class's names.
+            volume_context.update(record.luks.class_values())
         return csi_pb2.Volume(
             volume_id=volume_id,
             capacity_bytes=capacity,
@@ -708,6 +732,20 @@ def _new_metadata(
     }
 
 
+def _luks_parameters(parameters: Mapping[str, str], encrypted: bool) -> LuksParameters:
+    """The class's LUKS parameters, checked: INVALID_ARGUMENT naming the allowed values."""
+    try:
+        luks = LuksParameters.from_parameters(parameters)
+    except LuksParameterError as exc:
+        raise invalid_argument(str(exc)) from None
+    if luks.any and not encrypted:
+        given = [key for key in PARAMETER_KEYS if parameters.get(key)]
+        raise invalid_argument(
+            f'{quoted_list(given)} apply to encrypted volumes only: set {PARAM_ENCRYPTED} "true"'
+        )
+    return luks
+
+
 def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:
     """Metadata of a copy: where it came from, and the source's state read before its content was copied."""
     marks = {SOURCE: source_id}
@@ -715,4 +753,5 @@ def _copy_marks(source_id: str, source: VolumeRecord) -> dict[str, str]:
         marks[SOURCE_STATE] = source.state.value
     if source.filesystem is not None:  # the copy holds the same filesystem: never made again either
         marks[FILESYSTEM] = source.filesystem.value()
+    marks.update(luks_metadata(source.luks))  # and the same LUKS header
     return marks

@@ -1,6 +1,7 @@
 """The csi-addons Identity service: the csi-addons sidecar asks it who the driver is and which
-csi-addons operations it offers (csi-luks: EncryptionKeyRotation, where the node service runs)
-before it calls any of them."""
+csi-addons operations it offers before it calls any of them: where the node service runs,
+EncryptionKeyRotation and ReclaimSpace ONLINE (NodeReclaimSpace); where the controller runs, ReclaimSpace
+OFFLINE (ControllerReclaimSpace)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ class CsiAddonsIdentityService(pb_grpc.IdentityServicer):  # type: ignore[misc]
         self._version = version
         self._readiness = readiness
         service = pb.Capability.Service
+        reclaim = pb.Capability.ReclaimSpace
         self._capabilities = []
         if controller:
-            self._capabilities.append(pb.Capability(service=service(type=service.CONTROLLER_SERVICE)))
+            self._capabilities += [
+                pb.Capability(service=service(type=service.CONTROLLER_SERVICE)),
+                pb.Capability(reclaim_space=reclaim(type=reclaim.OFFLINE)),
+            ]
         if node:
             rotation = pb.Capability.EncryptionKeyRotation
             self._capabilities += [
                 pb.Capability(service=service(type=service.NODE_SERVICE)),
                 pb.Capability(encryption_key_rotation=rotation(type=rotation.ENCRYPTIONKEYROTATION)),
+                pb.Capability(reclaim_space=reclaim(type=reclaim.ONLINE)),
             ]
 
     def GetIdentity(

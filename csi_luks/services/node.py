@@ -24,8 +24,8 @@ from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import (
+    CipherUnavailable,
     Cryptsetup,
-    FormatOptions,
     LuksError,
     NotLuksDevice,
     WrongPassphrase,
@@ -237,7 +237,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             found = self.filesystems.probe(device)
         if record.state is EncryptionState.PREPARED and record.filesystem is None:
             if found.empty:
-                self._format(backend, volume_id, device, encryption)
+                self._format(backend, volume_id, device, encryption, record)
             elif found.is_luks:
                 # A crash after luksFormat: the header is ours. One that the DEK cannot open is a format
                 # killed inside cryptsetup's own writes (the magic on the disk, no key slot complete).
@@ -255,7 +255,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     volume_id,
                     device,
                 )
-                self._format(backend, volume_id, device, encryption)
+                self._format(backend, volume_id, device, encryption, record)
             else:
                 raise failed_precondition(
                     f"volume {volume_id} should be empty before its first use, but {device} holds "
@@ -278,13 +278,30 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return self._open(device, layout, encryption, volume_id, record), True
 
     def _format(
-        self, backend: VolumeBackend, volume_id: str, device: str, encryption: VolumeEncryption
+        self,
+        backend: VolumeBackend,
+        volume_id: str,
+        device: str,
+        encryption: VolumeEncryption,
+        record: VolumeRecord,
     ) -> None:
         label = volume_id if len(volume_id) <= _LUKS_LABEL_MAX else None
+        options = record.luks.format_options(label)  # the class's cipher, key size and sector size
         with step("unwrap-dek"):
             passphrase = encryption.get_passphrase(volume_id)
-        with step("luks-format"):
-            self.cryptsetup.format(device, passphrase, FormatOptions(label=label))
+        try:
+            if record.luks.chooses_cipher:  # the default cipher runs wherever dm-crypt does
+                with step("check-cipher"):
+                    self.cryptsetup.check_cipher(device, options)
+            with step("luks-format"):
+                self.cryptsetup.format(device, passphrase, options)
+        except CipherUnavailable as exc:  # luksFormat checks the cipher before it writes anything
+            raise failed_precondition(
+                f"volume {volume_id}: this node's kernel cannot run cipher {options.cipher} with a "
+                f"{options.key_size}-bit key, so the volume was not formatted (nothing was written to "
+                f"{device}); load the kernel's module for it (see /proc/crypto) or use a StorageClass "
+                f"with another encryptionCipher: {exc}"
+            ) from None
         crash_point("node-stage.after-luks-format")
         with step("header-backup"):
             refresh_header_backup(self.cryptsetup, backend, volume_id, device)
@@ -312,11 +329,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _open(
         self, device: str, layout: _Layout, encryption: VolumeEncryption, volume_id: str, record: VolumeRecord
     ) -> str:
+        # The first open after the format stores the class's dm-crypt flags in the header (persistent):
+        # every later open applies the header's flags, whatever the class says by then.
+        flags = record.luks.flags
+        first = record.state is EncryptionState.PREPARED and flags.any
         with step("unwrap-dek"):
             passphrase = encryption.get_passphrase(volume_id)
         try:
             with step("open"):
-                mapped = self.cryptsetup.open(device, layout.mapper, passphrase)
+                mapped = self.cryptsetup.open(
+                    device, layout.mapper, passphrase, flags.open_options(persistent=True) if first else None
+                )
         except (WrongPassphrase, NotLuksDevice):
             if record.state is EncryptionState.PREPARED and record.filesystem is None:
                 raise  # the caller tells a half-made format of ours from anything else

@@ -14,10 +14,12 @@ from csi_luks.system.fs_limits import raise_if_too_small
 from csi_luks.system.programs import (
     BLKID,
     E2FSCK,
+    FSTRIM,
     MKFS_EXT4,
     MKFS_XFS,
     MOUNT,
     RESIZE2FS,
+    SYNC,
     UMOUNT,
     XFS_GROWFS,
     XFS_REPAIR,
@@ -181,6 +183,21 @@ class Filesystems:
             self._run_on(device, "growing the filesystem (xfs_growfs)", [XFS_GROWFS, mountpoint], timeout=600)
         else:
             self._run_on(device, "growing the filesystem (resize2fs)", [RESIZE2FS, device], timeout=600)
+
+    def trim(self, mountpoint: str, device: str) -> int:
+        """fstrim: discard the mounted filesystem's free blocks; the bytes it reports trimmed (what the
+        filesystem passed down, not what the storage freed).
+
+        The filesystem is synced first (`sync -f`, a journal commit): ext4 gives a deleted file's blocks
+        back to the free-space map fstrim reads only when the transaction that freed them commits (up to
+        5 s later), so an fstrim right after a delete would skip them."""
+        self._run_on(device, "committing the filesystem's journal (sync -f)", [SYNC, "-f", mountpoint],
+                     timeout=600)  # fmt: skip
+        result = self._run_on(
+            device, "discarding free blocks (fstrim)", [FSTRIM, "-v", mountpoint], timeout=3600
+        )
+        match = re.search(r"\((\d+) bytes\) trimmed", result.stdout)
+        return int(match.group(1)) if match else 0
 
     def _run_on(self, device: str, step: str, argv: list[str], timeout: float | None = None) -> CommandResult:
         """Run a command on device; a failure the device's I/O errors caused is a DeviceIOError."""

@@ -16,6 +16,8 @@ E2FSCK = "e2fsck"  # `csi-luks fsck` only, read-only
 XFS_REPAIR = "xfs_repair"
 MOUNT = "mount"
 UMOUNT = "umount"
+FSTRIM = "fstrim"  # csi-addons NodeReclaimSpace
+SYNC = "sync"  # `sync -f` before fstrim
 LOSETUP = "losetup"
 CP = "cp"
 RBD = "rbd"
@@ -35,8 +37,10 @@ PROGRAMS: dict[str, str] = {
     XFS_GROWFS: "xfsprogs",
     MOUNT: "mount",
     UMOUNT: "mount",
+    FSTRIM: "util-linux",
     LOSETUP: "mount",
     CP: "coreutils",
+    SYNC: "coreutils",
     RBD: "ceph-common",
     RBD_NBD: "rbd-nbd",
     MODPROBE: "kmod",

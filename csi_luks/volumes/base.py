@@ -190,6 +190,18 @@ class VolumeBackend(ABC):
     def free_bytes(self) -> int | None:
         """Capacity left for new volumes, if the backend knows it (GetCapacity)."""
 
+    # --- space reclaim (csi-addons ReclaimSpace) -----------------------------------------------------
+
+    def used_bytes(self, volume_id: str) -> int | None:
+        """Bytes the volume's thinly provisioned backing store really occupies (what a reclaim frees);
+        None when the backend cannot tell (RBD without the request's credentials)."""
+        return None
+
+    def sparsify(self, volume_id: str) -> bool:
+        """Free the backing store's zero-filled extents; False when there is nothing for the backend to do
+        (the standalone backend frees a sparse file's blocks as the node discards them)."""
+        return False
+
     # --- LUKS header backups and key work (operations/) ----------------------------------------------
 
     # Whether the backend keeps a copy of each encrypted volume's LUKS header beside it.

@@ -77,6 +77,9 @@ _OWNER = PREFIX + "volume-id"  # written last: the image is complete
 MAX_IMAGE_BYTES = 256 * 1024 * 1024 * 4 * 1024 * 1024
 _COPY_SNAPSHOT_PREFIX = "csi-copy-"
 _MiB = 1024 * 1024
+# ControllerReclaimSpace's sparse size: runs of zeros this long and aligned are freed (`rbd sparsify`'s
+# default; librbd accepts a power of two from 4 KiB to the object size).
+SPARSE_SIZE = 4096
 
 
 class RbdBackend(RbdAttachments, VolumeBackend):
@@ -337,6 +340,23 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             if metadata is None or metadata.get(FLATTEN) != PENDING:
                 return None
             return f"flattening (chain depth {images.depth(ref)})"
+
+    def used_bytes(self, volume_id: str) -> int | None:
+        """`rbd du`'s used bytes of the image itself (not its snapshots, nor its parent's), through librbd;
+        None without credentials."""
+        if self.credentials is None:
+            return None
+        ref = decode_volume_id(volume_id)
+        with self._images(ref) as images:
+            return images.used_bytes(ref)
+
+    def sparsify(self, volume_id: str) -> bool:
+        """librbd's sparsify (`rbd sparsify`'s): free the image's objects, or their ends, that hold only
+        zeros. Of an encrypted volume only what dm-crypt discarded can be zeros (ciphertext never is)."""
+        ref = decode_volume_id(volume_id)
+        with self._images(ref) as images:
+            images.sparsify(ref, SPARSE_SIZE)
+        return True
 
     def get(self, volume_id: str) -> VolumeInfo:
         ref = decode_volume_id(volume_id)

@@ -218,6 +218,28 @@ class Images:
             return False
         return True
 
+    # --- space (csi-addons ReclaimSpace) -----------------------------------------------------------------
+
+    def used_bytes(self, ref: ImageRef) -> int:
+        """What `rbd du` reports as the image's used bytes: the extents that exist in the image itself (not
+        its parent), whole objects when the object map serves fast-diff (as `rbd du` counts them)."""
+        used = 0
+
+        def count(_offset: int, length: int, exists: bool) -> int:
+            nonlocal used
+            if exists:
+                used += length
+            return 0
+
+        with self.image(ref, "du", read_only=True) as image:
+            image.diff_iterate(0, int(image.size()), None, count, include_parent=False, whole_object=True)
+        return used
+
+    def sparsify(self, ref: ImageRef, sparse_size: int) -> None:
+        """Free the image's aligned runs of sparse_size zero bytes (whole objects of zeros are removed)."""
+        with self.image(ref, "sparsify") as image:
+            image.sparsify(sparse_size)
+
     # --- snapshots and clones --------------------------------------------------------------------------
 
     def user_snapshots(self, ref: ImageRef) -> list[str]:

@@ -43,6 +43,14 @@ MOUNTER = PREFIX + "mounter"
 DEK = PREFIX + "dek"  # not kept in the node's record of an attachment
 _KRBD, _NBD = "krbd", "nbd"  # rbd device --device-type
 _SYSFS_RBD = "/sys/bus/rbd/devices"
+# krbd's map options. alloc_size: krbd's discard granularity, and what it rounds each discard in to. At
+# its default (64 KiB) the block layer cuts a filesystem's long discards into 4 MiB pieces aligned only to
+# 64 KiB, so unless a free extent starts on an object boundary each piece covers the ends of two objects
+# and none is discarded whole: krbd zeroes or truncates them, they stay, and `rbd du` counts them. At the
+# object size (krbd lowers it to a
+# smaller image's object size) the pieces are whole objects, which krbd deletes (see the README, "Space
+# reclaim"); the ends of a free extent short of a whole object are not discarded at all.
+KRBD_MAP_OPTIONS: tuple[str, ...] = ("alloc_size=4194304",)
 # errno values the rbd CLI exits with.
 _EPERM, _ENOENT, _EACCES, _EBUSY, _ETIMEDOUT = 1, 2, 13, 16, 110
 
@@ -115,6 +123,8 @@ class RbdAttachments:
             with self._cli(ref) as connection, block_device_events() as wait:
                 self._mapped = None
                 argv = [RBD, *connection, "device", "map", "--device-type", kind, ref.spec]
+                if kind == _KRBD and KRBD_MAP_OPTIONS:
+                    argv[-1:-1] = ["--options", ",".join(KRBD_MAP_OPTIONS)]
                 device = self._run_cli(argv, ("device", "map")).stdout.strip()
                 try:
                     wait(device, self.map_timeout)

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import rados
+import rbd
 
 from csi_luks.csi import csi_pb2
+from csi_luks.csiaddons import reclaimspace_pb2 as reclaim_pb
+from csi_luks.csiaddons import reclaimspace_pb2_grpc as reclaim_grpc
 from csi_luks.kms.local import LocalKMS
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import LUKS_HEADER_BYTES, STATE
@@ -438,3 +442,44 @@ def test_placement_errors_are_the_requests_fault(ceph: CephCluster, tmp_path: Pa
     features = {"clusterID": "c", "pool": ceph.pool, "imageFeatures": "layering,teleport"}
     with pytest.raises(BackendRequestError, match="unknown \\['teleport'\\]"):
         backend.create(backend.volume_id_for("pvc-f", features), "pvc-f", 4 * MiB, {}, parameters=features)
+
+
+def rbd_used(ceph: CephCluster, volume_id: str) -> int:
+    du = json.loads(ceph.run("rbd", "du", "--format", "json", spec(volume_id)))
+    return sum(int(i["used_size"]) for i in du["images"] if not i.get("snapshot"))
+
+
+def write_zeros(ceph: CephCluster, volume_id: str, offset: int, length: int) -> None:
+    """Write zero bytes into the image as client.admin (what a dm-crypt discard leaves is zeros; ciphertext
+    never is): its objects exist, and count in `rbd du`, until something frees them."""
+    ref = decode_volume_id(volume_id)
+    with (
+        rados.Rados(conffile=str(ceph.conf)) as cluster,
+        cluster.open_ioctx(ref.pool) as ioctx,
+        rbd.Image(ioctx, ref.image) as image,
+    ):
+        image.write(bytes(length), offset)
+
+
+def test_controller_reclaim_space_sparsifies_the_image_and_reports_rbd_du(
+    plugin: RunningPlugin, ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    volume = plugin.create("pvc-sparsify", 64 * MiB, encrypted(ceph), secrets=secrets)
+    fill(ceph, volume.volume_id)  # the first MiB: the LUKS header area, ciphertext-like
+    write_zeros(ceph, volume.volume_id, 16 * MiB, 8 * MiB)  # two whole 4 MiB objects of zeros
+    before = rbd_used(ceph, volume.volume_id)
+    assert before >= 9 * MiB
+    stub = reclaim_grpc.ReclaimSpaceControllerStub(plugin.channel)
+    request = reclaim_pb.ControllerReclaimSpaceRequest(volume_id=volume.volume_id, secrets=secrets)
+    calls, spawned = Counter(CALLS), len(AUDIT.programs)
+    response = stub.ControllerReclaimSpace(request)
+    # librbd on the cached connection (issue 20): no `rbd sparsify`/`rbd du` process.
+    assert AUDIT.programs[spawned:] == []
+    assert calls_since(calls)["sparsify"] == 1 and calls_since(calls)["du"] == 2, calls_since(calls)
+    assert response.pre_usage.usage_bytes == before
+    # The objects of zeros are gone; the written range is not zeros (as ciphertext never is): kept.
+    after = rbd_used(ceph, volume.volume_id)
+    assert response.post_usage.usage_bytes == after == before - 8 * MiB
+    no_credentials = reclaim_pb.ControllerReclaimSpaceRequest(volume_id=volume.volume_id)
+    assert code_of(stub.ControllerReclaimSpace, no_credentials) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "userID" in details_of(stub.ControllerReclaimSpace, no_credentials)

@@ -47,13 +47,17 @@ def test_serve_answers_identity_calls_and_stops_cleanly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "services", "rotation"),
-    [("controller", ["CONTROLLER_SERVICE"], False), ("node", ["NODE_SERVICE"], True)],
+    ("mode", "services", "rotation", "reclaim"),
+    [
+        ("controller", ["CONTROLLER_SERVICE"], False, "OFFLINE"),
+        ("node", ["NODE_SERVICE"], True, "ONLINE"),
+    ],
 )
 def test_csi_addons_identity_offers_key_rotation_where_the_node_service_runs(
-    tmp_path: Path, mode: str, services: list[str], rotation: bool
+    tmp_path: Path, mode: str, services: list[str], rotation: bool, reclaim: str
 ) -> None:
-    """The csi-addons sidecar reads GetCapabilities before it calls EncryptionKeyRotate."""
+    """The csi-addons sidecar reads GetCapabilities before it calls EncryptionKeyRotate or ReclaimSpace:
+    ControllerReclaimSpace (OFFLINE) where the controller runs, NodeReclaimSpace (ONLINE) on the node."""
     with serve(tmp_path / "csi.sock", "--driver-name", "luks.csi.example.com", "--mode", mode) as plugin:
         addons = addons_identity_grpc.IdentityStub(plugin.channel)
         info = addons.GetIdentity(addons_identity.GetIdentityRequest())
@@ -67,6 +71,18 @@ def test_csi_addons_identity_offers_key_rotation_where_the_node_service_runs(
         assert rotations == (
             [addons_identity.Capability.EncryptionKeyRotation.ENCRYPTIONKEYROTATION] if rotation else []
         )
+        reclaim_type = addons_identity.Capability.ReclaimSpace.Type
+        reclaims = [
+            reclaim_type.Name(c.reclaim_space.type) for c in capabilities if c.HasField("reclaim_space")
+        ]
+        assert reclaims == [reclaim]
+        served = {
+            "OFFLINE": "reclaimspace.ReclaimSpaceController", "ONLINE": "reclaimspace.ReclaimSpaceNode"
+        }[reclaim]  # fmt: skip
+        reclaim_health = health_pb2_grpc.HealthStub(plugin.channel).Check(
+            health_pb2.HealthCheckRequest(service=served)
+        )
+        assert reclaim_health.status == health_pb2.HealthCheckResponse.SERVING
         probe = addons.Probe(addons_identity.ProbeRequest())
         assert probe.HasField("ready")
         health = health_pb2_grpc.HealthStub(plugin.channel).Check(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from csi_luks.luks import (
+    CipherUnavailable,
     Cryptsetup,
     CryptsetupMissing,
     CryptsetupTimeout,
@@ -278,3 +280,29 @@ def test_an_io_error_in_cryptsetups_words_names_the_device() -> None:
         cs.format("/dev/loop1", "pw")
     assert str(info.value).startswith("luksFormat: I/O error from the device: Device wipe error")
     assert str(info.value).endswith("the device is /dev/loop1")
+
+
+def test_cipher_check_maps_read_only_with_a_throwaway_key_and_a_refused_table_is_cipher_unavailable(
+    tmp_path: Path,
+) -> None:
+    device = tmp_path / "device"
+    device.write_bytes(b"\0" * 4096)
+    options = FormatOptions(cipher="serpent-xts-plain64", key_size=256, sector_size=1024)
+    inactive = (4, "", "")  # the close's status: the mapping is already gone
+    cs, runner = engine((0, "", ""), inactive)
+    cs.check_cipher(str(device), options)
+    argv = runner.calls[0].argv
+    assert argv[:4] == ["cryptsetup", "open", "--type", "plain"] and "--readonly" in argv
+    assert (
+        argv[argv.index("--cipher") + 1] == "serpent-xts-plain64"
+        and argv[argv.index("--sector-size") + 1] == "1024"
+    )
+    assert len(runner.calls[0].stdin or b"") == 32  # the throwaway key, on stdin only
+    refused = (
+        "device-mapper: reload ioctl on csi-luks-cipher-check-1 (254:0) failed: No such file or directory\n"
+    )
+    cs, _ = engine((4, "", refused))
+    with pytest.raises(
+        CipherUnavailable, match="refused serpent-xts-plain64 with a 256-bit key, 1024-byte sectors"
+    ):
+        cs.check_cipher(str(device), options)

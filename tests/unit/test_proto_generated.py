@@ -15,7 +15,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         "csi": ["csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"],
         "csiaddons": sorted(
             f"{proto}{suffix}"
-            for proto in ("encryptionkeyrotation", "identity")
+            for proto in ("encryptionkeyrotation", "identity", "reclaimspace")
             for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
         ),
     }
