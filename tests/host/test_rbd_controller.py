@@ -16,6 +16,7 @@ import pytest
 import rados
 import rbd
 
+from bench.rbd import NEW_VOLUME_KEYS
 from csi_luks.csi import csi_pb2
 from csi_luks.csiaddons import reclaimspace_pb2 as reclaim_pb
 from csi_luks.csiaddons import reclaimspace_pb2_grpc as reclaim_grpc
@@ -134,6 +135,9 @@ def test_create_and_delete_ask_the_cluster_nothing_twice(
     created = calls_since(before)
     assert created["stat"] == 1, created  # the lookup; create() knows it found none
     assert created["create"] == 1 and created["metadata-list"] == 0, created
+    # The bench's bare reference writes the same keys, as many times.
+    assert sorted(image_meta(ceph, volume.volume_id)) == sorted(NEW_VOLUME_KEYS)
+    assert created["metadata-set"] == len(NEW_VOLUME_KEYS), created
 
     before = Counter(CALLS)
     plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets))
