@@ -39,9 +39,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 CACHE = Path(os.environ.get("CSI_LUKS_CACHE", "/var/cache/csi-luks"))
+BUILD_UMASK = 0o022  # docker build's
 MIRROR = "http://deb.debian.org"
 # Changing how a step is replayed changes every cached layer: bump this with such a change.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: every step under umask 022 (docker build's), whatever this process's is
 # What Docker gives a RUN step of the debian images when the Dockerfile sets nothing else.
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 # The slim images (debuerreotype --slimify) leave out documentation and translations.
@@ -272,7 +273,9 @@ def _build_stage(stage: Stage, built: Mapping[str, tuple[Path, str]]) -> tuple[P
         return system, system_key
 
     def finish(root: Path) -> None:
-        subprocess.run(["cp", "-a", "--reflink=auto", f"{system}/.", str(root)], check=True)
+        subprocess.run(
+            ["cp", "-a", "--reflink=auto", f"{system}/.", str(root)], check=True, umask=BUILD_UMASK
+        )
         _replay(root, stage.steps[:first_copy], stage.steps[first_copy:], built)
 
     return _layer(final_key, finish), final_key
@@ -382,7 +385,7 @@ def _copy(root: Path, step: Instruction, workdir: str, built: Mapping[str, tuple
             target.mkdir(parents=True, exist_ok=True)
             files = _context_files(origin) if stage is None else None
             if files is None:
-                subprocess.run(["cp", "-a", f"{origin}/.", str(target)], check=True)
+                subprocess.run(["cp", "-a", f"{origin}/.", str(target)], check=True, umask=BUILD_UMASK)
             for file in files or []:
                 (target / file.relative_to(origin)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, target / file.relative_to(origin))
@@ -522,7 +525,11 @@ def _q(path: Path | str) -> str:
 
 
 def _checked(argv: Sequence[str]) -> None:
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    # Docker's umask, whatever this process's is at the instant: a plugin started in-process narrows the
+    # process-wide umask while it binds its socket (csi_luks/server.py), and this may run in another thread.
+    result = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, umask=BUILD_UMASK
+    )
     if result.returncode != 0:
         raise RuntimeError(
             f"{shlex.join(argv)[:2000]}\nexited {result.returncode}:\n"
