@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from csi_luks.crash import Step
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
-from csi_luks.encryption import volume_encryption
+from csi_luks.encryption import VolumeEncryption, volume_encryption
 from csi_luks.errors import CsiError, failed_precondition, invalid_argument, not_found
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.config import KMSConfig
@@ -196,9 +196,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             ):
                 created = False
                 info = existing
+                encryption = None
                 if info is None:
                     if encrypted:
-                        self._check_kms_access(backend, volume_id, kms_id, request.secrets, pvc_namespace)
+                        encryption = self._accessible_encryption(
+                            backend, volume_id, kms_id, request.secrets, pvc_namespace
+                        )
                     metadata = _new_metadata(name, capacity, encrypted, kms_id, pvc_namespace)
                     if source is not None and source_id is not None:
                         metadata.update(_copy_marks(source_id, source))
@@ -221,7 +224,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 self._check_same(name, record, capacity, encrypted, kms_id, source_id, luks)
                 if encrypted and record.state is None:
                     try:
-                        self._prepare_key(backend, volume_id, record, request.secrets)
+                        self._prepare_key(backend, volume_id, record, request.secrets, encryption)
                     except Exception:
                         if created:  # leave no half-created volume behind
                             backend.delete(volume_id)
@@ -260,27 +263,36 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         record = VolumeRecord.parse(info.metadata) if info is not None else None
         return record if record is not None and record.is_snapshot == snapshot else None
 
-    def _check_kms_access(
+    def _accessible_encryption(
         self,
         backend: VolumeBackend,
         volume_id: str,
         kms_id: str,
         secrets: Mapping[str, str],
         pvc_namespace: str | None,
-    ) -> None:
-        """A KMS that refuses this volume's credentials, or is down, fails CreateVolume before the backing
-        store is made: the provisioner retries a refused claim for ever, and each retry would otherwise
-        create and delete an image."""
+    ) -> VolumeEncryption:
+        """The new volume's encryption, its KMS asked for access first: a KMS that refuses this volume's
+        credentials, or is down, fails CreateVolume before the backing store is made (the provisioner
+        retries a refused claim for ever, and each retry would otherwise create and delete an image)."""
         context = KMSContext(secrets=dict(secrets), pvc_namespace=pvc_namespace)
-        volume_encryption(self.kms_config, kms_id, context, backend).kms.check_access(volume_id)
+        encryption = volume_encryption(self.kms_config, kms_id, context, backend)
+        encryption.kms.check_access(volume_id)
+        return encryption
 
     def _prepare_key(
-        self, backend: VolumeBackend, volume_id: str, record: VolumeRecord, secrets: Mapping[str, str]
+        self,
+        backend: VolumeBackend,
+        volume_id: str,
+        record: VolumeRecord,
+        secrets: Mapping[str, str],
+        encryption: VolumeEncryption | None = None,
     ) -> None:
-        """A new DEK, or for a copy the source's DEK re-wrapped for this volume's KMS; then the state."""
-        encryption = volume_encryption(
-            self.kms_config, record.kms_id, self._context(secrets, record), backend
-        )
+        """A new DEK, or for a copy the source's DEK re-wrapped for this volume's KMS; then the state.
+        encryption: the volume's, if the call built it already (the KMS configuration is read once)."""
+        if encryption is None:
+            encryption = volume_encryption(
+                self.kms_config, record.kms_id, self._context(secrets, record), backend
+            )
         if record.source is None:
             with Step("prepare-key", "new-dek"):
                 encryption.new_passphrase(volume_id)
