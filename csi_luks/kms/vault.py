@@ -48,12 +48,17 @@ from csi_luks.kms.vault_tls import (
     certificate_problem,
     plugin_namespace,
 )
+from csi_luks.volumes.ceph_csi import is_handle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_SA_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
 _PASSPHRASE_FIELD = "passphrase"  # noqa: S105 - the field name in the KV secret
+# Ceph-CSI (through libopenstorage/secrets) nests the field: its secrets read {"data": {"passphrase": ..}}
+# in KV v1 and v2 alike. Both layouts are read; a Ceph-CSI volume's DEK is written in Ceph-CSI's, so that
+# Ceph-CSI can take the volume back.
+_CEPH_CSI_ENVELOPE = "data"
 PENDING_SUFFIX = "-pending"  # a rotation's next DEK: <prefix><volume id>-pending
 # Longer than any sane wait, and short enough for a socket timeout and tenacity's clock arithmetic
 # (which fail on NaN, infinity and 1e300 with ValueError or OverflowError: INTERNAL, not a bad entry).
@@ -411,7 +416,9 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
         return self.connection.kv_version(self.mount, volume_id)
 
     def store_dek(self, volume_id: str, dek: str) -> None:
-        secret = {_PASSPHRASE_FIELD: dek}
+        secret: dict[str, object] = {_PASSPHRASE_FIELD: dek}
+        if is_handle(volume_id):
+            secret = {_CEPH_CSI_ENVELOPE: secret}
         if self.kv_version(volume_id) == 2:
             self.connection.call(
                 "store DEK",
@@ -447,7 +454,9 @@ class VaultKVKMS(EncryptionKMS, DEKStore):
                 lambda c: c.secrets.kv.v1.read_secret(path=self.path(volume_id), mount_point=self.mount),
             )
             data = answer["data"]
-        value = (data or {}).get(_PASSPHRASE_FIELD)
+        data = data or {}
+        nested = data.get(_CEPH_CSI_ENVELOPE)
+        value = (nested if isinstance(nested, dict) else data).get(_PASSPHRASE_FIELD)
         if not isinstance(value, str) or not value:
             raise DEKNotFound(
                 f"volume {volume_id}: the Vault secret {self.mount}/{self.path(volume_id)} has no DEK"

@@ -33,6 +33,7 @@ import rbd
 from csi_luks.crash import Step
 from csi_luks.system.runner import Runner
 from csi_luks.volume_metadata import NAME, PREFIX
+from csi_luks.volumes import ceph_csi
 from csi_luks.volumes.base import (
     BackendRequestError,
     CapacityOutOfRange,
@@ -54,6 +55,7 @@ from csi_luks.volumes.ceph_session import Connections
 from csi_luks.volumes.rbd_chain import FLATTEN, FLATTENS, HARD_DEPTH, PENDING, SOFT_DEPTH
 from csi_luks.volumes.rbd_ids import (
     ImageRef,
+    check_volume_id,
     decode_volume_id,
     encode_volume_id,
     header_object,
@@ -71,6 +73,10 @@ PARAM_DATA_POOL, PARAM_IMAGE_FEATURES = "dataPool", "imageFeatures"
 # "rbd" (krbd, the default) or "rbd-nbd" (userspace librbd behind /dev/nbdN: newer image features than the
 # node's kernel knows, at the cost of a daemon per volume that must outlive plugin restarts).
 PARAM_MOUNTER = "mounter"
+# Image-meta a copy never inherits from its source: csi-luks's keys are set anew, and Ceph-CSI's (a
+# Ceph-CSI source's state and wrapped DEK, salted with the source's handle) do not describe the copy.
+_NOT_INHERITED = (PREFIX, ceph_csi.ENCRYPTED_META, ceph_csi.OLD_ENCRYPTED_META, ceph_csi.DEK_META,
+                  ceph_csi.OLD_DEK_META)  # fmt: skip
 _OWNER = PREFIX + "volume-id"  # written last: the image is complete
 # What rbd accepts: an image with the object-map feature (on by default) tracks at most 256 Mi objects,
 # 4 MiB each by default, so 1 PiB. Checked before any call, whatever the features.
@@ -100,6 +106,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         one_request: bool = False,
         connections: Connections | None = None,
         resume_flattens: bool = True,
+        ceph_csi_instance: str = ceph_csi.DEFAULT_INSTANCE_ID,
     ) -> None:
         self.clusters = clusters
         self.state_dir = Path(state_dir)
@@ -113,6 +120,8 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         # Whether reading an image that owes a flatten starts it here (not in a short-lived operator command,
         # whose exit would cut it short: the plugin takes it up).
         self.resume_flattens = resume_flattens
+        # Ceph-CSI's --instanceid, whose journal directory (csi.volumes.<id>) its volumes are named in.
+        self.ceph_csi_instance = ceph_csi_instance
         # With one_request (see VolumeBackend.for_request), what this request read of its volumes.
         self.one_request = one_request
         self._fetched: dict[str, VolumeInfo] = {}  # complete volumes, as get() found them
@@ -126,6 +135,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         return RbdBackend(
             self.clusters, self.state_dir, self.runner, credentials, self.timeout, self.map_timeout,
             self.connect_timeout, one_request, self.connections, self.resume_flattens,
+            self.ceph_csi_instance,
         )  # fmt: skip
 
     # --- placement -----------------------------------------------------------------------------------
@@ -135,7 +145,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
     ) -> str:
         image = image_name(name, snapshot)
         if like is not None:
-            return encode_volume_id(replace(decode_volume_id(like), image=image))
+            return encode_volume_id(replace(self._ref(like), image=image))
         cluster_id = parameters.get(PARAM_CLUSTER_ID, "")
         pool = parameters.get(PARAM_POOL, "")
         if not cluster_id or not pool:
@@ -148,7 +158,72 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         )
 
     def check_id(self, object_id: str) -> None:
-        decode_volume_id(object_id)
+        check_volume_id(object_id)
+
+    # --- Ceph-CSI's volumes (ceph_csi) -------------------------------------------------------------
+
+    def _ref(self, volume_id: str) -> ImageRef:
+        """The image of a csi-luks id or of a Ceph-CSI handle (whose pool and image need a lookup: kept
+        for the process once found, as neither changes for a volume's life)."""
+        if not ceph_csi.is_handle(volume_id):
+            return decode_volume_id(volume_id)
+        known = _CEPH_CSI_REFS.get(volume_id) or self._recorded_ref(volume_id)
+        if known is not None:
+            return known
+        return self._ceph_csi_volume(volume_id)[0]
+
+    def _ceph_csi_volume(self, volume_id: str) -> tuple[ImageRef, dict[str, str]]:
+        """A Ceph-CSI volume's image and journal attributes, read now; VolumeNotFound without its journal
+        entry (Ceph-CSI removes it last but one when it deletes the volume)."""
+        handle = ceph_csi.parse_handle(volume_id)
+        cluster = self.clusters.get(handle.cluster_id)
+        where = ImageRef(cluster.cluster_id, "", cluster.rados_namespace, "")
+        with self._images(where) as images:
+            pool = images.pool_name(handle.pool_id)
+            where = replace(where, pool=pool)
+            attributes = images.omap(where, handle.uuid_object)
+        if attributes is None:
+            raise VolumeNotFound(
+                f"volume {volume_id}: Ceph-CSI's journal has no entry {handle.uuid_object} in pool {pool}"
+            )
+        ref = replace(where, image=ceph_csi.check_image_name(attributes, handle))
+        _CEPH_CSI_REFS[volume_id] = ref
+        return ref, attributes
+
+    def _get_ceph_csi(self, volume_id: str) -> VolumeInfo:
+        ref, attributes = self._ceph_csi_volume(volume_id)
+        with self._images(ref) as images:
+            found = images.stat(ref)
+        if found is None:
+            raise VolumeNotFound(f"volume {volume_id} (Ceph-CSI's image {ref.spec}) does not exist")
+        metadata = ceph_csi.view(found[1], attributes, found[0])
+        return VolumeInfo(volume_id, metadata.get(NAME, ""), found[0], metadata)
+
+    def _delete_ceph_csi(self, volume_id: str) -> None:
+        """Delete a Ceph-CSI volume as Ceph-CSI does: the image (to the trash while clones need it), then
+        its journal entries. The caller removed the DEK; a wrapped one in image-meta goes with the image."""
+        try:
+            ref, attributes = self._ceph_csi_volume(volume_id)
+        except VolumeNotFound:
+            return  # no journal entry: deleted (by Ceph-CSI or an earlier call)
+        if self.find_attachment(volume_id) is not None:
+            raise VolumeInUse(f"volume {volume_id} is mapped on this machine")
+        handle = ceph_csi.parse_handle(volume_id)
+        directory_pool_id = ceph_csi.journal_pool_id(attributes)
+        with self._images(ref) as images:
+            directory = ref
+            if directory_pool_id is not None:
+                directory = replace(ref, pool=images.pool_name(directory_pool_id))
+            with Step("rbd-delete", "remove-image"):
+                images.remove_image(ref)
+            self._purge(images, ref)
+            # A crash before this leaves the entries: the retry finds them, the image gone, and ends here.
+            images.undo_ceph_csi_reservation(
+                ref, directory, handle, attributes.get(ceph_csi.REQUEST_NAME_KEY, ""), self.ceph_csi_instance
+            )
+        log.info("volume %s: Ceph-CSI's image %s and its journal entries removed", volume_id, ref.spec)
+        self._fetched.pop(volume_id, None)
+        _CEPH_CSI_REFS.pop(volume_id, None)
 
     def check_capacity(self, size_bytes: int) -> None:
         super().check_capacity(size_bytes)
@@ -214,7 +289,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                         f"({exc})"
                     ) from None
             else:
-                source = decode_volume_id(source_id)
+                source = self._ref(source_id)
                 depth = self._copy(images, source, ref, features, data_pool)
                 header = images.get_object(source, header_object(source))
                 if header is not None:  # the copy's LUKS header is the source's: so is its backup
@@ -231,7 +306,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                 with Step("rbd-create", "drop-source-metadata"), images.edit(ref) as image:
                     present = image.metadata()
                     for key in present:
-                        if key.startswith(PREFIX) and key not in metadata:
+                        if key.startswith(_NOT_INHERITED) and key not in metadata:
                             image.remove_meta(key)
             # Each key is one request: skip what is already so.
             with Step("rbd-create", "metadata"), images.edit(ref) as image:
@@ -334,7 +409,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
     def background_work(self, volume_id: str) -> str | None:
         """Says "flattening (chain depth N)" while the image carries the marker of an owed flatten
         (rbd_chain): running in a plugin, or owed by one that stopped (the next call reading it resumes)."""
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         with self._images(ref) as images:
             metadata = images.metadata(ref)
             if metadata is None or metadata.get(FLATTEN) != PENDING:
@@ -346,20 +421,20 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         None without credentials."""
         if self.credentials is None:
             return None
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         with self._images(ref) as images:
             return images.used_bytes(ref)
 
     def sparsify(self, volume_id: str) -> bool:
         """librbd's sparsify (`rbd sparsify`'s): free the image's objects, or their ends, that hold only
         zeros. Of an encrypted volume only what dm-crypt discarded can be zeros (ciphertext never is)."""
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         with self._images(ref) as images:
             images.sparsify(ref, SPARSE_SIZE)
         return True
 
     def get(self, volume_id: str) -> VolumeInfo:
-        ref = decode_volume_id(volume_id)
+        check_volume_id(volume_id)
         if self.credentials is None:
             # Node calls without credentials: what this node recorded when it attached the image.
             record = self._attachment_record(volume_id)
@@ -367,6 +442,12 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                 return record
         if volume_id in self._fetched:  # read in this request already (its own changes kept since)
             return self._fetched[volume_id]
+        if ceph_csi.is_handle(volume_id):
+            info = self._get_ceph_csi(volume_id)
+            if self.one_request:
+                self._fetched[volume_id] = info
+            return info
+        ref = decode_volume_id(volume_id)
         with self._images(ref) as images:
             found = images.stat(ref)
             if found is None and self.one_request:
@@ -389,9 +470,13 @@ class RbdBackend(RbdAttachments, VolumeBackend):
 
     def delete(self, volume_id: str) -> None:
         try:
-            ref = decode_volume_id(volume_id)
+            check_volume_id(volume_id)
         except VolumeNotFound:
             return  # not an id of ours: nothing of it exists
+        if ceph_csi.is_handle(volume_id):
+            self._delete_ceph_csi(volume_id)
+            return
+        ref = decode_volume_id(volume_id)
         if self.find_attachment(volume_id) is not None:
             raise VolumeInUse(f"volume {volume_id} is mapped on this machine")
         with self._images(ref) as images:
@@ -427,33 +512,35 @@ class RbdBackend(RbdAttachments, VolumeBackend):
     keeps_header_backups = True
 
     def store_header_backup(self, volume_id: str, data: bytes) -> None:
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         with self._images(ref) as images:
             images.put_object(ref, header_object(ref), data)
 
     def fetch_header_backup(self, volume_id: str) -> bytes | None:
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         with self._images(ref) as images:
             return images.get_object(ref, header_object(ref))
 
     def remove_header_backup(self, volume_id: str) -> None:
         try:
-            ref = decode_volume_id(volume_id)
+            ref = self._ref(volume_id)
         except VolumeNotFound:
             return
         with self._images(ref) as images:
             images.remove_object(ref, header_object(ref))
 
     def resize(self, volume_id: str, size_bytes: int) -> int:
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         self._fetched.pop(volume_id, None)  # its size changes
         with self._images(ref) as images:
             return images.grow_to(ref, size_bytes)
 
     def set_metadata(self, volume_id: str, key: str, value: str) -> None:
-        ref = decode_volume_id(volume_id)
-        with self._images(ref) as images:
-            images.set_meta(ref, key, value)
+        ref = self._ref(volume_id)
+        native = ceph_csi.native_writes(key, value) if ceph_csi.is_handle(volume_id) else {}
+        with self._images(ref) as images, images.edit(ref) as image:
+            for name, text in {key: value, **native}.items():
+                image.set_meta(name, text)
         self._remember(volume_id, key, value)
         record = self._attachment_record(volume_id)
         if record is not None and key != DEK:
@@ -462,7 +549,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             )
 
     def remove_metadata(self, volume_id: str, key: str) -> None:
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         fetched = self._fetched.get(volume_id)
         if fetched is not None and key not in fetched.metadata:
             return  # the volume exists without the key, as this request read it
@@ -470,6 +557,9 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             if fetched is None and images.metadata(ref) is None:
                 raise VolumeNotFound(f"volume {volume_id} (image {ref.spec}) does not exist")
             images.remove_meta(ref, key)
+            if ceph_csi.is_handle(volume_id):
+                for name in ceph_csi.native_writes(key, ""):
+                    images.remove_meta(ref, name)
         self._remember(volume_id, key, "")
 
     def _remember(self, volume_id: str, key: str, value: str) -> None:
@@ -490,7 +580,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         device = self.find_attachment(volume_id)
         if device is not None:
             return f"mapped at {device} on this machine"
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         with self._images(ref) as images:
             watchers = images.watchers(ref)
         if not watchers:
@@ -499,6 +589,8 @@ class RbdBackend(RbdAttachments, VolumeBackend):
 
     def fresh_metadata(self, volume_id: str) -> dict[str, str]:
         """The image's metadata from the cluster, whatever this request or the node's record hold."""
+        if ceph_csi.is_handle(volume_id):
+            return dict(self._get_ceph_csi(volume_id).metadata)
         ref = decode_volume_id(volume_id)
         with self._images(ref) as images:
             metadata = images.metadata(ref)
@@ -508,6 +600,10 @@ class RbdBackend(RbdAttachments, VolumeBackend):
 
     def free_bytes(self) -> int | None:
         return None
+
+
+# Ceph-CSI handles resolved in this process (pool id to name, the journal's image name): fixed for life.
+_CEPH_CSI_REFS: dict[str, ImageRef] = {}
 
 
 def _refuse_if_owned_by_another(ref: ImageRef, volume_id: str, metadata: Mapping[str, str]) -> None:

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from csi_luks.quoting import quoted
+from csi_luks.volumes import ceph_csi
 from csi_luks.volumes.base import MalformedId
 from csi_luks.volumes.ceph_clusters import is_plain
 
@@ -73,6 +74,14 @@ def decode_volume_id(volume_id: str) -> ImageRef:
     except ValueError:
         raise MalformedId(f"{quoted(volume_id)} is not an RBD volume or snapshot id of csi-luks") from None
     return ImageRef(fields[0], fields[1], fields[2], image_prefix + uid)
+
+
+def check_volume_id(volume_id: str) -> None:
+    """MalformedId unless the id is one of csi-luks's or a Ceph-CSI handle (served in place: ceph_csi)."""
+    if ceph_csi.is_handle(volume_id):
+        ceph_csi.parse_handle(volume_id)
+    else:
+        decode_volume_id(volume_id)
 
 
 def image_name(name: str, snapshot: bool) -> str:

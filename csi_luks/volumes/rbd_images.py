@@ -23,6 +23,7 @@ from typing import Any
 import rados
 import rbd
 
+from csi_luks.volumes import ceph_csi
 from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
@@ -356,6 +357,31 @@ class Images:
             if metadata is not None and metadata.get(key) == value:
                 found.append((ref, metadata))
         return found
+
+    # --- Ceph-CSI's journal (ceph_csi) -------------------------------------------------------------------
+
+    def pool_name(self, pool_id: int) -> str:
+        """The name of the pool with this id (Ceph-CSI's handles name pools by id)."""
+        with self._call("pool-lookup"):
+            try:
+                return str(self.cluster.pool_reverse_lookup(pool_id))
+            except rados.ObjectNotFound:
+                raise VolumeNotFound(f"the cluster has no pool with id {pool_id}") from None
+
+    def omap(self, where: ImageRef, name: str) -> dict[str, str] | None:
+        """The OMAP key/values of a RADOS object in where's pool and namespace; None if it does not exist."""
+        with self._call("omap-get"), self.ioctx(where) as ioctx:
+            return ceph_csi.read_omap(ioctx, name)
+
+    def undo_ceph_csi_reservation(
+        self, volume: ImageRef, directory: ImageRef, handle: ceph_csi.Handle, request_name: str, instance: str
+    ) -> None:
+        with (
+            self._call("omap-remove"),
+            self.ioctx(volume) as volume_ioctx,
+            self.ioctx(directory) as dir_ioctx,
+        ):
+            ceph_csi.undo_reservation(volume_ioctx, dir_ioctx, handle, request_name, instance)
 
     # --- RADOS objects -----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from csi_luks.system.programs import RBD
 from csi_luks.system.runner import CommandError, CommandResult, Runner
 from csi_luks.system.udev import DeviceWaitTimeout, block_device_events
 from csi_luks.volume_metadata import PREFIX
+from csi_luks.volumes import ceph_csi
 from csi_luks.volumes.base import (
     BackendPermissionDenied,
     BackendRequestError,
@@ -33,7 +34,7 @@ from csi_luks.volumes.base import (
     VolumeNotFound,
 )
 from csi_luks.volumes.ceph_clusters import USER_ID, USER_KEY, CephClusters, Credentials, client_config
-from csi_luks.volumes.rbd_ids import ImageRef, decode_volume_id, encode_volume_id
+from csi_luks.volumes.rbd_ids import ImageRef, check_volume_id, encode_volume_id
 from csi_luks.volumes.standalone import write_atomically
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class RbdAttachments:
     def get(self, volume_id: str) -> VolumeInfo:
         raise NotImplementedError
 
+    def _ref(self, volume_id: str) -> ImageRef:
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def _cli(self, ref: ImageRef) -> Iterator[list[str]]:
         """The rbd CLI's connection arguments for the request's user (its key in a file for the call)."""
@@ -112,7 +116,7 @@ class RbdAttachments:
             raise _translate(exc, what) from None
 
     def attach(self, volume_id: str) -> str:
-        ref = decode_volume_id(volume_id)
+        ref = self._ref(volume_id)
         # The record first (and on every stage, so a crash or a lost state dir is repaired by a retry):
         # the node's credential-less calls rely on it.
         info = self._fetched.get(volume_id) or self.get(volume_id)
@@ -143,9 +147,11 @@ class RbdAttachments:
     def _mapping(self, volume_id: str) -> dict[str, Any] | None:
         """The mapping of the volume's image on this machine (rbd device list), if any."""
         try:
-            ref = decode_volume_id(volume_id)
+            ref = self._ref(volume_id)
         except VolumeNotFound:
             return None
+        except BackendRequestError:
+            return None  # a Ceph-CSI volume this node never attached, asked without credentials
         for mapping in self._mappings():
             if (mapping.get("pool"), mapping.get("namespace") or "", mapping.get("name")) == (
                 ref.pool, ref.namespace, ref.image,
@@ -180,7 +186,7 @@ class RbdAttachments:
         return found
 
     def detach(self, volume_id: str) -> None:
-        decode_volume_id(volume_id)
+        check_volume_id(volume_id)
         mapping = self._mapping(volume_id)
         if mapping is not None:
             device = str(mapping["device"])
@@ -208,7 +214,7 @@ class RbdAttachments:
     # --- the node's record of its attachments --------------------------------------------------------
 
     def _record_path(self, volume_id: str) -> Path:
-        decode_volume_id(volume_id)  # a path is built only from an id of ours: never "../x" or "/etc/x"
+        check_volume_id(volume_id)  # a path is built only from an id of ours: never "../x" or "/etc/x"
         return self.state_dir / "rbd-attachments" / f"{volume_id}.json"
 
     def _write_record(self, info: VolumeInfo) -> None:
@@ -216,9 +222,10 @@ class RbdAttachments:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, not the umask's mode
         path.parent.mkdir(exist_ok=True, mode=0o700)
         kept = {k: v for k, v in info.metadata.items() if k != DEK}
-        write_atomically(
-            path, json.dumps({"name": info.name, "size": info.size_bytes, "metadata": kept}).encode()
-        )
+        ref = self._ref(info.volume_id)
+        record = {"name": info.name, "size": info.size_bytes, "metadata": kept,
+                  "image": [ref.pool, ref.namespace, ref.image]}  # fmt: skip
+        write_atomically(path, json.dumps(record).encode())
 
     def _attachment_record(self, volume_id: str) -> VolumeInfo | None:
         try:
@@ -226,6 +233,16 @@ class RbdAttachments:
         except (FileNotFoundError, ValueError):
             return None
         return VolumeInfo(volume_id, str(raw["name"]), int(raw["size"]), dict(raw["metadata"]))
+
+    def _recorded_ref(self, volume_id: str) -> ImageRef | None:
+        """The image this node recorded for a Ceph-CSI volume when it attached it (found otherwise by a
+        lookup in the cluster, which needs credentials that NodeUnstage does not carry)."""
+        try:
+            raw = json.loads(self._record_path(volume_id).read_text())
+            pool, namespace, image = (str(part) for part in raw["image"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        return ImageRef(ceph_csi.parse_handle(volume_id).cluster_id, pool, namespace, image)
 
 
 def _krbd_mappings(sysfs: str = _SYSFS_RBD) -> builtins.list[dict[str, Any]]:

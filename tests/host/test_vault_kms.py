@@ -333,3 +333,35 @@ def test_create_volume_makes_nothing_when_the_kms_refuses_or_is_down(
         volumes.create(f"pvc-{kms_id}", kms_id)
     assert created == [] and volumes.backend.list() == []
     assert volumes.create("pvc-reachable", "kv2-auto") in created  # the recording itself works
+
+
+CEPH_CSI_HANDLE = "0001-0009-rook-ceph-0000000000000002-b0285c97-a0ce-11eb-8c66-0242ac110002"
+
+
+@pytest.mark.parametrize(("kms_id", "mount", "version"), [("kv2", "secret", 2), ("kv1", "kv1", 1)])
+def test_ceph_csi_volumes_keep_ceph_csi_s_secret_layout(
+    bao: OpenBao, config: KMSConfig, kms_id: str, mount: str, version: int
+) -> None:
+    """Ceph-CSI (libopenstorage/secrets) keeps a DEK as {"data": {"passphrase": ...}} in KV v1 and v2: read
+    as such, and written back so for a Ceph-CSI handle, or Ceph-CSI could not take the volume back."""
+    kms = config.build(kms_id, CONTEXT)
+    store = kms.integrated_dek_store
+    assert store is not None
+    client = bao.client()
+    kv = client.secrets.kv.v2 if version == 2 else client.secrets.kv.v1
+    path = f"csi/{CEPH_CSI_HANDLE}"
+
+    def stored() -> dict[str, Any]:
+        if version == 2:
+            return dict(kv.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True)
+                        ["data"]["data"])  # fmt: skip
+        return dict(kv.read_secret(path=path, mount_point=mount)["data"])
+
+    # What Ceph-CSI's StoreDEK leaves.
+    kv.create_or_update_secret(path=path, secret={"data": {"passphrase": "ceph-csi-dek"}}, mount_point=mount)
+    assert store.fetch_dek(CEPH_CSI_HANDLE) == "ceph-csi-dek"
+    store.store_dek(CEPH_CSI_HANDLE, "rotated-dek")
+    assert stored() == {"data": {"passphrase": "rotated-dek"}}  # what Ceph-CSI's FetchDEK reads
+    store.remove_dek(CEPH_CSI_HANDLE)
+    with pytest.raises(DEKNotFound):
+        store.fetch_dek(CEPH_CSI_HANDLE)
