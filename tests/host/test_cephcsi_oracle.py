@@ -10,6 +10,7 @@ import json
 import re
 import secrets
 import time
+from pathlib import Path
 
 from csi_luks.kms.base import KMSContext
 from csi_luks.kms.metadata import MetadataKMS
@@ -94,6 +95,9 @@ def test_an_encrypted_volume_its_metadata_kms_dek_journal_expansion_and_deletion
     assert oracle.omap(ceph, pool, f"csi.volume.{handle.uuid}") is None
     assert not [name for name in oracle.objects(ceph, pool) if handle.uuid in name]
     cephcsi.delete_volume(volume.volume_id, creds)  # a repeated delete is a no-op
+    # Its fixed paths existed only in its mount namespace.
+    for fixed in ("/etc/ceph-csi-config", "/etc/ceph-csi-encryption-kms-config", "/tmp/csi"):
+        assert not Path(fixed).exists()
 
 
 def test_a_snapshot_in_a_pool_of_its_own_and_every_object_ceph_csi_leaves(
