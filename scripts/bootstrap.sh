@@ -17,6 +17,9 @@ if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 pkgs=(cryptsetup-bin e2fsprogs xfsprogs util-linux mount kmod udev python3-venv)
 # A single-node Ceph cluster (one mon, one memstore OSD) for the RBD tests, on the host and in the guest.
 pkgs+=(ceph-mon ceph-osd ceph-common rbd-nbd)
+# A mgr with its rbd_support module, started only for Ceph-CSI's own driver (tests/support/cephcsi.py):
+# its DeleteVolume hands the image's removal from the trash to `rbd task add trash remove`.
+pkgs+=(ceph-mgr)
 # Ceph's own Python bindings (librados, librbd): the controller's RBD calls, over one cached connection.
 pkgs+=(python3-rados python3-rbd)
 # The e2e tier's one-node Kubernetes cluster: its container runtime (kubelet talks CRI to containerd).

@@ -1,4 +1,4 @@
-"""A real single-node Ceph cluster (one mon, one memstore OSD, no mgr) on 127.0.0.1, for the RBD tests.
+"""A real single-node Ceph cluster (a mon, a memstore OSD, a mgr on demand) on 127.0.0.1, for the RBD tests.
 
 Everything lives under one root directory: ceph.conf, keyrings, mon and OSD data, sockets, pid files
 and logs. The daemons run in the foreground as our children (no systemd). cephx is on; every key is
@@ -201,6 +201,36 @@ class CephCluster:
     def _start_osd(self) -> None:
         self._spawn("osd.0", ["ceph-osd", "-i", "0"])
 
+    def start_mgr(self, timeout: float = 120) -> None:
+        """A mgr (mgr.x), if none runs yet, once its rbd_support module answers `rbd task list`.
+
+        The cluster has none by default: csi-luks needs none. Ceph-CSI's driver does (support/cephcsi.py): its
+        DeleteVolume moves the image to the trash and has the mgr remove it from there (`rbd task add trash
+        remove`), and without a mgr that command waits forever. It runs until the cluster stops."""
+        proc = self._daemons.get("mgr.x")
+        if proc is not None and proc.poll() is None:
+            return
+        keyring = self.root / "mgr" / "keyring"
+        if not keyring.exists():
+            _new_keyring(keyring, "mgr.x", {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"})
+            self.run("ceph", "auth", "import", "-i", str(keyring))
+            # Else its devicehealth module creates a pool (device_health_metrics) that other tests would see.
+            self.run("ceph", "config", "set", "mgr", "mgr/devicehealth/enable_monitoring", "false", "--force")
+        self._spawn("mgr.x", ["ceph-mgr", "-i", "x"])
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            if self._daemons["mgr.x"].poll() is not None:
+                raise CephError(f"mgr.x exited; log tail:\n{self._log_tail('mgr.x')}")
+            try:
+                self.run("ceph", "rbd", "task", "list", "--connect-timeout=10", timeout=30)
+                return
+            except CephError as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise CephError(f"mgr.x's rbd_support did not answer: {last}\n{self._log_tail('mgr.x')}")
+            time.sleep(0.5)
+
     def start(self, timeout: float = 180) -> None:
         """Start the daemons from this (built) root; wait until every PG of every pool is active."""
         if self.running:
@@ -211,6 +241,8 @@ class CephCluster:
         deadline = time.monotonic() + timeout
         for pool in json.loads((self.root / _STATE).read_text())["pools"]:
             self._wait_pool(pool, deadline)
+        if (self.root / "mgr" / "keyring").exists():  # it had a mgr (start_mgr): so it has again
+            self.start_mgr(max(deadline - time.monotonic(), 30))
 
     def _wait_pool(self, pool: str, deadline: float) -> None:
         # Without a mgr no PG states are reported, so ask the OSD: listing a pool touches every PG,
@@ -243,7 +275,7 @@ class CephCluster:
 
     def stop(self, timeout: float = 60) -> None:
         """Clean shutdown: the OSD first (it writes memstore's data out), then the mon."""
-        for name in ("osd.0", "mon.a"):
+        for name in ("mgr.x", "osd.0", "mon.a"):
             proc = self._daemons.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -344,6 +376,14 @@ osd fast shutdown = false
 crush location = root=default host=csi-luks-ceph
 osd crush update on start = true
 
+[mgr]
+# Started only for Ceph-CSI's driver (start_mgr).
+mgr data = {root}/mgr
+keyring = {root}/mgr/keyring
+admin socket = {root}/run/$name.asok
+pid file = {root}/run/$name.pid
+log file = {root}/log/$name.log
+
 [client]
 # Retry a monitor quickly rather than after the default 3 s hunt interval.
 mon client hunt interval = 0.5
@@ -358,7 +398,7 @@ keyring = {root}/client.admin.keyring
 def build_cluster(root: Path) -> CephCluster:
     """Create a new cluster under `root` (an empty or missing directory) and start it, pool `rbd` ready."""
     root.mkdir(parents=True, exist_ok=True)
-    for sub in ("mon", "osd", "run", "log", "keys"):
+    for sub in ("mon", "osd", "mgr", "run", "log", "keys"):
         (root / sub).mkdir()
     fsid = str(uuid.uuid4())
     v1_port = _free_port()

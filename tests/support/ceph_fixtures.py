@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import guest
+from tests.support import csi_tools, guest
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster, ceph_cluster, load_cluster
+from tests.support.cephcsi import CephCsi, CephCsiPool, running_cephcsi
 
-__all__ = ["ceph", "ceph_config", "ceph_secrets"]
+__all__ = ["ceph", "ceph_config", "ceph_secrets", "cephcsi", "cephcsi_pool"]
 
 CLUSTER_ID = "test-cluster"  # the session cluster's id in the plugin's cluster configuration
 
@@ -70,3 +71,19 @@ def ceph_config(ceph: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> 
 def ceph_secrets(ceph: CephCluster) -> dict[str, str]:
     """The CSI secrets of client.csi (the provisioner, node-stage and expand secrets)."""
     return {"userID": ceph.csi.id, "userKey": ceph.csi.key}
+
+
+@pytest.fixture(scope="session")
+def cephcsi(ceph: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCsi]:
+    """Ceph-CSI's RBD controller (cephcsi v3.8.1) on the session cluster, under the clusterID of
+    ceph_config, so its volume handles name the same cluster for csi-luks; its KMS list has the `metadata`
+    entry METADATA_KMS_ID (CephCsi.set_kms_config replaces it)."""
+    binary = csi_tools.tool("cephcsi")  # skips, or fails under CI=true, when it cannot be built
+    with running_cephcsi(binary, ceph, CLUSTER_ID, tmp_path_factory.mktemp("cephcsi")) as running:
+        yield running
+
+
+@pytest.fixture
+def cephcsi_pool(ceph: CephCluster, ceph_secrets: dict[str, str]) -> CephCsiPool:
+    """The suite's pool and client.csi's secrets; tests.support.cephcsi.new_pool makes a pool of its own."""
+    return CephCsiPool(ceph.pool, ceph_secrets)

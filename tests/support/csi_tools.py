@@ -22,9 +22,11 @@ BUILD_SCRIPT = REPO_ROOT.parent / "shared" / "tools" / "build-csi-tools.sh"
 CSI_TOOLS_ENV = "CSI_LUKS_CSI_TOOLS"  # JSON {"name": "path"}, or {"error": "why none could be had"}
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HOW_TO_GET = (
-    "csi-sanity and the CSI sidecars are built from ../shared/tools/build-csi-tools.sh, which this checkout "
-    "lacks; elsewhere get them with `go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.3.1` "
-    "(and the sidecars' images from registry.k8s.io/sig-storage), then name them in "
+    "csi-sanity, the CSI sidecars and cephcsi are built from ../shared/tools/build-csi-tools.sh, which this "
+    "checkout lacks; elsewhere get them with "
+    "`go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.3.1` "
+    "(the sidecars' images from registry.k8s.io/sig-storage, cephcsi from quay.io/cephcsi/cephcsi:v3.8.1), "
+    "then name them in "
     f'{CSI_TOOLS_ENV}=\'{{"csi-sanity": "/path/to/csi-sanity", ...}}\''
 )
 
