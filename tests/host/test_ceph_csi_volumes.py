@@ -1,0 +1,185 @@
+"""csi-luks's controller serving volumes the real Ceph-CSI (cephcsi v3.8.1) made, and handing them back.
+
+Each volume is created by cephcsi (the `metadata` KMS: its DEK wrapped in image-meta with the handle as
+salt), then csi-luks expands, copies or deletes it through its own gRPC API, under the same KMS id, and
+cephcsi works on it again afterwards (the way back). The node's part (cephcsi's luksFormat, csi-luks
+opening it, and back) needs dm-crypt: tests/vm.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_luks.csi import csi_pb2
+from csi_luks.kms.base import KMSContext
+from csi_luks.kms.metadata import MetadataKMS
+from csi_luks.settings import Mode
+from csi_luks.volume_metadata import LUKS_HEADER_BYTES
+from csi_luks.volumes.rbd import decode_volume_id
+from tests.support import cephcsi as oracle
+from tests.support.ceph import CephCluster
+from tests.support.cephcsi import CephCsi, CephCsiPool
+from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
+
+ENCRYPTED, DEK = "rbd.csi.ceph.com/encrypted", "rbd.csi.ceph.com/dek"
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, ceph_config: Path) -> Iterator[RunningPlugin]:
+    """csi-luks's controller with Ceph-CSI's KMS entry under Ceph-CSI's id (the same configuration)."""
+    (tmp_path / "kms-config.json").write_text(
+        json.dumps({oracle.METADATA_KMS_ID: {"encryptionKMSType": "metadata"}})
+    )
+    with running_plugin(tmp_path, mode=Mode.CONTROLLER, ceph_config=ceph_config) as running:
+        yield running
+
+
+def unwrap(passphrase: str, volume_id: str, wrapped: str) -> str:
+    kms = MetadataKMS("check", {}, KMSContext({oracle.PASSPHRASE_KEY: passphrase}))
+    return kms.decrypt_dek(volume_id, wrapped)
+
+
+def journal(ceph: CephCluster, pool: str, handle: str) -> tuple[dict[str, str] | None, dict[str, str]]:
+    """(the volume's uuid object, the request directory) of Ceph-CSI's journal."""
+    uid = oracle.decode_handle(handle).uuid
+    return oracle.omap(ceph, pool, f"csi.volume.{uid}"), oracle.omap(
+        ceph, pool, oracle.VOLUMES_DIRECTORY
+    ) or {}
+
+
+def expand(plugin: RunningPlugin, volume_id: str, size: int, creds: dict[str, str]) -> int:
+    return int(
+        plugin.controller.ControllerExpandVolume(
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=volume_id,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+                volume_capability=mount_capability(),
+                secrets=creds,
+            ),
+            timeout=60,
+        ).capacity_bytes
+    )
+
+
+def test_csi_luks_expands_and_deletes_a_ceph_csi_volume_as_ceph_csi_would_and_hands_it_back(
+    plugin: RunningPlugin, cephcsi: CephCsi, ceph: CephCluster, cephcsi_pool: CephCsiPool
+) -> None:
+    pool = cephcsi_pool.name
+    passphrase = secrets.token_urlsafe(24)
+    creds = cephcsi_pool.with_passphrase(passphrase)
+    handle = cephcsi.create_volume("pvc-takeover-1", 64 * MiB, pool, creds).volume_id
+    twin = cephcsi.create_volume("pvc-takeover-twin", 64 * MiB, pool, creds).volume_id
+    image = f"csi-vol-{oracle.decode_handle(handle).uuid}"
+    made = oracle.image_meta(ceph, pool, image)
+    dek = unwrap(passphrase, handle, made[DEK])
+
+    # csi-luks grows it: the LUKS header is inside Ceph-CSI's image, so the image grows by the asked
+    # capacity plus the header; Ceph-CSI's keys are untouched (never staged: still prepared).
+    assert expand(plugin, handle, 96 * MiB, creds) == 96 * MiB
+    assert oracle.image_size(ceph, pool, image) == 96 * MiB + LUKS_HEADER_BYTES
+    after = oracle.image_meta(ceph, pool, image)
+    assert after[ENCRYPTED] == "encryptionPrepared"
+    assert unwrap(passphrase, handle, after[DEK]) == dek
+    assert expand(plugin, handle, 96 * MiB, creds) == 96 * MiB  # idempotent
+
+    # The way back: Ceph-CSI expands it again, finding its journal and keys as it left them.
+    cephcsi.expand_volume(handle, 160 * MiB, creds)
+    assert oracle.image_size(ceph, pool, image) == 160 * MiB
+
+    # csi-luks deletes it; Ceph-CSI deletes the twin: the same is left (no image, no journal entry).
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=handle, secrets=creds), timeout=60)
+    cephcsi.delete_volume(twin, creds)
+    for gone in (handle, twin):
+        uuid_object, directory = journal(ceph, pool, gone)
+        assert uuid_object is None
+        assert oracle.decode_handle(gone).uuid not in directory.values()
+        assert f"csi-vol-{oracle.decode_handle(gone).uuid}" not in oracle.images(ceph, pool)
+    assert image not in oracle.trash(ceph, pool).values()  # csi-luks purges what nothing depends on
+    # Deleted is deleted, for both drivers.
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=handle, secrets=creds), timeout=60)
+    cephcsi.delete_volume(handle, creds)
+
+
+def test_a_snapshot_and_a_restore_of_a_ceph_csi_volume_are_csi_luks_volumes_with_its_dek(
+    plugin: RunningPlugin, cephcsi: CephCsi, ceph: CephCluster, cephcsi_pool: CephCsiPool
+) -> None:
+    pool = cephcsi_pool.name
+    passphrase = secrets.token_urlsafe(24)
+    creds = cephcsi_pool.with_passphrase(passphrase)
+    handle = cephcsi.create_volume("pvc-takeover-2", 64 * MiB, pool, creds).volume_id
+    dek = unwrap(
+        passphrase, handle, oracle.image_meta(ceph, pool, f"csi-vol-{oracle.decode_handle(handle).uuid}")[DEK]
+    )
+
+    snapshot = plugin.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="snap-takeover-2", source_volume_id=handle, secrets=creds),
+        timeout=60,
+    ).snapshot
+    assert snapshot.source_volume_id == handle and snapshot.ready_to_use
+    restored = plugin.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="pvc-takeover-2-restored",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+            volume_capabilities=[mount_capability()],
+            parameters={
+                "clusterID": "test-cluster",
+                "pool": pool,
+                "encrypted": "true",
+                "encryptionKMSID": oracle.METADATA_KMS_ID,
+            },
+            secrets=creds,
+            volume_content_source=csi_pb2.VolumeContentSource(
+                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
+            ),
+        ),
+        timeout=60,
+    ).volume
+    # csi-luks's own ids and images, in the source's pool; none of Ceph-CSI's keys came along with the clone.
+    for copy_id in (snapshot.snapshot_id, restored.volume_id):
+        assert not oracle.HANDLE.match(copy_id)
+    for copy_id in (snapshot.snapshot_id, restored.volume_id):
+        ref = decode_volume_id(copy_id)
+        assert ref.pool == pool
+        meta = oracle.image_meta(ceph, pool, ref.image)
+        assert ENCRYPTED not in meta and DEK not in meta
+        assert meta["csi-luks/encryption-state"] == "prepared"
+        # The copy's DEK is the source's (its header will be the source's), wrapped with the copy's id.
+        assert unwrap(passphrase, copy_id, meta["csi-luks/dek"]) == dek
+
+    # The way back has one limit: while csi-luks's copy-on-write copies need the source's data, Ceph-CSI
+    # cannot delete it (its trash removal meets the clones: ENOTEMPTY). Once they are gone, it can.
+    with pytest.raises(grpc.RpcError) as caught:
+        cephcsi.delete_volume(handle, creds)
+    assert "Directory not empty" in (caught.value.details() or "")
+    plugin.controller.DeleteVolume(
+        csi_pb2.DeleteVolumeRequest(volume_id=restored.volume_id, secrets=creds), timeout=60
+    )
+    plugin.controller.DeleteSnapshot(
+        csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id, secrets=creds), timeout=60
+    )
+    cephcsi.delete_volume(handle, creds)
+    assert journal(ceph, pool, handle)[0] is None
+
+
+def test_a_handle_of_an_unknown_cluster_or_a_vanished_journal_is_refused_with_the_right_code(
+    plugin: RunningPlugin, ceph: CephCluster, cephcsi_pool: CephCsiPool
+) -> None:
+    pool_id = oracle.pool_id(ceph, cephcsi_pool.name)
+    creds = dict(cephcsi_pool.secrets)
+    unknown = f"0001-0005-other-{pool_id:016x}-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21"
+    nothing = f"0001-000c-test-cluster-{pool_id:016x}-0b6f6f8e-8f55-4a0e-bd4a-7c0e4c6a9d21"
+    for volume_id, code in (
+        (unknown, grpc.StatusCode.INVALID_ARGUMENT),
+        (nothing, grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            expand(plugin, volume_id, 96 * MiB, creds)
+        assert caught.value.code() == code, (volume_id, caught.value.details())
+    # DeleteVolume of a handle whose journal entry is gone: deleted already.
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=nothing, secrets=creds), timeout=60)
