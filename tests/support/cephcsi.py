@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -129,6 +130,43 @@ class CephCsi:
     cluster_id: str
     config_dir: Path  # config.json: the cluster list
     kms_config_dir: Path  # config.json: the KMS list
+    # A directory cephcsi and the test both see (its /tmp is its own): staging paths go here. What cephcsi
+    # mounts stays in its mount namespace; inside() reaches it.
+    shared_dir: Path
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeStub:
+        return csi_pb2_grpc.NodeStub(self.channel)
+
+    def inside(self, *argv: str, timeout: float = 120) -> str:
+        """Run argv in cephcsi's mount namespace (where its NodeStage mounted the volume); its stdout."""
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.process.proc.pid), "--mount", *argv],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv} in cephcsi's namespace failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def stage(self, volume: csi_pb2.Volume, staging: Path, secrets: Mapping[str, str]) -> Path:
+        """NodeStageVolume (ext4); the directory Ceph-CSI mounted it at (<staging>/<volume id>, seen
+        through inside())."""
+        staging.mkdir(parents=True, exist_ok=True)
+        self.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=volume.volume_id, staging_target_path=str(staging),
+                volume_capability=mount_capability(), volume_context=dict(volume.volume_context),
+                secrets=dict(secrets),
+            ),
+            timeout=600,
+        )  # fmt: skip
+        return staging / volume.volume_id
+
+    def unstage(self, volume_id: str, staging: Path) -> None:
+        self.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging)),
+            timeout=600,
+        )
 
     @property
     def controller(self) -> csi_pb2_grpc.ControllerStub:
@@ -238,9 +276,12 @@ def running_cephcsi(
     cluster_id: str,
     root: Path,
     kms_config: Mapping[str, Mapping[str, str]] | None = None,
+    node: bool = False,
+    mgr: bool = True,
 ) -> Iterator[CephCsi]:
-    """cephcsi as an RBD controller for `ceph` under `cluster_id`, in its own mount namespace; stopped
-    (with anything it started) on exit. `root` is an empty directory of the test session's."""
+    """cephcsi as an RBD controller (and with node, a node plugin) for `ceph` under `cluster_id`, in its
+    own mount namespace; stopped (with anything it started) on exit. `root` is an empty directory of the
+    test session's. Without mgr, its DeleteVolume cannot finish (a guest spares the mgr's start)."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
         raise RuntimeError("cephcsi runs in a mount namespace of its own: this needs root and unshare(1)")
     private, config, kms, sockets = (root / name for name in ("private", "config", "kms-config", "sockets"))
@@ -255,7 +296,8 @@ def running_cephcsi(
         kms / "config.json",
         {METADATA_KMS_ID: {"encryptionKMSType": "metadata"}} if kms_config is None else kms_config,
     )
-    ceph.start_mgr()  # DeleteVolume hangs without one (see CephCluster.start_mgr)
+    if mgr:
+        ceph.start_mgr()  # DeleteVolume hangs without one (see CephCluster.start_mgr)
     endpoint = sockets / "cephcsi.sock"
     argv = [
         "unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "cephcsi-namespace",
@@ -263,6 +305,7 @@ def running_cephcsi(
         str(binary), "--type=rbd", "--controllerserver=true", f"--drivername={DRIVER_NAME}",
         "--nodeid=csi-luks-test", f"--instanceid={INSTANCE_ID}", f"--endpoint=unix://{endpoint}",
         f"--csi-addons-endpoint=unix://{sockets / 'csi-addons.sock'}", "--v=5",
+        *(["--nodeserver=true", f"--stagingpath={sockets}/"] if node else []),
     ]  # fmt: skip
     # Nothing of the test's environment: no CEPH_CONF naming the admin keyring.
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
@@ -271,7 +314,7 @@ def running_cephcsi(
     print(f"cephcsi: serving on {endpoint} after {time.monotonic() - started:.1f}s")
     channel = grpc.insecure_channel(f"unix://{endpoint}")
     try:
-        yield CephCsi(process, channel, cluster_id, config, kms)
+        yield CephCsi(process, channel, cluster_id, config, kms, sockets)
     finally:
         channel.close()
         pid = process.proc.pid
