@@ -178,6 +178,19 @@ def undo_reservation(
         directory_ioctx.operate_write_op(op, DIRECTORY_PREFIX + instance_id)
 
 
+def set_attribute(ioctx: rados.Ioctx, handle: Handle, key: str, value: str) -> None:
+    """Set one attribute of the volume's journal entry (its uuid object exists: the volume was read)."""
+    with rados.WriteOpCtx() as op:
+        ioctx.set_omap(op, (key,), (value.encode(),))
+        ioctx.operate_write_op(op, handle.uuid_object)
+
+
+def journal_writes(key: str) -> str | None:
+    """The journal attribute that must follow a csi-luks key: the KMS id (`csi-luks migrate`), so that
+    Ceph-CSI, taking the volume back, asks the KMS that now holds the DEK."""
+    return KMS_ID_KEY if key == KMS_ID else None
+
+
 # --- image-meta, both ways ---------------------------------------------------------------------------
 
 

@@ -538,9 +538,13 @@ class RbdBackend(RbdAttachments, VolumeBackend):
     def set_metadata(self, volume_id: str, key: str, value: str) -> None:
         ref = self._ref(volume_id)
         native = ceph_csi.native_writes(key, value) if ceph_csi.is_handle(volume_id) else {}
-        with self._images(ref) as images, images.edit(ref) as image:
-            for name, text in {key: value, **native}.items():
-                image.set_meta(name, text)
+        attribute = ceph_csi.journal_writes(key) if ceph_csi.is_handle(volume_id) else None
+        with self._images(ref) as images:
+            with images.edit(ref) as image:
+                for name, text in {key: value, **native}.items():
+                    image.set_meta(name, text)
+            if attribute is not None and value:
+                images.set_ceph_csi_attribute(ref, ceph_csi.parse_handle(volume_id), attribute, value)
         self._remember(volume_id, key, value)
         record = self._attachment_record(volume_id)
         if record is not None and key != DEK:

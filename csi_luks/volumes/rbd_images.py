@@ -373,6 +373,10 @@ class Images:
         with self._call("omap-get"), self.ioctx(where) as ioctx:
             return ceph_csi.read_omap(ioctx, name)
 
+    def set_ceph_csi_attribute(self, where: ImageRef, handle: ceph_csi.Handle, key: str, value: str) -> None:
+        with self._call("omap-set"), self.ioctx(where) as ioctx:
+            ceph_csi.set_attribute(ioctx, handle, key, value)
+
     def undo_ceph_csi_reservation(
         self, volume: ImageRef, directory: ImageRef, handle: ceph_csi.Handle, request_name: str, instance: str
     ) -> None:

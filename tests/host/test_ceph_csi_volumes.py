@@ -18,10 +18,14 @@ import pytest
 
 from csi_luks.csi import csi_pb2
 from csi_luks.kms.base import KMSContext
+from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.metadata import MetadataKMS
+from csi_luks.operations.migration import migrate
+from csi_luks.operations.tool import EXIT_OK, Tool
 from csi_luks.settings import Mode
 from csi_luks.volume_metadata import LUKS_HEADER_BYTES
-from csi_luks.volumes.rbd import decode_volume_id
+from csi_luks.volumes.ceph_clusters import CephClusters
+from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support import cephcsi as oracle
 from tests.support.ceph import CephCluster
 from tests.support.cephcsi import CephCsi, CephCsiPool
@@ -183,3 +187,41 @@ def test_a_handle_of_an_unknown_cluster_or_a_vanished_journal_is_refused_with_th
         assert caught.value.code() == code, (volume_id, caught.value.details())
     # DeleteVolume of a handle whose journal entry is gone: deleted already.
     plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=nothing, secrets=creds), timeout=60)
+
+
+def test_migrate_moves_a_ceph_csi_volume_to_another_kms_id_that_ceph_csi_then_follows(
+    tmp_path: Path, cephcsi: CephCsi, ceph: CephCluster, ceph_config: Path, cephcsi_pool: CephCsiPool
+) -> None:
+    """`csi-luks migrate` on a Ceph-CSI volume rewrites the journal's KMS id with the DEK: Ceph-CSI, whose
+    configuration then knows only the new id, copies the volume's DEK into a snapshot of its own."""
+    pool = cephcsi_pool.name
+    passphrase = secrets.token_urlsafe(24)
+    creds = cephcsi_pool.with_passphrase(passphrase)
+    handle = cephcsi.create_volume("pvc-takeover-migrate", 64 * MiB, pool, creds).volume_id
+    image = f"csi-vol-{oracle.decode_handle(handle).uuid}"
+    dek = unwrap(passphrase, handle, oracle.image_meta(ceph, pool, image)[DEK])
+    entries = {
+        oracle.METADATA_KMS_ID: {"encryptionKMSType": "metadata"},
+        "cephcsi-metadata-new": {"encryptionKMSType": "metadata"},
+    }
+    config = KMSConfig(None, entries)
+    backend = RbdBackend(CephClusters(ceph_config), tmp_path / "state").for_request(creds, one_request=False)
+    tool = Tool(backend, config, secrets=creds)
+    assert migrate(tool, oracle.METADATA_KMS_ID, "cephcsi-metadata-new", False, [handle]) == EXIT_OK
+    assert tool.encryption(handle).get_passphrase(handle) == dek
+    uuid_object, _ = journal(ceph, pool, handle)
+    assert uuid_object is not None and uuid_object["csi.volume.encryptKMS"] == "cephcsi-metadata-new"
+
+    # Ceph-CSI no longer knows the old id: only the journal's new one lets it read the DEK.
+    cephcsi.set_kms_config({"cephcsi-metadata-new": {"encryptionKMSType": "metadata"}})
+    try:
+        snapshot = cephcsi.create_snapshot("snap-takeover-migrate", handle, creds)
+        snapshot_image = f"csi-snap-{oracle.decode_handle(snapshot.snapshot_id).uuid}"
+        wrapped = oracle.image_meta(ceph, pool, snapshot_image)[DEK]
+        assert unwrap(passphrase, snapshot.snapshot_id, wrapped) == dek
+        cephcsi.delete_snapshot(snapshot.snapshot_id, creds)
+    finally:
+        cephcsi.set_kms_config({oracle.METADATA_KMS_ID: {"encryptionKMSType": "metadata"}})
+    plugin_delete = RbdBackend(CephClusters(ceph_config), tmp_path / "state2").for_request(creds)
+    plugin_delete.delete(handle)
+    assert journal(ceph, pool, handle)[0] is None

@@ -96,6 +96,9 @@ def test_what_csi_luks_writes_ceph_csi_reads_back() -> None:
     assert ceph_csi.native_writes(STATE, "rotating") == {ceph_csi.ENCRYPTED_META: "encrypted"}
     assert ceph_csi.native_writes(CAPACITY, "5") == {}
     assert ceph_csi.DEK_KEY == DEK_KEY
+    # A migration's new KMS id goes into the journal, where Ceph-CSI looks it up.
+    assert ceph_csi.journal_writes(KMS_ID) == ceph_csi.KMS_ID_KEY
+    assert ceph_csi.journal_writes(STATE) is None
 
 
 def test_the_journal_pool_key_is_hex_of_the_pool_id() -> None:
