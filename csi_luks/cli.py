@@ -144,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
         "image is next read)",
     )
     serve.add_argument(
+        "--ceph-csi-instance-id",
+        default=os.environ.get("CSI_LUKS_CEPH_CSI_INSTANCE_ID") or "default",
+        metavar="ID",
+        help="rbd: the --instanceid of the Ceph-CSI deployment whose volumes this plugin serves in place; "
+        "its journal directory csi.volumes.<ID> loses a deleted volume's entry (env "
+        "CSI_LUKS_CEPH_CSI_INSTANCE_ID; default: default, Ceph-CSI's own)",
+    )
+    serve.add_argument(
         "--log-format",
         type=LogFormat,
         choices=list(LogFormat),
@@ -245,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state_dir=args.state_dir,
                 ceph_config=args.ceph_config,
                 ceph_secrets=args.ceph_secrets,
+                ceph_csi_instance_id=args.ceph_csi_instance_id,
                 kms_config=args.kms_config,
                 kms_config_map=args.kms_config_map,
                 metrics_address=args.metrics_address,

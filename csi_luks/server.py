@@ -197,7 +197,8 @@ def _umask(mask: int) -> Iterator[None]:
 def _backend(settings: Settings) -> VolumeBackend:
     if settings.backend is Backend.RBD:
         sweep_stale_key_dirs()  # a SIGKILLed predecessor may have left a cephx key file behind
-        return RbdBackend(CephClusters(settings.ceph_config), settings.state_dir)
+        clusters = CephClusters(settings.ceph_config)
+        return RbdBackend(clusters, settings.state_dir, ceph_csi_instance=settings.ceph_csi_instance_id)
     return StandaloneBackend(settings.state_dir)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from csi_luks.kms.kdf import DEFAULT_MAX_KDFS
+from csi_luks.volumes.ceph_clusters import is_plain
 
 DEFAULT_DRIVER_NAME = "luks.csi-luks.io"
 DEFAULT_STATE_DIR = "/var/lib/csi-luks"
@@ -69,6 +70,8 @@ class Settings:
     # rbd controller: a cephx user (a mounted Secret's directory, or a JSON file, with userID and userKey) to
     # find, at start-up, the background flattens a stopped plugin left owed; None: each resumes when read
     ceph_secrets: str | None = None
+    # rbd: the --instanceid of the Ceph-CSI deployment whose volumes are served in place (volumes/ceph_csi.py)
+    ceph_csi_instance_id: str = "default"
     kms_config: str = DEFAULT_KMS_CONFIG  # JSON object keyed by KMS id
     kms_config_map: str | None = None  # "namespace/name": read through the API while kms_config is absent
     metrics_address: str | None = None  # "host:port" of the Prometheus endpoint; None: no metrics
@@ -80,6 +83,8 @@ class Settings:
                 "both ends, with dashes, dots and alphanumerics between (e.g. luks.csi.example.com)"
             )
         socket_path(self.endpoint)
+        if not is_plain(self.ceph_csi_instance_id):
+            raise ValueError(f"Ceph-CSI instance id {self.ceph_csi_instance_id!r}: expected a plain name")
         if not self.node_id:
             object.__setattr__(self, "node_id", socket.gethostname())
         if self.grace_period < 0:

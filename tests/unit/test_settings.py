@@ -67,3 +67,11 @@ def test_metrics_address(address: str, endpoint: tuple[str, int]) -> None:
 def test_bad_metrics_addresses(address: str) -> None:
     with pytest.raises(ValueError, match="must be HOST:PORT"):
         Settings(endpoint="/tmp/csi.sock", metrics_address=address)
+
+
+def test_the_ceph_csi_instance_id_names_a_journal_object_so_it_is_a_plain_name() -> None:
+    assert Settings(endpoint="/tmp/s").ceph_csi_instance_id == "default"
+    assert Settings(endpoint="/tmp/s", ceph_csi_instance_id="rook-ceph").ceph_csi_instance_id == "rook-ceph"
+    for bad in ("", "../x", "a b"):
+        with pytest.raises(ValueError, match="Ceph-CSI instance id"):
+            Settings(endpoint="/tmp/s", ceph_csi_instance_id=bad)
