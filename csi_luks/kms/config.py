@@ -28,6 +28,7 @@ from typing import Any
 
 # Imported for their @register side effect: building a KMS must find every built-in type.
 from csi_luks.kms import aws as _aws  # noqa: F401
+from csi_luks.kms import ceph_csi_env
 from csi_luks.kms import kmip as _kmip  # noqa: F401
 from csi_luks.kms import local as _local  # noqa: F401
 from csi_luks.kms import metadata as _metadata  # noqa: F401
@@ -274,8 +275,12 @@ def _validate(source: str, document: object) -> dict[str, dict[str, str]]:
         where = f"{source}, KMS id {kms_id!r}"
         if not isinstance(entry, dict):
             raise KMSConfigError(f"{where}: the entry must be a JSON object, not {_kind(entry)}")
+        if ceph_csi_env.is_env_style(entry) and all(isinstance(v, str) for v in entry.values()):
+            entry = ceph_csi_env.translate(entry)
         if TYPE_KEY not in entry:
-            raise KMSConfigError(f"{where}: key {TYPE_KEY!r} is missing")
+            raise KMSConfigError(
+                f"{where}: key {TYPE_KEY!r} (or Ceph-CSI's {ceph_csi_env.PROVIDER_KEY!r}) is missing"
+            )
         for key, value in entry.items():
             if not isinstance(value, str):
                 # The value is never shown: the key may be a token or a passphrase.

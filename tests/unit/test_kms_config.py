@@ -314,3 +314,36 @@ def test_a_broken_config_map_edit_keeps_the_last_good_configuration(
     assert "nested too deeply" in caplog.text and "ConfigMap csi-luks/kms is fixed" in caplog.text
     data["a"] = json.dumps({"encryptionKMSType": "secrets"})
     assert config.entry("a") == {"encryptionKMSType": "secrets"}
+
+
+def test_ceph_csi_env_style_entries_read_as_the_entries_they_stand_for(path: Path) -> None:
+    """ODF/OCS write Ceph-CSI's csi-kms-connection-details with Vault's environment names (Ceph-CSI's
+    transformConfig); the file-style key wins where both are given."""
+    write(path, {
+        "vault-tenant": {
+            "KMS_PROVIDER": "vaulttokens", "VAULT_ADDR": "https://vault.example:8200",
+            "VAULT_BACKEND_PATH": "ceph-csi/", "VAULT_BACKEND": "kv-v2", "VAULT_NAMESPACE": "ns1",
+            "VAULT_CACERT": "vault-ca", "VAULT_SKIP_VERIFY": "true", "vaultTokensPath": "tokens",
+        },
+        "verify": {"KMS_PROVIDER": "vaulttenantsa", "VAULT_ADDR": "https://v", "VAULT_SKIP_VERIFY": "false",
+                   "vaultAddress": "https://file-style-wins"},
+        "nonsense-verify": {"KMS_PROVIDER": "vault", "VAULT_SKIP_VERIFY": "maybe"},
+        "missing": {"VAULT_ADDR": "https://v"},
+    })  # fmt: skip
+    with pytest.raises(KMSConfigError, match="'KMS_PROVIDER'"):
+        KMSConfig.from_file(path).entry("vault-tenant")
+    document = json.loads(path.read_text())
+    del document["missing"]
+    write(path, document, mtime_ns=1)
+    config = KMSConfig.from_file(path)
+    assert config.entry("vault-tenant") == {
+        "encryptionKMSType": "vaulttokens", "vaultAddress": "https://vault.example:8200",
+        "vaultBackendPath": "ceph-csi/", "vaultBackend": "kv-v2", "vaultNamespace": "ns1",
+        "vaultCAFromSecret": "vault-ca", "vaultCAVerify": "false", "vaultTokensPath": "tokens",
+    }  # fmt: skip
+    assert config.entry("verify") == {
+        "encryptionKMSType": "vaulttenantsa",
+        "vaultAddress": "https://file-style-wins",
+        "vaultCAVerify": "true",
+    }
+    assert config.entry("nonsense-verify") == {"encryptionKMSType": "vault"}
