@@ -22,6 +22,8 @@ the host, so it runs in a mount namespace of its own (NAMESPACE_SCRIPT, as root:
   over it: parked under the private /etc before /tmp is covered, then moved to its own path. A unix
   socket is found by inode, so the host connects to it through its own view of the same directory.
 
+- The binary is bind-mounted at /etc/cephcsi-binary: a guest is handed it under /tmp, which is covered.
+
 The namespace dies with cephcsi, and its mounts with it: a killed session leaves nothing to unmount.
 """
 
@@ -65,8 +67,8 @@ HANDLE = re.compile(
 
 NAMESPACE_SCRIPT = r"""
 set -eu
-private=$1 config=$2 kms=$3 sockets=$4
-shift 4
+private=$1 config=$2 kms=$3 sockets=$4 binary=$5
+shift 5
 mount -t tmpfs -o mode=0700 cephcsi-private "$private"
 mkdir "$private/etc-upper" "$private/etc-work"
 mount -t overlay cephcsi-etc -o "lowerdir=/etc,upperdir=$private/etc-upper,workdir=$private/etc-work" /etc
@@ -75,10 +77,12 @@ mount -t tmpfs -o mode=0755 cephcsi-ceph /etc/ceph
 mount --bind "$config" /etc/ceph-csi-config
 mount --bind "$kms" /etc/ceph-csi-encryption-kms-config
 mount --bind "$sockets" /etc/cephcsi-sockets
+touch /etc/cephcsi-binary
+mount --bind "$binary" /etc/cephcsi-binary
 mount -t tmpfs -o mode=1777 cephcsi-tmp /tmp
 mkdir -p /tmp/csi/keys "$sockets"
 mount --move /etc/cephcsi-sockets "$sockets"
-exec "$@"
+exec /etc/cephcsi-binary "$@"
 """
 
 
@@ -301,8 +305,8 @@ def running_cephcsi(
     endpoint = sockets / "cephcsi.sock"
     argv = [
         "unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "cephcsi-namespace",
-        str(private), str(config), str(kms), str(sockets),
-        str(binary), "--type=rbd", "--controllerserver=true", f"--drivername={DRIVER_NAME}",
+        str(private), str(config), str(kms), str(sockets), str(binary),
+        "--type=rbd", "--controllerserver=true", f"--drivername={DRIVER_NAME}",
         "--nodeid=csi-luks-test", f"--instanceid={INSTANCE_ID}", f"--endpoint=unix://{endpoint}",
         f"--csi-addons-endpoint=unix://{sockets / 'csi-addons.sock'}", "--v=5",
         *(["--nodeserver=true", f"--stagingpath={sockets}/"] if node else []),
