@@ -19,7 +19,13 @@ from csi_luks.csi import csi_pb2
 from csi_luks.csiaddons import encryptionkeyrotation_pb2 as rotation_pb
 from csi_luks.csiaddons import encryptionkeyrotation_pb2_grpc as rotation_grpc
 from csi_luks.kms.base import KMSContext
+from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.metadata import MetadataKMS
+from csi_luks.operations.commands import header_backup
+from csi_luks.operations.status import volume_status
+from csi_luks.operations.tool import EXIT_OK, Tool
+from csi_luks.volumes.ceph_clusters import CephClusters
+from csi_luks.volumes.rbd import RbdBackend
 from tests.support import cephcsi as oracle
 from tests.support import csi_tools
 from tests.support.ceph import CephCluster
@@ -90,7 +96,12 @@ def delete(plugin: RunningPlugin, volume_id: str, creds: dict[str, str]) -> None
 
 
 def test_a_volume_ceph_csi_formatted_and_filled_opens_under_csi_luks_grows_rotates_and_goes_back(
-    ceph_csi: CephCsi, plugin: RunningPlugin, ceph: CephCluster, creds: dict[str, str], tmp_path: Path
+    ceph_csi: CephCsi,
+    plugin: RunningPlugin,
+    ceph: CephCluster,
+    ceph_config: Path,
+    creds: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     volume = ceph_csi.create_volume("pvc-vm-takeover-1", 128 * MiB, ceph.pool, creds)
     handle = volume.volume_id
@@ -101,6 +112,26 @@ def test_a_volume_ceph_csi_formatted_and_filled_opens_under_csi_luks_grows_rotat
     ceph_csi.unstage(handle, ceph_csi.shared_dir / "stage-1")
     assert meta(ceph, handle)[ENCRYPTED] == "encrypted"
     first_dek = plain_dek(creds, handle, meta(ceph, handle)[DEK])
+
+    # The operator's first look: `csi-luks status` finds the DEK opening Ceph-CSI's key slot and no header
+    # backup yet; `csi-luks header backup` makes one, and the volume is consistent.
+    tool = Tool(
+        RbdBackend(CephClusters(ceph_config), tmp_path / "tool-state", resume_flattens=False).for_request(
+            creds, one_request=False
+        ),
+        KMSConfig(None, {oracle.METADATA_KMS_ID: {"encryptionKMSType": "metadata"}}),
+        secrets=creds,
+    )
+    seen = volume_status(tool, handle)
+    assert (seen.state, seen.dek_retrievable, seen.dek_slot, seen.header_backup) == (
+        "encrypted",
+        True,
+        0,
+        "missing",
+    )
+    assert header_backup(tool, [handle]) == EXIT_OK
+    seen = volume_status(tool, handle)
+    assert seen.header_backup == "matches" and seen.consistent, seen.problems
 
     # csi-luks takes it over: opens Ceph-CSI's header with Ceph-CSI's DEK, never formats.
     staging = tmp_path / "staging"
