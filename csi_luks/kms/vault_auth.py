@@ -57,16 +57,27 @@ class TokenSecretAuth(VaultAuth):
     namespace: str
     name: str
     key: str
+    # Read when the Secret `name` does not exist: Ceph-CSI's default name, for an entry that names none
+    # (a tenant set up for Ceph-CSI keeps its token there).
+    fallback: str | None = None
 
     def login(self, client: hvac.Client, kms_id: str) -> None:
+        from csi_luks.kms.base import KMSObjectNotFound
         from csi_luks.kms.kube_api import read_secret
 
-        data = read_secret(self.name, self.namespace, f"KMS {kms_id!r}, Vault token")
+        purpose = f"KMS {kms_id!r}, Vault token"
+        name = self.name
+        try:
+            data = read_secret(name, self.namespace, purpose)
+        except KMSObjectNotFound:
+            if self.fallback is None:
+                raise
+            name = self.fallback
+            data = read_secret(name, self.namespace, purpose)
         token = data.get(self.key, "").strip()
         if not token:
             raise MissingSecret(
-                f"KMS {kms_id!r}: Secret {self.namespace}/{self.name} has no Vault token under key "
-                f"{self.key!r}"
+                f"KMS {kms_id!r}: Secret {self.namespace}/{name} has no Vault token under key {self.key!r}"
             )
         client.token = token
 

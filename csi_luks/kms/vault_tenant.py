@@ -16,6 +16,7 @@ from csi_luks.kms.vault import VaultKVKMS, VaultSettings, connection_for, kv_set
 from csi_luks.kms.vault_auth import KubernetesAuth, TokenSecretAuth
 
 DEFAULT_TOKEN_SECRET = "csi-luks-vault-token"  # noqa: S105 - a Secret's name
+CEPH_CSI_TOKEN_SECRET = "ceph-csi-kms-token"  # noqa: S105 - Ceph-CSI's default, read when ours is missing
 DEFAULT_TENANT_SA = "csi-luks-vault-sa"
 DEFAULT_ROLE = "csi-luks"
 
@@ -46,7 +47,9 @@ def _tenant(kms_id: str, context: KMSContext) -> str:
 @register("vaulttokens", tenant_keys=_CONNECTION_KEYS)
 def _build_tokens(kms_id: str, entry: Mapping[str, str], context: KMSContext) -> EncryptionKMS:
     tenant = _tenant(kms_id, context)
-    auth = TokenSecretAuth(tenant, entry.get("tenantTokenName") or DEFAULT_TOKEN_SECRET, "token")
+    named = entry.get("tenantTokenName")
+    fallback = None if named else CEPH_CSI_TOKEN_SECRET
+    auth = TokenSecretAuth(tenant, named or DEFAULT_TOKEN_SECRET, "token", fallback)
     return VaultKVKMS(
         kms_id, connection_for(VaultSettings.parse(kms_id, entry, auth)), **kv_settings(kms_id, entry)
     )

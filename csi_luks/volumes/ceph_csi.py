@@ -36,6 +36,7 @@ from csi_luks.volume_metadata import (
     LUKS_HEADER_BYTES,
     NAME,
     PREFIX,
+    PVC_NAMESPACE,
     STATE,
     EncryptionState,
 )
@@ -202,6 +203,8 @@ def view(metadata: Mapping[str, str], attributes: Mapping[str, str], size: int) 
     """The volume's metadata as csi-luks keeps it: Ceph-CSI's keys read as csi-luks's, then the csi-luks
     keys written since (a rotation's state, a recorded capacity) over them."""
     found: dict[str, str] = {NAME: attributes.get(REQUEST_NAME_KEY, "")}
+    if attributes.get(OWNER_KEY):  # the PVC's namespace: the tenant of Vault's tenant types
+        found[PVC_NAMESPACE] = attributes[OWNER_KEY]
     state = native_state(metadata)
     encrypted = state in _NATIVE_STATES
     if attributes.get(ENCRYPTION_TYPE_KEY, "block") not in ("", "block") and encrypted:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import hvac.exceptions
 import pytest
 
 from csi_luks.csi import csi_pb2
@@ -27,8 +28,12 @@ from csi_luks.volume_metadata import LUKS_HEADER_BYTES
 from csi_luks.volumes.ceph_clusters import CephClusters
 from csi_luks.volumes.rbd import RbdBackend, decode_volume_id
 from tests.support import cephcsi as oracle
+from tests.support import csi_tools
 from tests.support.ceph import CephCluster
-from tests.support.cephcsi import CephCsi, CephCsiPool
+from tests.support.ceph_fixtures import CLUSTER_ID
+from tests.support.cephcsi import CephCsi, CephCsiPool, running_cephcsi
+from tests.support.kms_env import DEK_POLICY, KmsEnv
+from tests.support.kube import KubeCluster
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 
 ENCRYPTED, DEK = "rbd.csi.ceph.com/encrypted", "rbd.csi.ceph.com/dek"
@@ -225,3 +230,69 @@ def test_migrate_moves_a_ceph_csi_volume_to_another_kms_id_that_ceph_csi_then_fo
     plugin_delete = RbdBackend(CephClusters(ceph_config), tmp_path / "state2").for_request(creds)
     plugin_delete.delete(handle)
     assert journal(ceph, pool, handle)[0] is None
+
+
+@pytest.fixture(scope="module")
+def cephcsi_with_kube(
+    ceph: CephCluster, kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CephCsi]:
+    """A second cephcsi controller, which reaches the test API server (its tenant Vault types need it)."""
+    binary = csi_tools.tool("cephcsi")
+    with running_cephcsi(
+        binary, ceph, CLUSTER_ID, tmp_path_factory.mktemp("cephcsi-kube"), kube=kube
+    ) as running:
+        yield running
+
+
+def test_a_ceph_csi_vaulttokens_volume_keeps_its_dek_in_openbao_where_csi_luks_finds_and_removes_it(
+    tmp_path: Path,
+    cephcsi_with_kube: CephCsi,
+    kms_env: KmsEnv,
+    plugin_kube_client: None,
+    ceph: CephCluster,
+    ceph_config: Path,
+    cephcsi_pool: CephCsiPool,
+) -> None:
+    """Ceph-CSI's `vaulttokens` on the session's OpenBao: the tenant's token in Ceph-CSI's default Secret
+    (ceph-csi-kms-token), the DEK at secret/<handle> in Ceph-CSI's layout. csi-luks, with the same entry,
+    finds the tenant in Ceph-CSI's journal (csi.volume.owner), the token in that Secret, and the DEK."""
+    tenant = kms_env.create_namespace("cephcsi")
+    client = kms_env.bao.client()
+    # Ceph-CSI's Vault client reads sys/mounts when it connects: its tenants' policies must allow it.
+    client.sys.create_or_update_policy(
+        name="cephcsi-dek", policy=DEK_POLICY + 'path "sys/mounts" { capabilities = ["read"] }'
+    )
+    token = client.auth.token.create(policies=["cephcsi-dek"], ttl="1h")["auth"]["client_token"]
+    kms_env.put_secret(tenant, "ceph-csi-kms-token", {"token": token})
+    entry = {
+        "encryptionKMSType": "vaulttokens",
+        "vaultAddress": kms_env.bao.address,
+        "vaultBackendPath": "secret/",
+    }
+    cephcsi_with_kube.set_kms_config({"cephcsi-vault-tokens": entry})
+    creds = dict(cephcsi_pool.secrets)
+    volume = cephcsi_with_kube.create_volume(
+        "pvc-takeover-vault", 64 * MiB, cephcsi_pool.name, creds, kms_id="cephcsi-vault-tokens",
+        more_parameters={"csi.storage.k8s.io/pvc/namespace": tenant},
+    )  # fmt: skip
+    handle = volume.volume_id
+    stored = client.secrets.kv.v2.read_secret_version(
+        path=handle, mount_point="secret", raise_on_deleted_version=True
+    )
+    ceph_csi_dek = stored["data"]["data"]["data"][
+        "passphrase"
+    ]  # Ceph-CSI's nesting, checked on the real thing
+    assert len(ceph_csi_dek) == 28
+
+    backend = RbdBackend(CephClusters(ceph_config), tmp_path / "state").for_request(creds, one_request=False)
+    tool = Tool(backend, KMSConfig(None, {"cephcsi-vault-tokens": entry}), secrets=creds)
+    assert backend.get(handle).metadata["csi-luks/pvc-namespace"] == tenant
+    encryption = tool.encryption(handle)
+    assert encryption.get_passphrase(handle) == ceph_csi_dek
+    encryption.remove(handle)  # what DeleteVolume does first
+    backend.delete(handle)
+    with pytest.raises(hvac.exceptions.InvalidPath):
+        client.secrets.kv.v2.read_secret_version(
+            path=handle, mount_point="secret", raise_on_deleted_version=True
+        )
+    assert journal(ceph, cephcsi_pool.name, handle)[0] is None

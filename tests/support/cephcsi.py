@@ -29,6 +29,7 @@ The namespace dies with cephcsi, and its mounts with it: a killed session leaves
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -49,6 +50,7 @@ from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from tests.support import serve_process
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
+from tests.support.kube import KubeCluster
 from tests.support.plugin import block_capability, mount_capability
 from tests.support.serve_process import ServeProcess
 
@@ -212,6 +214,7 @@ class CephCsi:
         encrypted: bool = True,
         block: bool = False,
         source: csi_pb2.VolumeContentSource | None = None,
+        more_parameters: Mapping[str, str] | None = None,
         **extra: str,
     ) -> csi_pb2.Volume:
         """CreateVolume; the volume (its volume_id is Ceph-CSI's handle, its volume_context the
@@ -220,7 +223,7 @@ class CephCsi:
             name=name,
             capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             volume_capabilities=[block_capability() if block else mount_capability()],
-            parameters=self.parameters(pool, kms_id, encrypted, **extra),
+            parameters={**self.parameters(pool, kms_id, encrypted, **extra), **(more_parameters or {})},
             secrets=dict(secrets),
         )
         if source is not None:
@@ -282,10 +285,12 @@ def running_cephcsi(
     kms_config: Mapping[str, Mapping[str, str]] | None = None,
     node: bool = False,
     mgr: bool = True,
+    kube: KubeCluster | None = None,
 ) -> Iterator[CephCsi]:
     """cephcsi as an RBD controller (and with node, a node plugin) for `ceph` under `cluster_id`, in its
     own mount namespace; stopped (with anything it started) on exit. `root` is an empty directory of the
-    test session's. Without mgr, its DeleteVolume cannot finish (a guest spares the mgr's start)."""
+    test session's. Without mgr, its DeleteVolume cannot finish (a guest spares the mgr's start). With kube,
+    it reaches that API server (its tenant Vault types read Secrets and ConfigMaps) as an administrator."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
         raise RuntimeError("cephcsi runs in a mount namespace of its own: this needs root and unshare(1)")
     private, config, kms, sockets = (root / name for name in ("private", "config", "kms-config", "sockets"))
@@ -313,6 +318,18 @@ def running_cephcsi(
     ]  # fmt: skip
     # Nothing of the test's environment: no CEPH_CONF naming the admin keyring.
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    if kube is not None:
+        # In the directory it shares: its /tmp is its own. The CA inline, for the same reason.
+        kubeconfig = sockets / "kubeconfig"
+        ca_data = base64.b64encode(kube.ca_pem.encode()).decode()
+        _write_json(kubeconfig, {
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {
+                "server": kube.url, "certificate-authority-data": ca_data}}],
+            "users": [{"name": "admin", "user": {"token": kube.admin_token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
+        })  # fmt: skip
+        env["KUBERNETES_CONFIG_PATH"] = str(kubeconfig)
     started = time.monotonic()
     process = serve_process.start(argv, endpoint, env, log=root / "cephcsi.log", new_session=True)
     print(f"cephcsi: serving on {endpoint} after {time.monotonic() - started:.1f}s")
