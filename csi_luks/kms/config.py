@@ -53,6 +53,7 @@ DEFAULT_ENTRY: Mapping[str, str] = {TYPE_KEY: "secrets"}
 WHOLE_DOCUMENT_KEY = "config.json"  # a ConfigMap key that holds the whole document
 TENANT_CONFIG_KEY = "tenantConfigName"
 DEFAULT_TENANT_CONFIG = "csi-luks-kms-config"
+CEPH_CSI_TENANT_CONFIG = "ceph-csi-kms-config"  # read when the entry names none and ours does not exist
 
 # What identifies one version of the file: an edit changes mtime or size, an atomic replace (and a
 # ConfigMap's symlink swap) the inode.
@@ -331,6 +332,10 @@ def _tenant_overrides(
 
     name = entry.get(TENANT_CONFIG_KEY) or DEFAULT_TENANT_CONFIG
     data = read_config_map(name, namespace, f"KMS {kms_id!r}, tenant configuration")
+    if data is None and not entry.get(TENANT_CONFIG_KEY):
+        # A tenant set up for Ceph-CSI keeps its overrides under Ceph-CSI's default name.
+        name = CEPH_CSI_TENANT_CONFIG
+        data = read_config_map(name, namespace, f"KMS {kms_id!r}, tenant configuration")
     if not data:
         return {}
     ignored = sorted(set(data) - allowed)

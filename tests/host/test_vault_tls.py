@@ -414,3 +414,25 @@ def test_a_ca_secret_read_through_the_api_server_as_the_plugin(
         volume_encryption(config, "api-no-ca", CONTEXT, backend).new_passphrase(volume_id)
     assert status_for(caught.value)[0] == grpc.StatusCode.FAILED_PRECONDITION
     assert f"Secret {SYSTEM_NAMESPACE}/no-such-secret does not exist" in str(caught.value)
+
+
+def test_a_tenant_set_up_for_ceph_csi_is_read_under_ceph_csi_s_default_names(
+    tls_bao: TLSBao, backend: StandaloneBackend, secrets: FakeSecrets
+) -> None:
+    """An entry that names neither: the token in Ceph-CSI's ceph-csi-kms-token and the overrides in its
+    ceph-csi-kms-config are read when csi-luks's own do not exist."""
+    secrets.secrets["tenant-b", "ceph-csi-kms-token"] = {"token": ROOT_TOKEN}
+    secrets.secrets["csi", "vault-ca"] = {"cert": tls_bao.good_pem}
+    secrets.config_maps["tenant-b", "ceph-csi-kms-config"] = {"vaultTLSServerName": "vault.test"}
+    entry = {"encryptionKMSType": "vaulttokens", "vaultAddress": tls_bao.name_only,
+             "vaultCAFromSecret": "vault-ca", "vaultCAFromSecretNamespace": "csi",
+             "vaultPassphrasePath": "tenants/", "vaultRetryDeadline": str(DEADLINE)}  # fmt: skip
+    config = KMSConfig(None, {"tokens": entry})
+    context = KMSContext(secrets={}, pvc_namespace="tenant-b")
+    volume_id = backend.volume_id_for("pvc-tenant-b", {})
+    backend.create(volume_id, "pvc-tenant-b", MiB, {})
+    encryption = volume_encryption(config, "tokens", context, backend)
+    encryption.new_passphrase(volume_id)  # the override's server name verifies: the ConfigMap was read
+    assert volume_encryption(config, "tokens", context, backend).get_passphrase(volume_id)
+    assert ("tenant-b", "ceph-csi-kms-token") in set(secrets.reads)
+    encryption.remove(volume_id)
