@@ -32,6 +32,8 @@ import rados
 from csi_luks.volume_metadata import (
     CAPACITY,
     ENCRYPTED,
+    KIND,
+    KIND_SNAPSHOT,
     KMS_ID,
     LUKS_HEADER_BYTES,
     NAME,
@@ -52,12 +54,11 @@ _VERSION = "0001"
 _HANDLE = re.compile(r"^0001-([0-9a-f]{4})-")
 _MAX_HANDLE = 128
 
-# The journal (voljournal.go's NewCSIVolumeJournal).
-UUID_OBJECT_PREFIX = "csi.volume."
-DIRECTORY_PREFIX = "csi.volumes."
-REQUEST_KEY_PREFIX = "csi.volume."
+# The journal (voljournal.go's NewCSIVolumeJournal and NewCSISnapshotJournal).
 IMAGE_NAME_KEY = "csi.imagename"
 REQUEST_NAME_KEY = "csi.volname"
+SNAPSHOT_NAME_KEY = "csi.snapname"
+SOURCE_KEY = "csi.source"  # a snapshot's: its source image's name
 KMS_ID_KEY = "csi.volume.encryptKMS"
 ENCRYPTION_TYPE_KEY = "csi.volume.encryptionType"
 OWNER_KEY = "csi.volume.owner"
@@ -82,6 +83,24 @@ _NATIVE_STATES = {
 
 
 @dataclass(frozen=True)
+class Journal:
+    """One of Ceph-CSI's two journals: volumes, or snapshots (whose handles have the same form)."""
+
+    uuid_prefix: str  # the object of one volume's attributes: <prefix><uuid>
+    directory_prefix: str  # the request directory: <prefix><instance id>
+    request_prefix: str  # its key of one request: <prefix><request name>
+    name_key: str  # the attribute naming the request
+    kind: str  # for messages
+
+    def uuid_object(self, handle: Handle) -> str:
+        return self.uuid_prefix + handle.uuid
+
+
+VOLUMES = Journal("csi.volume.", "csi.volumes.", "csi.volume.", REQUEST_NAME_KEY, "volume")
+SNAPSHOTS = Journal("csi.snap.", "csi.snaps.", "csi.snap.", SNAPSHOT_NAME_KEY, "snapshot")
+
+
+@dataclass(frozen=True)
 class Handle:
     """A Ceph-CSI volume handle, decomposed."""
 
@@ -92,10 +111,6 @@ class Handle:
     @property
     def default_image(self) -> str:
         return "csi-vol-" + self.uuid
-
-    @property
-    def uuid_object(self) -> str:
-        return UUID_OBJECT_PREFIX + self.uuid
 
 
 def is_handle(volume_id: str) -> bool:
@@ -163,27 +178,28 @@ def journal_pool_id(attributes: Mapping[str, str]) -> int | None:
 def undo_reservation(
     volume_ioctx: rados.Ioctx,
     directory_ioctx: rados.Ioctx,
+    journal: Journal,
     handle: Handle,
     request_name: str,
     instance_id: str,
 ) -> None:
-    """Remove the volume's journal entries as Ceph-CSI's UndoReservation does: the uuid object first,
-    then the request name's key (a crash between leaves a key pointing at nothing, which Ceph-CSI's own
-    CreateVolume of that name repairs)."""
+    """Remove the volume's (or snapshot's) journal entries as Ceph-CSI's UndoReservation does: the uuid
+    object first, then the request name's key (a crash between leaves a key pointing at nothing, which
+    Ceph-CSI's own create of that name repairs)."""
     with contextlib.suppress(rados.ObjectNotFound):
-        volume_ioctx.remove_object(handle.uuid_object)
+        volume_ioctx.remove_object(journal.uuid_object(handle))
     if not request_name:
         return
     with contextlib.suppress(rados.ObjectNotFound), rados.WriteOpCtx() as op:
-        directory_ioctx.remove_omap_keys(op, (REQUEST_KEY_PREFIX + request_name,))
-        directory_ioctx.operate_write_op(op, DIRECTORY_PREFIX + instance_id)
+        directory_ioctx.remove_omap_keys(op, (journal.request_prefix + request_name,))
+        directory_ioctx.operate_write_op(op, journal.directory_prefix + instance_id)
 
 
-def set_attribute(ioctx: rados.Ioctx, handle: Handle, key: str, value: str) -> None:
-    """Set one attribute of the volume's journal entry (its uuid object exists: the volume was read)."""
+def set_attribute(ioctx: rados.Ioctx, journal: Journal, handle: Handle, key: str, value: str) -> None:
+    """Set one attribute of the journal entry (its uuid object exists: the volume was read)."""
     with rados.WriteOpCtx() as op:
         ioctx.set_omap(op, (key,), (value.encode(),))
-        ioctx.operate_write_op(op, handle.uuid_object)
+        ioctx.operate_write_op(op, journal.uuid_object(handle))
 
 
 def journal_writes(key: str) -> str | None:
@@ -199,10 +215,14 @@ def native_state(metadata: Mapping[str, str]) -> str:
     return metadata.get(ENCRYPTED_META) or metadata.get(OLD_ENCRYPTED_META) or ""
 
 
-def view(metadata: Mapping[str, str], attributes: Mapping[str, str], size: int) -> dict[str, str]:
-    """The volume's metadata as csi-luks keeps it: Ceph-CSI's keys read as csi-luks's, then the csi-luks
-    keys written since (a rotation's state, a recorded capacity) over them."""
-    found: dict[str, str] = {NAME: attributes.get(REQUEST_NAME_KEY, "")}
+def view(
+    metadata: Mapping[str, str], attributes: Mapping[str, str], size: int, journal: Journal = VOLUMES
+) -> dict[str, str]:
+    """The volume's (or snapshot's) metadata as csi-luks keeps it: Ceph-CSI's keys read as csi-luks's, then
+    the csi-luks keys written since (a rotation's state, a recorded capacity) over them."""
+    found: dict[str, str] = {NAME: attributes.get(journal.name_key, "")}
+    if journal is SNAPSHOTS:
+        found[KIND] = KIND_SNAPSHOT
     if attributes.get(OWNER_KEY):  # the PVC's namespace: the tenant of Vault's tenant types
         found[PVC_NAMESPACE] = attributes[OWNER_KEY]
     state = native_state(metadata)
@@ -240,7 +260,7 @@ def check_image_name(attributes: Mapping[str, str], handle: Handle) -> str:
     """The image the journal names for the handle; VolumeNotFound without one."""
     image = attributes.get(IMAGE_NAME_KEY, "")
     if not image:
-        raise VolumeNotFound(f"Ceph-CSI's journal entry {handle.uuid_object} names no image")
+        raise VolumeNotFound(f"Ceph-CSI's journal entry for {handle.uuid} names no image")
     if not is_plain(image):
         raise BackendRequestError(f"Ceph-CSI's journal names the image {image!r}, which is not a plain name")
     return image

@@ -172,38 +172,47 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             return known
         return self._ceph_csi_volume(volume_id)[0]
 
-    def _ceph_csi_volume(self, volume_id: str) -> tuple[ImageRef, dict[str, str]]:
-        """A Ceph-CSI volume's image and journal attributes, read now; VolumeNotFound without its journal
-        entry (Ceph-CSI removes it last but one when it deletes the volume)."""
+    def _ceph_csi_journal(self, volume_id: str) -> ceph_csi.Journal:
+        return _CEPH_CSI_JOURNALS.get(volume_id) or self._ceph_csi_volume(volume_id)[2]
+
+    def _ceph_csi_volume(self, volume_id: str) -> tuple[ImageRef, dict[str, str], ceph_csi.Journal]:
+        """A Ceph-CSI volume's or snapshot's image, journal attributes and journal, read now; VolumeNotFound
+        without a journal entry (Ceph-CSI removes it last but one when it deletes the volume). A handle
+        names a volume or a snapshot alike: the volumes' journal is asked first."""
         handle = ceph_csi.parse_handle(volume_id)
         cluster = self.clusters.get(handle.cluster_id)
         where = ImageRef(cluster.cluster_id, "", cluster.rados_namespace, "")
         with self._images(where) as images:
             pool = images.pool_name(handle.pool_id)
             where = replace(where, pool=pool)
-            attributes = images.omap(where, handle.uuid_object)
+            for journal in (ceph_csi.VOLUMES, ceph_csi.SNAPSHOTS):
+                attributes = images.omap(where, journal.uuid_object(handle))
+                if attributes is not None:
+                    break
         if attributes is None:
             raise VolumeNotFound(
-                f"volume {volume_id}: Ceph-CSI's journal has no entry {handle.uuid_object} in pool {pool}"
+                f"{volume_id}: Ceph-CSI's journal has no volume or snapshot {handle.uuid} in pool {pool}"
             )
         ref = replace(where, image=ceph_csi.check_image_name(attributes, handle))
         _CEPH_CSI_REFS[volume_id] = ref
-        return ref, attributes
+        _CEPH_CSI_JOURNALS[volume_id] = journal
+        return ref, attributes, journal
 
     def _get_ceph_csi(self, volume_id: str) -> VolumeInfo:
-        ref, attributes = self._ceph_csi_volume(volume_id)
+        ref, attributes, journal = self._ceph_csi_volume(volume_id)
         with self._images(ref) as images:
             found = images.stat(ref)
         if found is None:
-            raise VolumeNotFound(f"volume {volume_id} (Ceph-CSI's image {ref.spec}) does not exist")
-        metadata = ceph_csi.view(found[1], attributes, found[0])
+            raise VolumeNotFound(f"{journal.kind} {volume_id} (Ceph-CSI's image {ref.spec}) does not exist")
+        metadata = ceph_csi.view(found[1], attributes, found[0], journal)
         return VolumeInfo(volume_id, metadata.get(NAME, ""), found[0], metadata)
 
     def _delete_ceph_csi(self, volume_id: str) -> None:
-        """Delete a Ceph-CSI volume as Ceph-CSI does: the image (to the trash while clones need it), then
-        its journal entries. The caller removed the DEK; a wrapped one in image-meta goes with the image."""
+        """Delete a Ceph-CSI volume or snapshot as Ceph-CSI does: the image (to the trash while clones need
+        it), then its journal entries. The caller removed the DEK; a wrapped one in image-meta goes with the
+        image."""
         try:
-            ref, attributes = self._ceph_csi_volume(volume_id)
+            ref, attributes, journal = self._ceph_csi_volume(volume_id)
         except VolumeNotFound:
             return  # no journal entry: deleted (by Ceph-CSI or an earlier call)
         if self.find_attachment(volume_id) is not None:
@@ -219,9 +228,11 @@ class RbdBackend(RbdAttachments, VolumeBackend):
             self._purge(images, ref)
             # A crash before this leaves the entries: the retry finds them, the image gone, and ends here.
             images.undo_ceph_csi_reservation(
-                ref, directory, handle, attributes.get(ceph_csi.REQUEST_NAME_KEY, ""), self.ceph_csi_instance
+                ref, directory, journal, handle, attributes.get(journal.name_key, ""), self.ceph_csi_instance
             )
-        log.info("volume %s: Ceph-CSI's image %s and its journal entries removed", volume_id, ref.spec)
+        log.info(
+            "%s %s: Ceph-CSI's image %s and its journal entries removed", journal.kind, volume_id, ref.spec
+        )
         self._fetched.pop(volume_id, None)
         _CEPH_CSI_REFS.pop(volume_id, None)
 
@@ -544,7 +555,10 @@ class RbdBackend(RbdAttachments, VolumeBackend):
                 for name, text in {key: value, **native}.items():
                     image.set_meta(name, text)
             if attribute is not None and value:
-                images.set_ceph_csi_attribute(ref, ceph_csi.parse_handle(volume_id), attribute, value)
+                journal = self._ceph_csi_journal(volume_id)
+                images.set_ceph_csi_attribute(
+                    ref, journal, ceph_csi.parse_handle(volume_id), attribute, value
+                )
         self._remember(volume_id, key, value)
         record = self._attachment_record(volume_id)
         if record is not None and key != DEK:
@@ -608,6 +622,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
 
 # Ceph-CSI handles resolved in this process (pool id to name, the journal's image name): fixed for life.
 _CEPH_CSI_REFS: dict[str, ImageRef] = {}
+_CEPH_CSI_JOURNALS: dict[str, ceph_csi.Journal] = {}
 
 
 def _refuse_if_owned_by_another(ref: ImageRef, volume_id: str, metadata: Mapping[str, str]) -> None:

@@ -373,19 +373,27 @@ class Images:
         with self._call("omap-get"), self.ioctx(where) as ioctx:
             return ceph_csi.read_omap(ioctx, name)
 
-    def set_ceph_csi_attribute(self, where: ImageRef, handle: ceph_csi.Handle, key: str, value: str) -> None:
+    def set_ceph_csi_attribute(
+        self, where: ImageRef, journal: ceph_csi.Journal, handle: ceph_csi.Handle, key: str, value: str
+    ) -> None:
         with self._call("omap-set"), self.ioctx(where) as ioctx:
-            ceph_csi.set_attribute(ioctx, handle, key, value)
+            ceph_csi.set_attribute(ioctx, journal, handle, key, value)
 
     def undo_ceph_csi_reservation(
-        self, volume: ImageRef, directory: ImageRef, handle: ceph_csi.Handle, request_name: str, instance: str
+        self,
+        volume: ImageRef,
+        directory: ImageRef,
+        journal: ceph_csi.Journal,
+        handle: ceph_csi.Handle,
+        request_name: str,
+        instance: str,
     ) -> None:
         with (
             self._call("omap-remove"),
             self.ioctx(volume) as volume_ioctx,
             self.ioctx(directory) as dir_ioctx,
         ):
-            ceph_csi.undo_reservation(volume_ioctx, dir_ioctx, handle, request_name, instance)
+            ceph_csi.undo_reservation(volume_ioctx, dir_ioctx, journal, handle, request_name, instance)
 
     # --- RADOS objects -----------------------------------------------------------------------------------
 

@@ -76,6 +76,26 @@ def expand(plugin: RunningPlugin, volume_id: str, size: int, creds: dict[str, st
     )
 
 
+def restore(
+    plugin: RunningPlugin, name: str, pool: str, creds: dict[str, str], snapshot_id: str
+) -> csi_pb2.Volume:
+    """CreateVolume from a snapshot, encrypted with Ceph-CSI's KMS entry, in the pool."""
+    parameters = {"clusterID": "test-cluster", "pool": pool, "encrypted": "true",
+                  "encryptionKMSID": oracle.METADATA_KMS_ID}  # fmt: skip
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+        volume_capabilities=[mount_capability()],
+        parameters=parameters,
+        secrets=creds,
+        volume_content_source=csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
+        ),
+    )
+    volume: csi_pb2.Volume = plugin.controller.CreateVolume(request, timeout=60).volume
+    return volume
+
+
 def test_csi_luks_expands_and_deletes_a_ceph_csi_volume_as_ceph_csi_would_and_hands_it_back(
     plugin: RunningPlugin, cephcsi: CephCsi, ceph: CephCluster, cephcsi_pool: CephCsiPool
 ) -> None:
@@ -131,24 +151,7 @@ def test_a_snapshot_and_a_restore_of_a_ceph_csi_volume_are_csi_luks_volumes_with
         timeout=60,
     ).snapshot
     assert snapshot.source_volume_id == handle and snapshot.ready_to_use
-    restored = plugin.controller.CreateVolume(
-        csi_pb2.CreateVolumeRequest(
-            name="pvc-takeover-2-restored",
-            capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
-            volume_capabilities=[mount_capability()],
-            parameters={
-                "clusterID": "test-cluster",
-                "pool": pool,
-                "encrypted": "true",
-                "encryptionKMSID": oracle.METADATA_KMS_ID,
-            },
-            secrets=creds,
-            volume_content_source=csi_pb2.VolumeContentSource(
-                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
-            ),
-        ),
-        timeout=60,
-    ).volume
+    restored = restore(plugin, "pvc-takeover-2-restored", pool, creds, snapshot.snapshot_id)
     # csi-luks's own ids and images, in the source's pool; none of Ceph-CSI's keys came along with the clone.
     for copy_id in (snapshot.snapshot_id, restored.volume_id):
         assert not oracle.HANDLE.match(copy_id)
@@ -296,3 +299,40 @@ def test_a_ceph_csi_vaulttokens_volume_keeps_its_dek_in_openbao_where_csi_luks_f
             path=handle, mount_point="secret", raise_on_deleted_version=True
         )
     assert journal(ceph, cephcsi_pool.name, handle)[0] is None
+
+
+def test_csi_luks_restores_from_a_ceph_csi_snapshot_and_deletes_it_as_ceph_csi_would(
+    plugin: RunningPlugin, cephcsi: CephCsi, ceph: CephCluster, cephcsi_pool: CephCsiPool
+) -> None:
+    """A VolumeSnapshot Ceph-CSI took (its handle has a volume's form; its journal is csi.snap.<uuid>) is
+    restored by csi-luks with the snapshot's DEK, and deleted: its image and both journal entries."""
+    pool = cephcsi_pool.name
+    passphrase = secrets.token_urlsafe(24)
+    creds = cephcsi_pool.with_passphrase(passphrase)
+    handle = cephcsi.create_volume("pvc-takeover-snapsource", 64 * MiB, pool, creds).volume_id
+    snapshot = cephcsi.create_snapshot("snap-by-ceph-csi", handle, creds)
+    snap_uuid = oracle.decode_handle(snapshot.snapshot_id).uuid
+    dek = unwrap(
+        passphrase, snapshot.snapshot_id, oracle.image_meta(ceph, pool, f"csi-snap-{snap_uuid}")[DEK]
+    )
+
+    restored = restore(plugin, "pvc-from-ceph-csi-snapshot", pool, creds, snapshot.snapshot_id)
+    meta = oracle.image_meta(ceph, pool, decode_volume_id(restored.volume_id).image)
+    assert unwrap(passphrase, restored.volume_id, meta["csi-luks/dek"]) == dek
+    assert ENCRYPTED not in meta
+
+    # A DeleteVolume of the snapshot's handle is refused (a snapshot is not a volume); DeleteSnapshot works.
+    with pytest.raises(grpc.RpcError):
+        plugin.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=snapshot.snapshot_id, secrets=creds), timeout=60
+        )
+    plugin.controller.DeleteSnapshot(
+        csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id, secrets=creds), timeout=60
+    )
+    assert oracle.omap(ceph, pool, f"csi.snap.{snap_uuid}") is None
+    assert snap_uuid not in (oracle.omap(ceph, pool, oracle.SNAPSHOTS_DIRECTORY) or {}).values()
+    assert f"csi-snap-{snap_uuid}" not in oracle.images(ceph, pool)
+    for volume_id in (restored.volume_id, handle):
+        plugin.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=volume_id, secrets=creds), timeout=60
+        )

@@ -9,7 +9,16 @@ from __future__ import annotations
 import pytest
 
 from csi_luks.kms.dek_store import DEK_KEY
-from csi_luks.volume_metadata import CAPACITY, ENCRYPTED, KMS_ID, LUKS_HEADER_BYTES, NAME, STATE, VolumeRecord
+from csi_luks.volume_metadata import (
+    CAPACITY,
+    ENCRYPTED,
+    KMS_ID,
+    LUKS_HEADER_BYTES,
+    NAME,
+    STATE,
+    EncryptionState,
+    VolumeRecord,
+)
 from csi_luks.volumes import ceph_csi
 from csi_luks.volumes.base import BackendRequestError, MalformedId
 from csi_luks.volumes.rbd_ids import check_volume_id
@@ -22,7 +31,8 @@ def test_a_handle_decomposes_as_ceph_csi_composes_it() -> None:
     handle = ceph_csi.parse_handle(ROOK)
     assert handle == ceph_csi.Handle("rook-ceph", 2, "b0285c97-a0ce-11eb-8c66-0242ac110002")
     assert handle.default_image == "csi-vol-b0285c97-a0ce-11eb-8c66-0242ac110002"
-    assert handle.uuid_object == "csi.volume.b0285c97-a0ce-11eb-8c66-0242ac110002"
+    assert ceph_csi.VOLUMES.uuid_object(handle) == "csi.volume.b0285c97-a0ce-11eb-8c66-0242ac110002"
+    assert ceph_csi.SNAPSHOTS.uuid_object(handle) == "csi.snap.b0285c97-a0ce-11eb-8c66-0242ac110002"
     assert ceph_csi.compose_handle("rook-ceph", 2, handle.uuid) == ROOK
     assert ceph_csi.is_handle(ROOK)
     check_volume_id(ROOK)  # the RBD backend accepts it beside its own ids
@@ -80,6 +90,24 @@ def test_ceph_csi_state_reads_as_csi_luks_state_with_the_header_inside_the_image
     assert rotating[STATE] == "rotating"
     plain = ceph_csi.view({}, {ceph_csi.REQUEST_NAME_KEY: "pvc-2"}, size)
     assert ENCRYPTED not in plain and plain[CAPACITY] == str(size)
+
+
+def test_a_ceph_csi_snapshot_reads_as_a_csi_luks_snapshot() -> None:
+    attributes = {
+        ceph_csi.SNAPSHOT_NAME_KEY: "snap-1",
+        ceph_csi.SOURCE_KEY: "csi-vol-x",
+        ceph_csi.KMS_ID_KEY: "k",
+    }
+    found = VolumeRecord.parse(
+        ceph_csi.view({ceph_csi.ENCRYPTED_META: "encrypted"}, attributes, 1 << 30, ceph_csi.SNAPSHOTS)
+    )
+    assert (found.is_snapshot, found.name, found.kms_id, found.state) == (
+        True,
+        "snap-1",
+        "k",
+        EncryptionState.ENCRYPTED,
+    )
+    assert not VolumeRecord.parse(ceph_csi.view({}, {}, 1 << 30)).is_snapshot
 
 
 def test_fscrypt_volumes_are_refused_by_name() -> None:
