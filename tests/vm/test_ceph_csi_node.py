@@ -139,6 +139,37 @@ def test_a_volume_ceph_csi_formatted_and_filled_opens_under_csi_luks_grows_rotat
     assert (staging / "from-ceph-csi").read_text() == "ceph-csi-wrote\n"
     (staging / "from-csi-luks").write_text("csi-luks-wrote\n")
     os.sync()
+    # A snapshot of it and a restore (csi-luks volumes, with its DEK): both files on the restored volume.
+    snapshot = plugin.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="snap-vm-takeover-1", source_volume_id=handle, secrets=creds),
+        timeout=300,
+    ).snapshot
+    restored = plugin.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="pvc-vm-takeover-1-restored",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
+            volume_capabilities=[mount_capability()],
+            parameters={
+                "clusterID": CLUSTER_ID,
+                "pool": ceph.pool,
+                "encrypted": "true",
+                "encryptionKMSID": oracle.METADATA_KMS_ID,
+            },
+            secrets=creds,
+            volume_content_source=csi_pb2.VolumeContentSource(
+                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
+            ),
+        ),
+        timeout=300,
+    ).volume
+    stage(plugin, restored, tmp_path / "restored", creds)
+    assert (tmp_path / "restored" / "from-ceph-csi").read_text() == "ceph-csi-wrote\n"
+    assert (tmp_path / "restored" / "from-csi-luks").read_text() == "csi-luks-wrote\n"
+    unstage(plugin, restored.volume_id, tmp_path / "restored")
+    delete(plugin, restored.volume_id, creds)
+    plugin.controller.DeleteSnapshot(
+        csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id, secrets=creds), timeout=300
+    )
     # Grows it (controller and node) ...
     plugin.controller.ControllerExpandVolume(
         csi_pb2.ControllerExpandVolumeRequest(
