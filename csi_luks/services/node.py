@@ -120,7 +120,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _device(self, backend: VolumeBackend, volume_id: str, layout: _Layout) -> str | None:
         """The block device the workload sees (the mapping for encrypted volumes), if it exists."""
         if layout.record.encrypted:
-            return layout.mapped_device if self.cryptsetup.status(layout.mapper).active else None
+            return layout.mapped_device if self.cryptsetup.is_open(layout.mapper) else None
         return backend.find_attachment(volume_id)
 
     # --- stage ---------------------------------------------------------------------------------------
