@@ -233,10 +233,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         record = layout.record
         with step("kms"):
             encryption = self._encryption(backend, volume_id, record, secrets)
-        with step("probe-device"):
-            found = self.filesystems.probe(device)  # never format a device that holds data
         formatted = False
         if record.state is EncryptionState.PREPARED and record.filesystem is None:
+            with step("probe-device"):
+                found = self.filesystems.probe(device)  # never format a device that holds data
             if found.empty:
                 self._format(backend, volume_id, device, encryption, record)
                 formatted = True
@@ -269,16 +269,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"volume {volume_id} is marked encrypted but its key was never prepared (CreateVolume did "
                 "not finish); delete and recreate it"
             )
-        elif not found.is_luks:
+        elif record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
+            self._refuse_without_header(volume_id, device)
+            with step("finish-rotation"):
+                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
+        # A volume in use is only opened, never formatted: no probe first (a blkid, ~300 ms under TCG);
+        # an open that finds no LUKS header probes then, to say what the device holds (_open).
+        return self._open(device, layout, encryption, volume_id, record), True, formatted
+
+    def _refuse_without_header(self, volume_id: str, device: str) -> None:
+        """FAILED_PRECONDITION, saying what the device holds, unless it has a LUKS header."""
+        with step("probe-device"):
+            found = self.filesystems.probe(device)
+        if not found.is_luks:
             raise failed_precondition(
                 f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
                 f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
                 f"it: restore the header from a backup (csi-luks header restore {volume_id})"
             )
-        elif record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
-            with step("finish-rotation"):
-                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
-        return self._open(device, layout, encryption, volume_id, record), True, formatted
 
     def _format(
         self,
@@ -343,9 +351,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 mapped = self.cryptsetup.open(
                     device, layout.mapper, passphrase, flags.open_options(persistent=True) if first else None
                 )
-        except (WrongPassphrase, NotLuksDevice):
+        except (WrongPassphrase, NotLuksDevice) as exc:
             if record.state is EncryptionState.PREPARED and record.filesystem is None:
                 raise  # the caller tells a half-made format of ours from anything else
+            if isinstance(exc, NotLuksDevice):
+                self._refuse_without_header(volume_id, device)
             raise failed_precondition(
                 f"the key of KMS {record.kms_id or 'secrets'!r} does not open volume {volume_id}; "
                 "the device was left untouched (check the KMS configuration and the volume's DEK)"

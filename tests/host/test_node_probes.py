@@ -1,5 +1,6 @@
-"""Which devices a first NodeStage probes with blkid: the device before formatting (never format a device
-that holds data), and the new mapping only when this call did not write its LUKS header itself.
+"""Which devices a NodeStage probes with blkid: on a first stage the device before formatting (never
+format a device that holds data), and the new mapping only when this call did not write its LUKS header
+itself; on a restage the mapping only, and the device when it turns out to have no LUKS header.
 
 Real cryptsetup on the volume's image file (format, header backup); the mapping and the filesystem side
 are recorded stand-ins, since this tier has no device-mapper.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 
 from csi_luks.csi import csi_pb2
+from csi_luks.errors import CsiError
 from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, OpenOptions, Passphrase, mapper_path
 from csi_luks.luks.stale import StaleMappings
@@ -19,7 +22,9 @@ from csi_luks.services.node import NodeService
 from csi_luks.system.filesystem import Probe
 from csi_luks.volume_metadata import FILESYSTEM, STATE
 from tests.support.operations import Volumes
-from tests.support.plugin import mount_capability
+from tests.support.plugin import MiB, mount_capability
+
+UUID = "0b7e3d7c-1f7a-4f1e-9c1a-2f5d0f6a7b8c"
 
 
 class _NoMapper(Cryptsetup):
@@ -34,23 +39,24 @@ class _NoMapper(Cryptsetup):
 
 
 class _Filesystems:
-    """Records probes; luks_on holds a LUKS header, every other device nothing; nothing is mounted."""
+    """Records probes; a device holds what types says (by default nothing); nothing is mounted."""
 
-    def __init__(self, luks_on: str | None = None) -> None:
-        self.luks_on = luks_on
+    def __init__(self, types: dict[str, str] | None = None) -> None:
+        self.types = types or {}
         self.probes: list[str] = []
         self.made: list[str] = []
 
     def probe(self, device: str) -> Probe:
         self.probes.append(device)
-        return Probe(type="crypto_LUKS" if device == self.luks_on else None)
+        found = self.types.get(device)
+        return Probe(type=found, uuid=UUID if found == "ext4" else None)
 
     def is_mounted(self, target: str) -> bool:
         return False
 
     def mkfs(self, device: str, fstype: str) -> str:
         self.made.append(device)
-        return "0b7e3d7c-1f7a-4f1e-9c1a-2f5d0f6a7b8c"
+        return UUID
 
     def mount(self, device: str, target: str, fstype: str, flags: list[str]) -> None:
         pass
@@ -105,6 +111,31 @@ def test_a_stage_over_a_header_it_did_not_write_probes_the_mapping_too(
     """A retry after a crash that followed luksFormat: the mapping may hold the filesystem made before."""
     volume_id = volumes.create("pvc-retry", "local-1")
     volumes.tool.cryptsetup.format(volumes.image(volume_id), volumes.dek(volume_id), FormatOptions())
-    filesystems = _Filesystems(luks_on=volumes.image(volume_id))
+    filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS"})
     _stage(volumes, volume_id, tmp_path, filesystems)
     assert filesystems.probes == [volumes.image(volume_id), mapper_path(f"luks-{volume_id}")]
+
+
+def test_a_restage_probes_the_mapping_only(volumes: Volumes, tmp_path: Path) -> None:
+    volume_id = volumes.create("pvc-restage", "local-1")
+    _stage(volumes, volume_id, tmp_path, _Filesystems())
+    mapping = mapper_path(f"luks-{volume_id}")
+    filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS", mapping: "ext4"})
+    _stage(volumes, volume_id, tmp_path, filesystems)
+    assert filesystems.probes == [mapping] and filesystems.made == []
+
+
+def test_a_restage_over_a_lost_header_probes_the_device_to_say_what_it_holds(
+    volumes: Volumes, tmp_path: Path
+) -> None:
+    volume_id = volumes.create("pvc-lost-header", "local-1")
+    _stage(volumes, volume_id, tmp_path, _Filesystems())
+    with open(volumes.image(volume_id), "r+b") as f:
+        f.write(bytes(4 * MiB))  # the header, both copies, gone
+    filesystems = _Filesystems()
+    with pytest.raises(CsiError) as refused:
+        _stage(volumes, volume_id, tmp_path, filesystems)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has no LUKS header (found nothing)" in str(refused.value)
+    assert "csi-luks header restore" in str(refused.value)
+    assert filesystems.probes == [volumes.image(volume_id)] and filesystems.made == []
