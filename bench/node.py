@@ -231,6 +231,11 @@ def concurrent_first_stages(scratch: Path, count: int, size: int) -> float:
             with grpc.insecure_channel(f"unix://{socket}") as channel:
                 # A fresh interpreter under TCG beside a loaded host takes minutes to import the plugin.
                 grpc.channel_ready_future(channel).result(timeout=900)
+                ready = int((group / "memory.current").read_text()) / MiB
+                print(
+                    f"node: the plugin, ready, before any stage: memory.current {ready:.0f} MiB",
+                    file=sys.stderr,
+                )
                 node = csi_pb2_grpc.NodeStub(channel)
                 _all_at_once(
                     "concurrent stages",
