@@ -316,13 +316,18 @@ class Cryptsetup:
     def _sysfs_mapping(self, name: str) -> DmDevice | None:
         """The dm-crypt mapping NAME from sysfs, None if no device-mapper device has that name.
 
-        _AskCryptsetup when sysfs cannot tell: not mounted or unreadable, or a device of that name that
-        cryptsetup did not make (its UUID does not start with CRYPT-), whose status cryptsetup reports.
+        _AskCryptsetup when sysfs cannot tell: not mounted or unreadable, a kernel without device-mapper,
+        or a device of that name that cryptsetup did not make (its UUID does not start with CRYPT-),
+        whose status cryptsetup reports.
         """
         if self.sys_block is None:
             raise _AskCryptsetup
         try:
             found = find_dm_device(name, self.sys_block)
+            # No mapping on a kernel without device-mapper: cryptsetup says so (DeviceMapperUnavailable),
+            # as callers expect (close: nothing to close; NodeGetVolumeStats: FAILED_PRECONDITION).
+            if found is None and not device_mapper_registered():
+                raise _AskCryptsetup
         except OSError:
             raise _AskCryptsetup from None
         if found is not None and not found.is_crypt:

@@ -62,6 +62,12 @@ class _Filesystems:
         pass
 
 
+@pytest.fixture(autouse=True)
+def _device_mapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's kernel, with device-mapper (its /sys/block stand-in lists no mapping)."""
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.device_mapper_registered", lambda: True)
+
+
 @pytest.fixture
 def volumes(tmp_path: Path) -> Volumes:
     return Volumes(tmp_path, {"local-1": {"encryptionKMSType": "local", "keyFile": str(tmp_path / "kek")}})

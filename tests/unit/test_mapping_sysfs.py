@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_luks.luks import DeviceBusy
+from csi_luks.luks import DeviceBusy, DeviceMapperUnavailable
 from csi_luks.luks.sysfs import find_dm_device
 from tests.unit.test_luks_engine import engine
 from tests.unit.test_stale_mappings import FakeSysBlock
@@ -15,6 +15,12 @@ from tests.unit.test_stale_mappings import FakeSysBlock
 OPENED = (0, "", "")
 ON_LOOP7 = (0, "/dev/mapper/v is active.\n  type:    n/a\n  device:  /dev/loop7\n", "")
 INACTIVE = (4, "/dev/mapper/v is inactive.\n", "")
+
+
+@pytest.fixture(autouse=True)
+def _device_mapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel has device-mapper (the host running these may not)."""
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.device_mapper_registered", lambda: True)
 
 
 def _sys(tmp_path: Path) -> FakeSysBlock:
@@ -96,3 +102,18 @@ def test_find_dm_device_reads_name_uuid_and_slaves(tmp_path: Path) -> None:
     assert find_dm_device("w", sys.block) is None
     with pytest.raises(OSError):
         find_dm_device("v", tmp_path / "absent")
+
+
+NO_DM = (1, "", "Cannot initialize device-mapper. Is dm_mod kernel module loaded?\n")
+
+
+def test_on_a_kernel_without_device_mapper_cryptsetup_says_so_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("csi_luks.luks.cryptsetup.device_mapper_registered", lambda: False)
+    sys = _sys(tmp_path)
+    cs, runner = engine(NO_DM, NO_DM, sys_block=sys.block)
+    with pytest.raises(DeviceMapperUnavailable):  # NodeGetVolumeStats: FAILED_PRECONDITION, as before
+        cs.is_open("v")
+    cs.close("v")  # no mapping can exist: nothing to close
+    assert [c.argv[1:] for c in runner.calls] == [["status", "v"], ["status", "v"]]
