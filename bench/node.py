@@ -6,7 +6,12 @@ Three flows over the same kind of volume (a sparse image on a loop device, LUKS2
 - raw: the same commands by hand, with the plugin's own luksFormat flags;
 - Ceph-CSI: the raw commands with Ceph-CSI's luksFormat flags (argon2id, 32 MiB, time-benchmarked).
 Then 16 first stages at once against a plugin process in a cgroup of its own: memory.peak counts the
-plugin and every command it runs.
+plugin and every command it runs; against the same 16 stages by hand, side by side in one cgroup.
+
+In the guest (--ram-disk) every image is on ext4 over a RAM block device (brd), not on the guest's
+tmpfs: brd's pages are charged to no cgroup, as a disk's blocks would not be, and the loop devices do
+direct I/O there (as the plugin's do on any filesystem that allows it), so the images' bytes are not in
+the page cache either: memory.peak counts processes, not storage.
 
 Beside the ratios, a breakdown (bench/breakdown.py): the median of each of the plugin's steps and the
 processes inside them (timing.py, read in this process), against the median of each raw command.
@@ -35,11 +40,12 @@ from csi_luks import timing
 from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from csi_luks.luks.options import FormatOptions
 from csi_luks.settings import Mode
+from csi_luks.system.loop import _opens_for_direct_io
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 
 RAW = Target("ratio", "<=", 1.1)
 CEPH_CSI = Target("ratio", "<=", 0.35)
-MEMORY = Target("value", "<=", 150)
+MEMORY = Target("ratio", "<=", 1.5)
 ENCRYPTED = {"encrypted": "true", "encryptionKMSID": "local-1"}
 KEY = b"0123456789abcdef0123456789abcdef0123456789a"  # a DEK-shaped passphrase for the raw flows
 CEPH_CSI_FLAGS = ("--type", "luks2", "--hash", "sha256", "--pbkdf", "argon2id", "--pbkdf-memory", "32768")
@@ -55,11 +61,19 @@ def plugin_format_flags() -> list[str]:
 
 
 def _run(
-    argv: Sequence[str], stdin: bytes | None = None, times: dict[str, float] | None = None, name: str = ""
+    argv: Sequence[str],
+    stdin: bytes | None = None,
+    times: dict[str, float] | None = None,
+    name: str = "",
+    cgroup: Path | None = None,
 ) -> str:
-    """Run a command; with times, its wall time is added there under name (the command's own by default)."""
+    """Run a command; with times, its wall time is added there under name (the command's own by default);
+    with cgroup, the command runs in that cgroup (a shell joins it, then becomes the command)."""
     started = time.perf_counter()
-    out = subprocess.run(list(argv), input=stdin, capture_output=True, check=True).stdout.decode().strip()
+    command = list(argv)
+    if cgroup is not None:
+        command = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *command]
+    out = subprocess.run(command, input=stdin, capture_output=True, check=True).stdout.decode().strip()
     if times is not None:
         key = name or argv[0]
         times[key] = times.get(key, 0.0) + time.perf_counter() - started
@@ -77,22 +91,24 @@ class RawVolume:
     device: str = ""
     # The last stage's or unstage's commands: wall seconds by command.
     times: dict[str, float] = field(default_factory=dict)
+    cgroup: Path | None = None  # where the commands run, if not in this process's cgroup
 
     def stage(self, first: bool) -> None:
         self.times = times = dict[str, float]()
-        self.device = _run(
-            ["losetup", "--find", "--show", str(self.image)], times=times, name="losetup --find"
-        )
+        run = partial(_run, times=times, cgroup=self.cgroup)
+        # Direct I/O where the image's filesystem allows it, as the plugin's losetup (system/loop.py).
+        direct_io = ["--direct-io=on"] if _opens_for_direct_io(str(self.image)) else []
+        self.device = run(["losetup", "--find", "--show", *direct_io, str(self.image)], name="losetup --find")
         if first:
             flags = ["--batch-mode", *self.format_flags, "--key-file=-"]
-            _run(["cryptsetup", "luksFormat", *flags, self.device], KEY, times, "cryptsetup luksFormat")
-        _run(["cryptsetup", "open", "--type", "luks2", "--disable-keyring", "--key-file=-", self.device,
-              self.name], KEY, times, "cryptsetup open")  # fmt: skip
+            run(["cryptsetup", "luksFormat", *flags, self.device], KEY, name="cryptsetup luksFormat")
+        run(["cryptsetup", "open", "--type", "luks2", "--disable-keyring", "--key-file=-", self.device,
+             self.name], KEY, name="cryptsetup open")  # fmt: skip
         if first:
-            _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                  f"/dev/mapper/{self.name}"], times=times)  # fmt: skip
+            run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                 f"/dev/mapper/{self.name}"])  # fmt: skip
         self.target.mkdir(parents=True, exist_ok=True)
-        _run(["mount", "-t", "ext4", f"/dev/mapper/{self.name}", str(self.target)], times=times)
+        run(["mount", "-t", "ext4", f"/dev/mapper/{self.name}", str(self.target)])
 
     def unstage(self) -> None:
         self.times = times = dict[str, float]()
@@ -202,11 +218,7 @@ def concurrent_first_stages(scratch: Path, count: int, size: int) -> float:
     with running_plugin(scratch / "concurrent", mode=Mode.CONTROLLER) as creator:
         for i in range(count):
             volume_ids.append(creator.create(f"bench-concurrent-{i}", size, ENCRYPTED).volume_id)
-            # The guest keeps images in its tmpfs, whose pages are charged to the cgroup that first
-            # writes them: allocated here, outside the plugin's group, the storage's own bytes are not
-            # counted as the plugin's memory (on a node they are a disk's, not RAM).
-            with open(creator.backend.image_path(volume_ids[-1]), "r+b") as image:
-                os.posix_fallocate(image.fileno(), 0, size)
+            _allocate(creator.backend.image_path(volume_ids[-1]), size)
     root = scratch / "concurrent"
     socket = root / "node.sock"
     with memory_cgroup("csi-luks-bench") as group:
@@ -219,34 +231,111 @@ def concurrent_first_stages(scratch: Path, count: int, size: int) -> float:
             with grpc.insecure_channel(f"unix://{socket}") as channel:
                 # A fresh interpreter under TCG beside a loaded host takes minutes to import the plugin.
                 grpc.channel_ready_future(channel).result(timeout=900)
+                ready = int((group / "memory.current").read_text()) / MiB
+                print(
+                    f"node: the plugin, ready, before any stage: memory.current {ready:.0f} MiB",
+                    file=sys.stderr,
+                )
                 node = csi_pb2_grpc.NodeStub(channel)
-                errors: list[BaseException] = []
-
-                def stage(volume_id: str, i: int) -> None:
-                    try:
-                        _stage(node, volume_id, scratch / f"concurrent-{i}-staging")
-                    except BaseException as exc:
-                        errors.append(exc)
-
-                threads = [threading.Thread(target=stage, args=(v, i)) for i, v in enumerate(volume_ids)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                if errors:
-                    raise RuntimeError(f"{len(errors)} of {count} concurrent stages failed: {errors[0]}")
-                peak = int((group / "memory.peak").read_text()) / MiB
-                # What the group holds now, all stages done: which kind of memory the peak was made of.
-                stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-                held = ", ".join(f"{k} {int(stat[k]) / MiB:.0f}" for k in ("anon", "file", "shmem", "kernel")
-                                 if k in stat)  # fmt: skip
-                print(f"node: memory.peak {peak:.0f} MiB; after the stages (MiB): {held}", file=sys.stderr)
+                _all_at_once(
+                    "concurrent stages",
+                    [
+                        partial(_stage, node, v, scratch / f"concurrent-{i}-staging")
+                        for i, v in enumerate(volume_ids)
+                    ],
+                )
+                peak = _peak(group, "the plugin")
                 for i, volume_id in enumerate(volume_ids):
                     _unstage(node, volume_id, scratch / f"concurrent-{i}-staging")
         finally:
             process.terminate()
             process.wait(30)
     return peak
+
+
+def concurrent_raw_first_stages(scratch: Path, count: int, size: int) -> float:
+    """memory.peak (MiB) of `count` first stages by hand (the raw flow's commands), side by side in one
+    cgroup: the reference for the plugin's."""
+    volumes = []
+    for i in range(count):
+        image = scratch / f"raw-concurrent-{i}.img"
+        with image.open("wb") as f:
+            f.truncate(size)
+        _allocate(image, size)
+        volumes.append(RawVolume(image, scratch / f"raw-concurrent-{i}-mnt", f"bench-raw-c-{i}",
+                                 plugin_format_flags()))  # fmt: skip
+    with memory_cgroup("csi-luks-bench-raw") as group:
+        for volume in volumes:
+            volume.cgroup = group
+        _all_at_once("raw concurrent stages", [partial(volume.stage, True) for volume in volumes])
+        peak = _peak(group, "the raw commands")
+        for volume in volumes:
+            volume.cgroup = None
+            volume.unstage()
+            volume.image.unlink()
+    return peak
+
+
+def _all_at_once(what: str, actions: list[Callable[[], object]]) -> None:
+    """Run every action in a thread of its own, all at once; RuntimeError if any failed."""
+    errors: list[BaseException] = []
+
+    def run(action: Callable[[], object]) -> None:
+        try:
+            action()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(actions)} {what} failed: {errors[0]}")
+
+
+def _allocate(image: Path, size: int) -> None:
+    """Allocate the image's blocks here, outside any measured cgroup: on a tmpfs (a guest without
+    --ram-disk) its pages are charged to the cgroup that first writes them, and the storage's own bytes
+    would count as the stages' memory (on a node they are a disk's, not RAM). On a disk, no page."""
+    with open(image, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+
+
+def _peak(group: Path, what: str) -> float:
+    """The group's memory.peak in MiB; what it holds now, by kind, printed beside it."""
+    peak = int((group / "memory.peak").read_text()) / MiB
+    # What the group holds now, all stages done: which kind of memory the peak was made of.
+    stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+    kinds = [kind for kind in ("anon", "file", "shmem", "kernel") if kind in stat]
+    held = ", ".join(f"{kind} {int(stat[kind]) / MiB:.0f}" for kind in kinds)
+    print(f"node: {what}: memory.peak {peak:.0f} MiB; after the stages (MiB): {held}", file=sys.stderr)
+    return peak
+
+
+@contextlib.contextmanager
+def ram_disk_scratch(size_mib: int) -> Iterator[Path]:
+    """A scratch directory on ext4 over a RAM block device (brd, /dev/ram0; mounted with discard, so a
+    deleted image's blocks go back): a block device, whose pages no cgroup is charged for."""
+    _run(["modprobe", "brd", "rd_nr=1", f"rd_size={size_mib * 1024}"])
+    try:
+        _run(["mkfs.ext4", "-q", "-F", "/dev/ram0"])
+        with tempfile.TemporaryDirectory(prefix="csi-luks-bench-disk-") as name:
+            _run(["mount", "-o", "discard", "/dev/ram0", name])
+            try:
+                yield Path(name)
+            finally:
+                _cleanup(["umount", name])
+    finally:
+        _cleanup(["rmmod", "brd"])
+
+
+def _cleanup(argv: list[str]) -> None:
+    """A clean-up command whose failure (something still holds the disk) must not lose the figures."""
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"node: {' '.join(argv)} failed: {done.stderr.strip()}", file=sys.stderr)
 
 
 TITLES = {"first": "NodeStage, first", "again": "NodeStage, again", "unstage": "NodeUnstage"}
@@ -258,16 +347,24 @@ def breakdown(ours: Flow, raw: Flow) -> str:
 
 
 def measure(
-    size_mib: int = 64, samples: int = 5, concurrent: int = 16, notes: list[str] | None = None
+    size_mib: int = 64,
+    samples: int = 5,
+    concurrent: int = 16,
+    notes: list[str] | None = None,
+    ram_disk: bool = False,
 ) -> list[Row]:
-    """The rows of the table; with notes, the breakdown is appended there for printing beside it."""
+    """The rows of the table; with notes, the breakdown is appended there for printing beside it.
+    ram_disk: the images on ext4 over a brd RAM disk made here (in the guest), not in /tmp."""
     size = size_mib * MiB
-    with tempfile.TemporaryDirectory(prefix="csi-luks-bench-node-") as name:
+    # Room for the 16 concurrent images (their raw and plugin sides one after the other), and ext4's own.
+    disk = ram_disk_scratch(concurrent * size_mib + 512) if ram_disk else contextlib.nullcontext(None)
+    with disk as under, tempfile.TemporaryDirectory(prefix="csi-luks-bench-node-", dir=under) as name:
         scratch = Path(name)
         with running_plugin(scratch / "plugin", mode=Mode.ALL) as plugin:
             plugin_times = plugin_flow(plugin, scratch, size, samples)
         raw_times = raw_flow(scratch, "raw", plugin_format_flags(), size, samples)
         ceph = raw_flow(scratch, "ceph", CEPH_CSI_FLAGS, size, samples).medians_ms()
+        raw_peak = concurrent_raw_first_stages(scratch, concurrent, size)
         peak = concurrent_first_stages(scratch, concurrent, size)
     if notes is not None:
         notes.append(breakdown(plugin_times, raw_times))
@@ -278,5 +375,6 @@ def measure(
         rows.append(Row(title, ours[step], "ms", raw[step], "raw commands", RAW))
         if step != "unstage":  # no KDF runs in an unstage: nothing for Ceph-CSI's flags to change
             rows.append(Row(title, ours[step], "ms", ceph[step], "Ceph-CSI luksFormat flags", CEPH_CSI))
-    rows.append(Row(f"{concurrent} concurrent first NodeStage: memory.peak", peak, "MiB", target=MEMORY))
+    rows.append(Row(f"{concurrent} concurrent first NodeStage: memory.peak", peak, "MiB", raw_peak,
+                    f"the {concurrent} raw flows, one cgroup", MEMORY))  # fmt: skip
     return rows

@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from csi_luks.luks.errors import (
     CipherUnavailable,
@@ -30,6 +31,7 @@ from csi_luks.luks.errors import (
 from csi_luks.luks.naming import mapper_path
 from csi_luks.luks.options import FormatOptions, OpenOptions
 from csi_luks.luks.status import LuksHeader, MappingStatus, parse_dump, parse_status
+from csi_luks.luks.sysfs import SYS_BLOCK, DmDevice, find_dm_device, loop_backing_file
 from csi_luks.system.device_io import read_error, reports_io_error
 from csi_luks.system.kernel import device_mapper_registered
 from csi_luks.system.programs import CRYPTSETUP
@@ -114,6 +116,10 @@ def classify(error: CommandError, operation: str) -> LuksError:
     return LuksError(f"{operation} failed (exit {rc})", stderr=stderr, returncode=rc)
 
 
+class _AskCryptsetup(Exception):
+    """sysfs cannot answer: `cryptsetup status` must."""
+
+
 class Cryptsetup:
     """LUKS2 operations on block devices (and, for header work, plain image files)."""
 
@@ -123,11 +129,15 @@ class Cryptsetup:
         binary: str = CRYPTSETUP,
         timeout: float = 120.0,
         observer: CallObserver | None = None,
+        sys_block: Path | None = SYS_BLOCK,
     ):
+        """sys_block: where open mappings are looked up without a process (is_open, open_mapping_of,
+        close); None to ask `cryptsetup status` every time."""
         self.runner = runner or Runner()
         self.binary = binary
         self.timeout = timeout
         self.observer = observer
+        self.sys_block = sys_block
 
     def _run(
         self,
@@ -278,13 +288,64 @@ class Cryptsetup:
         """The mapping's path if NAME is already open on device; None if it is not open at all.
 
         DeviceBusy if the name is taken by another device (two volumes must never share a mapping).
+        Read from sysfs (the mapping's slaves/ and, for a loop device, its image file: what `cryptsetup
+        status` reports as device and loop); through cryptsetup where sysfs cannot tell.
         """
-        current = self.status(name)
-        if not current.active:
-            return None
-        if _same_device(current, device):
+        try:
+            found = self._sysfs_mapping(name)
+            if found is None:
+                return None
+            backing = self._backing(found)
+        except _AskCryptsetup:
+            current = self.status(name)
+            if not current.active:
+                return None
+            backing = [current.device, *filter(None, [current.loop_file])] if current.device else []
+        if _same_device(backing, device):
             return mapper_path(name)
-        raise DeviceBusy(f"open: mapping {name} already exists for {current.device}, not for {device}")
+        holder = backing[0] if backing else "another device"
+        raise DeviceBusy(f"open: mapping {name} already exists for {holder}, not for {device}")
+
+    def is_open(self, name: str) -> bool:
+        """Whether the mapping NAME exists: from sysfs; by `cryptsetup status` where sysfs cannot tell."""
+        try:
+            return self._sysfs_mapping(name) is not None
+        except _AskCryptsetup:
+            return self.status(name).active
+
+    def _sysfs_mapping(self, name: str) -> DmDevice | None:
+        """The dm-crypt mapping NAME from sysfs, None if no device-mapper device has that name.
+
+        _AskCryptsetup when sysfs cannot tell: not mounted or unreadable, a kernel without device-mapper,
+        or a device of that name that cryptsetup did not make (its UUID does not start with CRYPT-),
+        whose status cryptsetup reports.
+        """
+        if self.sys_block is None:
+            raise _AskCryptsetup
+        try:
+            found = find_dm_device(name, self.sys_block)
+            # No mapping on a kernel without device-mapper: cryptsetup says so (DeviceMapperUnavailable),
+            # as callers expect (close: nothing to close; NodeGetVolumeStats: FAILED_PRECONDITION).
+            if found is None and not device_mapper_registered():
+                raise _AskCryptsetup
+        except OSError:
+            raise _AskCryptsetup from None
+        if found is not None and not found.is_crypt:
+            raise _AskCryptsetup
+        return found
+
+    def _backing(self, mapping: DmDevice) -> list[str]:
+        """The device a mapping sits on, and its image file for a loop device; _AskCryptsetup unless the
+        mapping's table uses exactly one device (a LUKS mapping's does)."""
+        if len(mapping.slaves) != 1 or self.sys_block is None:
+            raise _AskCryptsetup
+        slave = mapping.slaves[0]
+        backing = [f"/dev/{slave}"]
+        if slave.startswith("loop"):
+            image = loop_backing_file(slave, self.sys_block)
+            if image:
+                backing.append(image)
+        return backing
 
     def close(self, name: str, deferred: bool = False) -> None:
         """Remove the mapping; a mapping that does not exist is already closed.
@@ -296,7 +357,7 @@ class Cryptsetup:
         device-mapper (no privileges, no /dev/mapper/control) may hide an open mapping, and stays an error.
         """
         try:
-            active = self.status(name).active
+            active = self.is_open(name)
         except DeviceMapperUnavailable:
             with contextlib.suppress(OSError):
                 if not device_mapper_registered():
@@ -420,8 +481,7 @@ def _device_fault(error: LuksError, device: str | None) -> LuksError:
     return fault
 
 
-def _same_device(status: MappingStatus, device: str) -> bool:
-    if status.device is None:
-        return False
+def _same_device(backing: list[str], device: str) -> bool:
+    """Whether device is the one a mapping sits on (backing: that device, then its image file if any)."""
     wanted = os.path.realpath(device)
-    return wanted in (os.path.realpath(status.device), os.path.realpath(status.loop_file or ""))
+    return wanted in (os.path.realpath(path) for path in backing)

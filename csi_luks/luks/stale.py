@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_luks.luks.naming import MAPPER_PREFIX
+from csi_luks.luks.sysfs import SYS_BLOCK, dm_devices
 from csi_luks.system.loop import DELETED_MARK
 
 log = logging.getLogger(__name__)
 
-SYS_BLOCK = Path("/sys/block")
 _RESTAGE = "unstage and restage the volume"
 
 
@@ -73,18 +73,14 @@ class StaleMappings:
     def _mappings(self) -> dict[str, str]:
         """name -> dm-N of each mapping of ours."""
         try:
-            devices = [e.name for e in os.scandir(self.sys_block) if e.name.startswith("dm-")]
+            devices = dm_devices(self.sys_block)
         except OSError:
             return {}
-        mappings = {}
-        for device in devices:
-            try:
-                name = (self.sys_block / device / "dm" / "name").read_text().strip()
-            except OSError:
-                continue  # removed meanwhile
-            if name.startswith(self.prefix) and self.is_ours(name):
-                mappings[name] = device
-        return mappings
+        return {
+            name: device
+            for name, device in devices.items()
+            if name.startswith(self.prefix) and self.is_ours(name)
+        }
 
     def _problem(self, device: str) -> str | None:
         slaves = self.sys_block / device / "slaves"

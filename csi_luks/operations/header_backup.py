@@ -15,6 +15,7 @@ from pathlib import Path
 from csi_luks.encryption import VolumeEncryption
 from csi_luks.kms.base import KMSError
 from csi_luks.luks import Cryptsetup, NotLuksDevice, WrongPassphrase
+from csi_luks.luks.header import read_luks2_header_backup
 from csi_luks.operations import OperationRefused
 from csi_luks.volumes.base import VolumeBackend
 
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def read_header_backup(cryptsetup: Cryptsetup, device: str) -> bytes:
-    """The device's header backup image, made in a private temporary directory and read back."""
+    """The device's header backup image: for an intact LUKS2 header, read straight from the device (the
+    bytes luksHeaderBackup writes, without its process); otherwise made by cryptsetup in a private
+    temporary directory and read back (so a damaged or non-LUKS2 header gets cryptsetup's own answer)."""
+    direct = read_luks2_header_backup(device)
+    if direct is not None:
+        return direct
     with tempfile.TemporaryDirectory(prefix="csi-luks-header-") as directory:  # 0700
         path = Path(directory) / "header"
         cryptsetup.header_backup(device, str(path))  # refuses an existing file: this one is new

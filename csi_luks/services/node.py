@@ -120,7 +120,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _device(self, backend: VolumeBackend, volume_id: str, layout: _Layout) -> str | None:
         """The block device the workload sees (the mapping for encrypted volumes), if it exists."""
         if layout.record.encrypted:
-            return layout.mapped_device if self.cryptsetup.status(layout.mapper).active else None
+            return layout.mapped_device if self.cryptsetup.is_open(layout.mapper) else None
         return backend.find_attachment(volume_id)
 
     # --- stage ---------------------------------------------------------------------------------------
@@ -150,16 +150,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 self._refuse_if_deleting(backend, volume_id, layout, was_attached)
             # Node crash points are single (after each step): a plugin start in the VM tier costs a minute.
             crash_point("node-stage.after-attach")
-            opened = False
+            opened = formatted = False
             with step("is-mounted"):
                 was_mounted = self.filesystems.is_mounted(staging)
             try:
                 if layout.record.encrypted:
-                    device, opened = self._open_encrypted(
+                    device, opened, formatted = self._open_encrypted(
                         backend, volume_id, device, layout, dict(request.secrets)
                     )
                 mount = capability.mount if capability.WhichOneof("access_type") == "mount" else None
-                self._stage_contents(backend, volume_id, device, staging, mount, layout.record)
+                self._stage_contents(backend, volume_id, device, staging, mount, layout.record, formatted)
                 if layout.record.encrypted and layout.record.state is EncryptionState.PREPARED:
                     # Only now, with the filesystem (or the raw device) recorded: a `prepared` volume is
                     # one that nothing of the user's can be on.
@@ -224,20 +224,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _open_encrypted(
         self, backend: VolumeBackend, volume_id: str, device: str, layout: _Layout, secrets: dict[str, str]
-    ) -> tuple[str, bool]:
-        """The mapping's path, and whether this call opened it."""
+    ) -> tuple[str, bool, bool]:
+        """The mapping's path, whether this call opened it, and whether it wrote the LUKS header."""
         with step("find-mapping"):
             already_open = self.cryptsetup.open_mapping_of(device, layout.mapper)
         if already_open:
-            return already_open, False
+            return already_open, False, False
         record = layout.record
         with step("kms"):
             encryption = self._encryption(backend, volume_id, record, secrets)
-        with step("probe-device"):
-            found = self.filesystems.probe(device)
+        formatted = False
         if record.state is EncryptionState.PREPARED and record.filesystem is None:
+            with step("probe-device"):
+                found = self.filesystems.probe(device)  # never format a device that holds data
             if found.empty:
                 self._format(backend, volume_id, device, encryption, record)
+                formatted = True
             elif found.is_luks:
                 # A crash after luksFormat: the header is ours. One that the DEK cannot open is a format
                 # killed inside cryptsetup's own writes (the magic on the disk, no key slot complete).
@@ -245,7 +247,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     mapped = self._open(device, layout, encryption, volume_id, record)
                     with step("header-backup"):
                         refresh_header_backup(self.cryptsetup, backend, volume_id, device)
-                    return mapped, True
+                    return mapped, True, False
                 except (WrongPassphrase, NotLuksDevice):  # no key slot complete, or a torn header
                     self._refuse_unless_half_made_format(device, volume_id)
                 log.warning(
@@ -256,6 +258,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     device,
                 )
                 self._format(backend, volume_id, device, encryption, record)
+                formatted = True
             else:
                 raise failed_precondition(
                     f"volume {volume_id} should be empty before its first use, but {device} holds "
@@ -266,16 +269,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"volume {volume_id} is marked encrypted but its key was never prepared (CreateVolume did "
                 "not finish); delete and recreate it"
             )
-        elif not found.is_luks:
+        elif record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
+            self._refuse_without_header(volume_id, device)
+            with step("finish-rotation"):
+                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
+        # A volume in use is only opened, never formatted: no probe first (a blkid, ~300 ms under TCG);
+        # an open that finds no LUKS header probes then, to say what the device holds (_open).
+        return self._open(device, layout, encryption, volume_id, record), True, formatted
+
+    def _refuse_without_header(self, volume_id: str, device: str) -> None:
+        """FAILED_PRECONDITION, saying what the device holds, unless it has a LUKS header."""
+        with step("probe-device"):
+            found = self.filesystems.probe(device)
+        if not found.is_luks:
             raise failed_precondition(
                 f"volume {volume_id} is recorded as encrypted but {device} has no LUKS header "
                 f"(found {found.type or found.partition_table or 'nothing'}); refusing to use or format "
                 f"it: restore the header from a backup (csi-luks header restore {volume_id})"
             )
-        elif record.state is EncryptionState.ROTATING:  # an interrupted key rotation: finish it first
-            with step("finish-rotation"):
-                KeyRotation(self.cryptsetup, backend, encryption).finish(volume_id, device)
-        return self._open(device, layout, encryption, volume_id, record), True
 
     def _format(
         self,
@@ -340,9 +351,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 mapped = self.cryptsetup.open(
                     device, layout.mapper, passphrase, flags.open_options(persistent=True) if first else None
                 )
-        except (WrongPassphrase, NotLuksDevice):
+        except (WrongPassphrase, NotLuksDevice) as exc:
             if record.state is EncryptionState.PREPARED and record.filesystem is None:
                 raise  # the caller tells a half-made format of ours from anything else
+            if isinstance(exc, NotLuksDevice):
+                self._refuse_without_header(volume_id, device)
             raise failed_precondition(
                 f"the key of KMS {record.kms_id or 'secrets'!r} does not open volume {volume_id}; "
                 "the device was left untouched (check the KMS configuration and the volume's DEK)"
@@ -360,9 +373,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         staging: str,
         mount: csi_pb2.VolumeCapability.MountVolume | None,
         record: VolumeRecord,
+        new_header: bool = False,
     ) -> None:
         """Mount the volume's filesystem at staging (made once, on a volume that never held data), or for
-        a raw block volume nothing; then record what the volume holds, before anything is handed out."""
+        a raw block volume nothing; then record what the volume holds, before anything is handed out.
+        new_header: this call wrote the device's LUKS header, so the mapping holds nothing (see below)."""
         if mount is None:
             if record.filesystem is None and (
                 record.state is EncryptionState.PREPARED or not record.encrypted
@@ -371,7 +386,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             else:
                 return
         else:
-            made = self._mount_filesystem(volume_id, device, staging, mount, record)
+            made = self._mount_filesystem(volume_id, device, staging, mount, record, new_header)
             if record.filesystem is not None and (record.filesystem.is_block or made == record.filesystem):
                 return
             if record.filesystem is not None:
@@ -390,11 +405,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         staging: str,
         mount: csi_pb2.VolumeCapability.MountVolume,
         record: VolumeRecord,
+        new_header: bool = False,
     ) -> FilesystemRecord:
-        """The filesystem mounted at staging: found on the device, or made where nothing can be lost."""
+        """The filesystem mounted at staging: found on the device, or made where nothing can be lost.
+
+        new_header: the mapping is over a LUKS header this call wrote (after the probe of the device found
+        nothing on it): under a volume key made moments ago, what the mapping reads is the decryption of
+        whatever bytes the device held, noise that no one wrote, so it is not probed (a second blkid)."""
         fs_type = mount.fs_type or "ext4"
-        with step("probe-filesystem"):
-            found = self.filesystems.probe(device)
+        if new_header:
+            found = Probe(type=None)
+        else:
+            with step("probe-filesystem"):
+                found = self.filesystems.probe(device)
         with step("is-mounted"):
             mounted = self.filesystems.is_mounted(staging)
         if mounted:

@@ -86,14 +86,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory: old or new, never torn."""
+def write_atomically(path: Path, data: bytes, keep_cached: bool = True) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory: old or new, never torn.
+
+    keep_cached=False: once on disk, the file's pages leave the page cache, where they would count in
+    this process's cgroup until reclaimed (a 16 MiB header backup, rarely read again)."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600: DEKs live here
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            if not keep_cached:
+                with contextlib.suppress(OSError):  # a hint: the data is on disk either way
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -553,7 +559,7 @@ class StandaloneBackend(VolumeBackend):
         with self._locked(directory):
             self._info(volume_id, directory)  # only a complete volume
             try:
-                write_atomically(directory / HEADER_BACKUP, data)
+                write_atomically(directory / HEADER_BACKUP, data, keep_cached=False)
             except OSError as exc:
                 raise _unavailable(exc, directory / HEADER_BACKUP, "write") from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from csi_luks.luks import (
     NotLuksDevice,
     WrongPassphrase,
 )
+from csi_luks.luks.header import read_luks2_header_backup
+from csi_luks.operations.header_backup import read_header_backup
 from tests.support.audit import ArgvAudit
 
 MiB = 1024 * 1024
@@ -185,3 +188,108 @@ def test_a_restored_backup_brings_back_the_key_slots_it_held(
     assert cryptsetup.active_slots(image) == [0]
     with pytest.raises(WrongPassphrase):
         cryptsetup.verify_passphrase(image, second)
+
+
+# --- the header backup read straight from the device (read_luks2_header_backup) ----------------------
+
+
+def _format_with_sizes(image: str, passphrase: bytes, metadata: str, keyslots: str) -> None:
+    """luksFormat with non-default LUKS2 area sizes (FormatOptions does not choose them)."""
+    argv = [
+        "cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", "--pbkdf", "pbkdf2",
+        "--pbkdf-force-iterations", "1000", "--luks2-metadata-size", metadata,
+        "--luks2-keyslots-size", keyslots, "--key-file=-", image,
+    ]  # fmt: skip
+    subprocess.run(argv, input=passphrase, check=True, capture_output=True)
+
+
+def _cryptsetups_backup(cryptsetup: Cryptsetup, image: str, tmp_path: Path) -> bytes:
+    path = tmp_path / f"luksHeaderBackup-{len(list(tmp_path.iterdir()))}"
+    cryptsetup.header_backup(image, str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "layout", ["our defaults", "two key slots", "argon2id, 4096-byte sectors", "64k metadata, 2m key slots"]
+)
+def test_the_header_backup_read_from_the_device_is_luksHeaderBackups_byte_for_byte_and_restores(
+    tmp_path: Path, cryptsetup: Cryptsetup, new_passphrase: Passphrases, layout: str
+) -> None:
+    image = _image(tmp_path)
+    passphrase, second = new_passphrase(), new_passphrase()
+    if layout == "64k metadata, 2m key slots":
+        _format_with_sizes(image, passphrase, "64k", "2m")
+    elif layout == "argon2id, 4096-byte sectors":
+        options = FormatOptions(pbkdf="argon2id", pbkdf_memory_kib=8192, pbkdf_iterations=4, sector_size=4096)
+        cryptsetup.format(image, passphrase, options)
+    else:
+        cryptsetup.format(image, passphrase, FormatOptions(label="pvc-direct"))
+    if layout == "two key slots":
+        cryptsetup.add_key(image, passphrase, second, slot=1)
+    direct = read_luks2_header_backup(image)
+    assert direct is not None
+    assert direct == _cryptsetups_backup(cryptsetup, image, tmp_path)
+    expected_size = 2 * 64 * 1024 + 2 * MiB if layout.startswith("64k") else 16 * MiB
+    assert len(direct) == expected_size
+    # luksHeaderRestore takes it back onto a device whose header and key slots are gone.
+    with open(image, "r+b") as f:
+        f.write(bytes(len(direct)))
+    assert not cryptsetup.is_luks(image)
+    restored = tmp_path / "direct.backup"
+    restored.write_bytes(direct)
+    cryptsetup.header_restore(image, str(restored))
+    assert cryptsetup.verify_passphrase(image, passphrase) == 0
+    if layout == "two key slots":
+        assert cryptsetup.verify_passphrase(image, second) == 1
+
+
+def _damage(image: str, offset: int, data: bytes) -> None:
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "primary binary header wiped",
+        "primary JSON changed (checksum no longer matches)",
+        "secondary header wiped",
+        "secondary with another sequence id",
+    ],
+)
+def test_a_header_cryptsetup_must_judge_is_left_to_cryptsetup(
+    tmp_path: Path, cryptsetup: Cryptsetup, new_passphrase: Passphrases, damage: str
+) -> None:
+    """Not read directly: cryptsetup picks the copy it trusts (and says when none is), and the volume's
+    backup is then cryptsetup's own, as before."""
+    image = _image(tmp_path)
+    cryptsetup.format(image, new_passphrase())
+    hdr_size = 16 * 1024
+    if damage == "primary binary header wiped":
+        _damage(image, 0, bytes(4096))
+    elif damage.startswith("primary JSON"):
+        _damage(image, 4096, b"{ ")
+    elif damage == "secondary header wiped":
+        _damage(image, hdr_size, bytes(4096))
+    else:
+        _damage(image, hdr_size + 16, (999).to_bytes(8, "big"))
+    assert read_luks2_header_backup(image) is None
+    assert read_header_backup(cryptsetup, image) == _cryptsetups_backup(cryptsetup, image, tmp_path)
+
+
+def test_nothing_is_read_directly_from_a_luks1_device_or_one_without_a_header(
+    tmp_path: Path, cryptsetup: Cryptsetup, new_passphrase: Passphrases
+) -> None:
+    image = _image(tmp_path)
+    assert read_luks2_header_backup(image) is None
+    assert read_luks2_header_backup(str(tmp_path / "absent")) is None
+    with pytest.raises(NotLuksDevice):
+        read_header_backup(cryptsetup, image)  # cryptsetup's answer, as before
+    subprocess.run(
+        ["cryptsetup", "luksFormat", "--type", "luks1", "--batch-mode", "--pbkdf-force-iterations", "1000",
+         "--key-file=-", image],
+        input=new_passphrase(), check=True, capture_output=True,
+    )  # fmt: skip
+    assert read_luks2_header_backup(image) is None
+    assert read_header_backup(cryptsetup, image) == _cryptsetups_backup(cryptsetup, image, tmp_path)

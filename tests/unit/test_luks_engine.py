@@ -61,9 +61,11 @@ class FakeRunner:
         return CommandResult(words, rc, out, err, 0.0)
 
 
-def engine(*answers: tuple[int, str, str]) -> tuple[Cryptsetup, FakeRunner]:
+def engine(*answers: tuple[int, str, str], sys_block: Path | None = None) -> tuple[Cryptsetup, FakeRunner]:
+    """An engine on scripted answers; without sys_block, it asks `cryptsetup status` for open mappings (as
+    where /sys/block cannot tell), so the status answers come first."""
     runner = FakeRunner(list(answers))
-    return Cryptsetup(runner=runner), runner  # type: ignore[arg-type]
+    return Cryptsetup(runner=runner, sys_block=sys_block), runner  # type: ignore[arg-type]
 
 
 def test_format_builds_luks2_arguments_and_sends_the_passphrase_on_stdin() -> None:

@@ -133,7 +133,7 @@ def test_stale_mappings_are_counted_at_each_scrape_and_only_a_node_has_the_gauge
 def test_cryptsetup_calls_are_timed_and_failures_counted_by_operation_and_error() -> None:
     metrics = _metrics()
     runner = FakeRunner([(4, INACTIVE, ""), (0, "", ""), (4, INACTIVE, ""), (2, "", "No key available")])
-    cryptsetup = Cryptsetup(runner=runner, observer=metrics.cryptsetup_call)  # type: ignore[arg-type]
+    cryptsetup = Cryptsetup(runner=runner, observer=metrics.cryptsetup_call, sys_block=None)  # type: ignore[arg-type]
     cryptsetup.open("/dev/loop0", "luks-v", "pw-right")
     with pytest.raises(WrongPassphrase):
         cryptsetup.open("/dev/loop0", "luks-v", "pw-wrong")
