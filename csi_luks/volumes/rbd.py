@@ -235,6 +235,7 @@ class RbdBackend(RbdAttachments, VolumeBackend):
         )
         self._fetched.pop(volume_id, None)
         _CEPH_CSI_REFS.pop(volume_id, None)
+        _CEPH_CSI_JOURNALS.pop(volume_id, None)
 
     def check_capacity(self, size_bytes: int) -> None:
         super().check_capacity(size_bytes)
