@@ -32,7 +32,7 @@ from tests.support import csi_tools
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
 from tests.support.cephcsi import CephCsi, CephCsiPool, running_cephcsi
-from tests.support.kms_env import DEK_POLICY, KmsEnv
+from tests.support.kms_env import KmsEnv
 from tests.support.kube import KubeCluster
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 
@@ -261,11 +261,7 @@ def test_a_ceph_csi_vaulttokens_volume_keeps_its_dek_in_openbao_where_csi_luks_f
     finds the tenant in Ceph-CSI's journal (csi.volume.owner), the token in that Secret, and the DEK."""
     tenant = kms_env.create_namespace("cephcsi")
     client = kms_env.bao.client()
-    # Ceph-CSI's Vault client reads sys/mounts when it connects: its tenants' policies must allow it.
-    client.sys.create_or_update_policy(
-        name="cephcsi-dek", policy=DEK_POLICY + 'path "sys/mounts" { capabilities = ["read"] }'
-    )
-    token = client.auth.token.create(policies=["cephcsi-dek"], ttl="1h")["auth"]["client_token"]
+    token = oracle.vault_tenant_token(client)
     kms_env.put_secret(tenant, "ceph-csi-kms-token", {"token": token})
     entry = {
         "encryptionKMSType": "vaulttokens",

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import hvac
 import rados
 import rbd
 
@@ -50,6 +51,7 @@ from csi_luks.csi import csi_pb2, csi_pb2_grpc
 from tests.support import serve_process
 from tests.support.audit import AUDIT
 from tests.support.ceph import CephCluster
+from tests.support.kms_env import DEK_POLICY
 from tests.support.kube import KubeCluster
 from tests.support.plugin import block_capability, mount_capability
 from tests.support.serve_process import ServeProcess
@@ -117,6 +119,16 @@ class CephCsiPool:
     def with_passphrase(self, passphrase: str) -> dict[str, str]:
         """The secrets plus the `metadata` KMS's passphrase, as a StorageClass's provisioner secret."""
         return {**self.secrets, PASSPHRASE_KEY: passphrase}
+
+
+def vault_tenant_token(client: hvac.Client, policy: str = "cephcsi-dek") -> str:
+    """A Vault token for a tenant of Ceph-CSI's Vault types: the DEK paths, and sys/mounts, which Ceph-CSI's
+    Vault client reads when it connects (csi-luks needs no more than the DEK paths)."""
+    client.sys.create_or_update_policy(
+        name=policy, policy=DEK_POLICY + 'path "sys/mounts" { capabilities = ["read"] }'
+    )
+    token: str = client.auth.token.create(policies=[policy], ttl="1h")["auth"]["client_token"]
+    return token
 
 
 def new_pool(ceph: CephCluster, name: str) -> CephCsiPool:

@@ -282,7 +282,10 @@ def _session(name: str, items: list[pytest.Item], rootdir: Path) -> GuestSession
         rootdir,
         needs_ceph=any("ceph" in getattr(item, "fixturenames", ()) for item in items),
         needs_csi_tools=any(item.get_closest_marker("csi_tools") for item in items),
-        needs_kube_node=any("k8s_node" in getattr(item, "fixturenames", ()) for item in items),
+        # A kube-apiserver alone (the `kube` fixture, or a test's own kube_cluster) needs the same programs.
+        needs_kube_node=any(
+            {"k8s_node", "kube", "kube_api"} & set(getattr(item, "fixturenames", ())) for item in items
+        ),
         needs_image_rootfs=any("image_rootfs" in getattr(item, "fixturenames", ()) for item in items),
         name=name,
     )

@@ -8,13 +8,17 @@ csi-luks deletes the volumes (as Ceph-CSI would, tests/host/test_ceph_csi_volume
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import hvac.exceptions
+import kubernetes.client as k8s
 import pytest
 
+from csi_luks import kube as plugin_kube
 from csi_luks.csi import csi_pb2
 from csi_luks.csiaddons import encryptionkeyrotation_pb2 as rotation_pb
 from csi_luks.csiaddons import encryptionkeyrotation_pb2_grpc as rotation_grpc
@@ -31,6 +35,8 @@ from tests.support import csi_tools
 from tests.support.ceph import CephCluster
 from tests.support.ceph_fixtures import CLUSTER_ID
 from tests.support.cephcsi import CephCsi, running_cephcsi
+from tests.support.kube import KubeCluster, kube_cluster
+from tests.support.openbao import OpenBao
 from tests.support.plugin import MiB, RunningPlugin, mount_capability, running_plugin
 
 pytestmark = pytest.mark.csi_tools  # the host hands cephcsi to the guest
@@ -231,3 +237,75 @@ def test_a_volume_ceph_csi_never_staged_is_formatted_once_by_csi_luks_and_opens_
     assert ceph_csi.inside("cat", f"{mounted}/from-csi-luks") == "formatted by csi-luks\n"
     ceph_csi.unstage(handle, ceph_csi.shared_dir / "stage-3")
     delete(plugin, handle, creds)
+
+
+@pytest.fixture(scope="module")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """An API server of this module's own (Ceph-CSI's vaulttokens reads the tenant's token Secret through
+    it), stopped before the next module: the guest's Kubernetes e2e needs the cores."""
+    with kube_cluster(tmp_path_factory.mktemp("kube-cephcsi"), ready_timeout=600) as cluster:
+        yield cluster
+
+
+def test_a_vault_volume_ceph_csi_formatted_opens_under_csi_luks_and_goes_back(
+    ceph_csi: CephCsi,
+    ceph: CephCluster,
+    ceph_config: Path,
+    ceph_secrets: dict[str, str],
+    kube_api: KubeCluster,
+    session_bao: OpenBao,
+    tmp_path: Path,
+) -> None:
+    """Ceph-CSI's `vaulttokens` on OpenBao: Ceph-CSI formats and fills the volume, csi-luks (the same KMS
+    entry; the tenant from Ceph-CSI's journal, the token from Ceph-CSI's default Secret) opens it and
+    writes, and Ceph-CSI opens it again."""
+    api = kube_api.api_client()
+    core = k8s.CoreV1Api(api)
+    tenant = "cephcsi-tenant"
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=tenant)))
+    root = session_bao.client()
+    token = oracle.vault_tenant_token(root, "cephcsi-node")
+    core.create_namespaced_secret(
+        tenant,
+        k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="ceph-csi-kms-token"), string_data={"token": token}),
+    )
+    entry = {"encryptionKMSType": "vaulttokens", "vaultAddress": session_bao.address,
+             "vaultBackendPath": "secret/", "vaultBackend": "kv-v2"}  # fmt: skip
+    with running_cephcsi(
+        csi_tools.tool("cephcsi"), ceph, CLUSTER_ID, tmp_path / "cephcsi", kms_config={"vault-tokens": entry},
+        node=True, mgr=False, kube=kube_api,
+    ) as vault_csi:  # fmt: skip
+        creds = dict(ceph_secrets)
+        volume = vault_csi.create_volume(
+            "pvc-vm-takeover-vault", 96 * MiB, ceph.pool, creds, kms_id="vault-tokens",
+            more_parameters={"csi.storage.k8s.io/pvc/namespace": tenant},
+        )  # fmt: skip
+        handle = volume.volume_id
+        mounted = vault_csi.stage(volume, vault_csi.shared_dir / "stage-v1", creds)
+        vault_csi.inside("sh", "-c", f"echo ceph-csi-wrote > {mounted}/from-ceph-csi && sync -f {mounted}")
+        vault_csi.unstage(handle, vault_csi.shared_dir / "stage-v1")
+        assert meta(ceph, handle)[ENCRYPTED] == "encrypted" and DEK not in meta(ceph, handle)
+
+        root_dir = tmp_path / "plugin"
+        root_dir.mkdir()
+        (root_dir / "kms-config.json").write_text(json.dumps({"vault-tokens": entry}))
+        plugin_kube.set_api_client(api)
+        try:
+            with running_plugin(root_dir, ceph_config=ceph_config) as plugin:
+                staging = tmp_path / "staging"
+                stage(plugin, volume, staging, creds)
+                assert (staging / "from-ceph-csi").read_text() == "ceph-csi-wrote\n"
+                (staging / "from-csi-luks").write_text("csi-luks-wrote\n")
+                os.sync()
+                unstage(plugin, handle, staging)
+                mounted = vault_csi.stage(volume, vault_csi.shared_dir / "stage-v2", creds)
+                found = vault_csi.inside("cat", f"{mounted}/from-ceph-csi", f"{mounted}/from-csi-luks")
+                assert found == "ceph-csi-wrote\ncsi-luks-wrote\n"
+                vault_csi.unstage(handle, vault_csi.shared_dir / "stage-v2")
+                delete(plugin, handle, creds)
+        finally:
+            plugin_kube.set_api_client(None)
+    with pytest.raises(hvac.exceptions.InvalidPath):  # the DEK went with the volume
+        root.secrets.kv.v2.read_secret_version(
+            path=handle, mount_point="secret", raise_on_deleted_version=True
+        )
