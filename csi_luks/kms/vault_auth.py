@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hvac
 
-from csi_luks.kms.base import KMSConfigError, MissingSecret
+from csi_luks.kms.base import KMSConfigError, KMSObjectNotFound, MissingSecret
 
 
 class VaultAuth(ABC):
@@ -62,7 +62,6 @@ class TokenSecretAuth(VaultAuth):
     fallback: str | None = None
 
     def login(self, client: hvac.Client, kms_id: str) -> None:
-        from csi_luks.kms.base import KMSObjectNotFound
         from csi_luks.kms.kube_api import read_secret
 
         purpose = f"KMS {kms_id!r}, Vault token"

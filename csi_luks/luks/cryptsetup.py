@@ -337,11 +337,11 @@ class Cryptsetup:
     def _backing(self, mapping: DmDevice) -> list[str]:
         """The device a mapping sits on, and its image file for a loop device; _AskCryptsetup unless the
         mapping's table uses exactly one device (a LUKS mapping's does)."""
-        if len(mapping.slaves) != 1 or self.sys_block is None:
+        if len(mapping.slaves) != 1:
             raise _AskCryptsetup
         slave = mapping.slaves[0]
         backing = [f"/dev/{slave}"]
-        if slave.startswith("loop"):
+        if slave.startswith("loop") and self.sys_block is not None:  # set: _sysfs_mapping found it
             image = loop_backing_file(slave, self.sys_block)
             if image:
                 backing.append(image)

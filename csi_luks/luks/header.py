@@ -107,15 +107,10 @@ def _checksum_ok(copy: bytes, algorithm: bytes) -> bool:
 
 
 def _read(fd: int, size: int, offset: int) -> bytes | None:
-    """size bytes at offset; None on a short read or a read error (cryptsetup then says what it is)."""
-    try:
-        first = os.pread(fd, size, offset)  # all of it, as a rule
-    except OSError:
-        return None
-    if len(first) == size or not first:
-        return first if len(first) == size else None
-    chunks = [first]
-    done = len(first)
+    """size bytes at offset (one pread, as a rule); None at the device's end or on a read error
+    (cryptsetup then says what it is)."""
+    chunks: list[bytes] = []
+    done = 0
     try:
         while done < size:
             chunk = os.pread(fd, size - done, offset + done)
@@ -125,4 +120,4 @@ def _read(fd: int, size: int, offset: int) -> bytes | None:
             done += len(chunk)
     except OSError:
         return None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one chunk: no copy

@@ -62,12 +62,7 @@ SOURCE_KEY = "csi.source"  # a snapshot's: its source image's name
 KMS_ID_KEY = "csi.volume.encryptKMS"
 ENCRYPTION_TYPE_KEY = "csi.volume.encryptionType"
 OWNER_KEY = "csi.volume.owner"
-IMAGE_ID_KEY = "csi.imageid"
 JOURNAL_POOL_KEY = "csi.journalpool"  # hex of the big-endian pool id of the request directory
-ATTRIBUTE_KEYS = (
-    IMAGE_NAME_KEY, REQUEST_NAME_KEY, KMS_ID_KEY, ENCRYPTION_TYPE_KEY, OWNER_KEY, IMAGE_ID_KEY,
-    JOURNAL_POOL_KEY, "csi.volume.backingsnapshotid",
-)  # fmt: skip
 
 # Image-meta (encryption.go).
 ENCRYPTED_META = "rbd.csi.ceph.com/encrypted"
