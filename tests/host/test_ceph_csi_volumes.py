@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -52,6 +53,26 @@ def plugin(tmp_path: Path, ceph_config: Path) -> Iterator[RunningPlugin]:
 def unwrap(passphrase: str, volume_id: str, wrapped: str) -> str:
     kms = MetadataKMS("check", {}, KMSContext({oracle.PASSPHRASE_KEY: passphrase}))
     return kms.decrypt_dek(volume_id, wrapped)
+
+
+@dataclass(frozen=True)
+class MadeByCephCsi:
+    """An encrypted volume cephcsi created with the `metadata` KMS, and what a test needs of it."""
+
+    handle: str
+    image: str
+    passphrase: str
+    creds: dict[str, str]  # the pool's cephx user and the KMS's passphrase
+    dek: str  # the DEK cephcsi wrapped, unwrapped
+
+
+def made_by_ceph_csi(cephcsi: CephCsi, ceph: CephCluster, pool: CephCsiPool, name: str) -> MadeByCephCsi:
+    passphrase = secrets.token_urlsafe(24)
+    creds = pool.with_passphrase(passphrase)
+    handle = cephcsi.create_volume(name, 64 * MiB, pool.name, creds).volume_id
+    image = f"csi-vol-{oracle.decode_handle(handle).uuid}"
+    dek = unwrap(passphrase, handle, oracle.image_meta(ceph, pool.name, image)[DEK])
+    return MadeByCephCsi(handle, image, passphrase, creds, dek)
 
 
 def journal(ceph: CephCluster, pool: str, handle: str) -> tuple[dict[str, str] | None, dict[str, str]]:
@@ -100,13 +121,9 @@ def test_csi_luks_expands_and_deletes_a_ceph_csi_volume_as_ceph_csi_would_and_ha
     plugin: RunningPlugin, cephcsi: CephCsi, ceph: CephCluster, cephcsi_pool: CephCsiPool
 ) -> None:
     pool = cephcsi_pool.name
-    passphrase = secrets.token_urlsafe(24)
-    creds = cephcsi_pool.with_passphrase(passphrase)
-    handle = cephcsi.create_volume("pvc-takeover-1", 64 * MiB, pool, creds).volume_id
+    made = made_by_ceph_csi(cephcsi, ceph, cephcsi_pool, "pvc-takeover-1")
+    handle, image, passphrase, creds, dek = made.handle, made.image, made.passphrase, made.creds, made.dek
     twin = cephcsi.create_volume("pvc-takeover-twin", 64 * MiB, pool, creds).volume_id
-    image = f"csi-vol-{oracle.decode_handle(handle).uuid}"
-    made = oracle.image_meta(ceph, pool, image)
-    dek = unwrap(passphrase, handle, made[DEK])
 
     # csi-luks grows it: the LUKS header is inside Ceph-CSI's image, so the image grows by the asked
     # capacity plus the header; Ceph-CSI's keys are untouched (never staged: still prepared).
@@ -139,12 +156,8 @@ def test_a_snapshot_and_a_restore_of_a_ceph_csi_volume_are_csi_luks_volumes_with
     plugin: RunningPlugin, cephcsi: CephCsi, ceph: CephCluster, cephcsi_pool: CephCsiPool
 ) -> None:
     pool = cephcsi_pool.name
-    passphrase = secrets.token_urlsafe(24)
-    creds = cephcsi_pool.with_passphrase(passphrase)
-    handle = cephcsi.create_volume("pvc-takeover-2", 64 * MiB, pool, creds).volume_id
-    dek = unwrap(
-        passphrase, handle, oracle.image_meta(ceph, pool, f"csi-vol-{oracle.decode_handle(handle).uuid}")[DEK]
-    )
+    made = made_by_ceph_csi(cephcsi, ceph, cephcsi_pool, "pvc-takeover-2")
+    handle, passphrase, creds, dek = made.handle, made.passphrase, made.creds, made.dek
 
     snapshot = plugin.controller.CreateSnapshot(
         csi_pb2.CreateSnapshotRequest(name="snap-takeover-2", source_volume_id=handle, secrets=creds),
@@ -203,11 +216,8 @@ def test_migrate_moves_a_ceph_csi_volume_to_another_kms_id_that_ceph_csi_then_fo
     """`csi-luks migrate` on a Ceph-CSI volume rewrites the journal's KMS id with the DEK: Ceph-CSI, whose
     configuration then knows only the new id, copies the volume's DEK into a snapshot of its own."""
     pool = cephcsi_pool.name
-    passphrase = secrets.token_urlsafe(24)
-    creds = cephcsi_pool.with_passphrase(passphrase)
-    handle = cephcsi.create_volume("pvc-takeover-migrate", 64 * MiB, pool, creds).volume_id
-    image = f"csi-vol-{oracle.decode_handle(handle).uuid}"
-    dek = unwrap(passphrase, handle, oracle.image_meta(ceph, pool, image)[DEK])
+    made = made_by_ceph_csi(cephcsi, ceph, cephcsi_pool, "pvc-takeover-migrate")
+    handle, passphrase, creds, dek = made.handle, made.passphrase, made.creds, made.dek
     entries = {
         oracle.METADATA_KMS_ID: {"encryptionKMSType": "metadata"},
         "cephcsi-metadata-new": {"encryptionKMSType": "metadata"},
@@ -303,9 +313,8 @@ def test_csi_luks_restores_from_a_ceph_csi_snapshot_and_deletes_it_as_ceph_csi_w
     """A VolumeSnapshot Ceph-CSI took (its handle has a volume's form; its journal is csi.snap.<uuid>) is
     restored by csi-luks with the snapshot's DEK, and deleted: its image and both journal entries."""
     pool = cephcsi_pool.name
-    passphrase = secrets.token_urlsafe(24)
-    creds = cephcsi_pool.with_passphrase(passphrase)
-    handle = cephcsi.create_volume("pvc-takeover-snapsource", 64 * MiB, pool, creds).volume_id
+    made = made_by_ceph_csi(cephcsi, ceph, cephcsi_pool, "pvc-takeover-snapsource")
+    handle, passphrase, creds = made.handle, made.passphrase, made.creds
     snapshot = cephcsi.create_snapshot("snap-by-ceph-csi", handle, creds)
     snap_uuid = oracle.decode_handle(snapshot.snapshot_id).uuid
     dek = unwrap(

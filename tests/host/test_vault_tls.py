@@ -370,6 +370,14 @@ def test_a_ca_file_and_a_ca_secret_exclude_each_other(tls_bao: TLSBao) -> None:
         config.build("both", CONTEXT)
 
 
+def tenant_tokens_entry(tls_bao: TLSBao) -> dict[str, str]:
+    """A vaulttokens entry over TLS by name, with the CA in Secret csi/vault-ca; names no token Secret or
+    tenant ConfigMap, so their default names are read."""
+    return {"encryptionKMSType": "vaulttokens", "vaultAddress": tls_bao.name_only,
+            "vaultCAFromSecret": "vault-ca", "vaultCAFromSecretNamespace": "csi",
+            "vaultPassphrasePath": "tenants/", "vaultRetryDeadline": str(DEADLINE)}  # fmt: skip
+
+
 def test_vaulttokens_over_tls_with_the_ca_and_the_tenant_token_from_secrets(
     tls_bao: TLSBao, backend: StandaloneBackend, secrets: FakeSecrets
 ) -> None:
@@ -377,10 +385,7 @@ def test_vaulttokens_over_tls_with_the_ca_and_the_tenant_token_from_secrets(
     and vaultTLSServerName set by the tenant's own ConfigMap (a tenant override key)."""
     secrets.secrets["tenant-a", "csi-luks-vault-token"] = {"token": ROOT_TOKEN}
     secrets.secrets["csi", "vault-ca"] = {"cert": tls_bao.good_pem}
-    entry = {"encryptionKMSType": "vaulttokens", "vaultAddress": tls_bao.name_only,
-             "vaultCAFromSecret": "vault-ca", "vaultCAFromSecretNamespace": "csi",
-             "vaultPassphrasePath": "tenants/", "vaultRetryDeadline": str(DEADLINE)}  # fmt: skip
-    config = KMSConfig(None, {"tokens": entry})
+    config = KMSConfig(None, {"tokens": tenant_tokens_entry(tls_bao)})
     context = KMSContext(secrets={}, pvc_namespace="tenant-a")
     volume_id = backend.volume_id_for("pvc-tenant", {})
     backend.create(volume_id, "pvc-tenant", MiB, {})
@@ -424,10 +429,7 @@ def test_a_tenant_set_up_for_ceph_csi_is_read_under_ceph_csi_s_default_names(
     secrets.secrets["tenant-b", "ceph-csi-kms-token"] = {"token": ROOT_TOKEN}
     secrets.secrets["csi", "vault-ca"] = {"cert": tls_bao.good_pem}
     secrets.config_maps["tenant-b", "ceph-csi-kms-config"] = {"vaultTLSServerName": "vault.test"}
-    entry = {"encryptionKMSType": "vaulttokens", "vaultAddress": tls_bao.name_only,
-             "vaultCAFromSecret": "vault-ca", "vaultCAFromSecretNamespace": "csi",
-             "vaultPassphrasePath": "tenants/", "vaultRetryDeadline": str(DEADLINE)}  # fmt: skip
-    config = KMSConfig(None, {"tokens": entry})
+    config = KMSConfig(None, {"tokens": tenant_tokens_entry(tls_bao)})
     context = KMSContext(secrets={}, pvc_namespace="tenant-b")
     volume_id = backend.volume_id_for("pvc-tenant-b", {})
     backend.create(volume_id, "pvc-tenant-b", MiB, {})
