@@ -212,7 +212,7 @@ class PluginServer:
         backend: VolumeBackend | None = None,
     ) -> None:
         self.settings = settings
-        self.cryptsetup = cryptsetup or Cryptsetup()
+        self.cryptsetup = cryptsetup or Cryptsetup(kdf_slots=kdf.SLOTS)  # the KMS's derivations' slots
         self.backend = backend or _backend(settings)
         self.kms_config = KMSConfig.from_file(settings.kms_config, settings.kms_config_map_ref)
         self.locks = OperationLocks()

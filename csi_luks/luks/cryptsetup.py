@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from csi_luks.luks.errors import (
     CipherUnavailable,
@@ -35,6 +36,9 @@ from csi_luks.luks.sysfs import SYS_BLOCK, DmDevice, find_dm_device, loop_backin
 from csi_luks.system.device_io import read_error, reports_io_error
 from csi_luks.system.kernel import device_mapper_registered
 from csi_luks.system.programs import CRYPTSETUP
+
+if TYPE_CHECKING:
+    from csi_luks.kms.kdf import KDFSlots
 from csi_luks.system.runner import (
     CommandError,
     CommandNotFound,
@@ -130,14 +134,18 @@ class Cryptsetup:
         timeout: float = 120.0,
         observer: CallObserver | None = None,
         sys_block: Path | None = SYS_BLOCK,
+        kdf_slots: KDFSlots | None = None,
     ):
         """sys_block: where open mappings are looked up without a process (is_open, open_mapping_of,
-        close); None to ask `cryptsetup status` every time."""
+        close); None to ask `cryptsetup status` every time. kdf_slots: the process's bound on memory-hard
+        derivations, which every command given a passphrase waits for (its PBKDF is one: Ceph-CSI's
+        argon2id takes 32 MiB a call, and a node staging its volumes after a reboot runs one per volume)."""
         self.runner = runner or Runner()
         self.binary = binary
         self.timeout = timeout
         self.observer = observer
         self.sys_block = sys_block
+        self.kdf_slots = kdf_slots
 
     def _run(
         self,
@@ -146,11 +154,16 @@ class Cryptsetup:
         *,
         passphrase: Passphrase | None = None,
         check: bool = True,
+        derives: bool = True,
     ) -> CommandResult:
+        """derives: a command given a passphrase runs a PBKDF, and waits for a KDF slot (not the cipher
+        check, whose random key goes to dm-crypt as it is)."""
         stdin = _bytes(passphrase) if passphrase is not None else None
+        slots = self.kdf_slots if passphrase is not None and derives else None
         started = time.monotonic()
         try:
-            result = self.runner.run([self.binary, *args], stdin=stdin, timeout=self.timeout, check=check)
+            with slots.held() if slots is not None else contextlib.nullcontext():
+                result = self.runner.run([self.binary, *args], stdin=stdin, timeout=self.timeout, check=check)
         except CommandError as exc:
             error = classify(exc, operation)
             self._observe(operation, started, error)
@@ -159,11 +172,17 @@ class Cryptsetup:
         return result
 
     def _run_on(
-        self, device: str, operation: str, args: list[str | SecretPipe], *, passphrase: Passphrase
+        self,
+        device: str,
+        operation: str,
+        args: list[str | SecretPipe],
+        *,
+        passphrase: Passphrase,
+        derives: bool = True,
     ) -> CommandResult:
         """_run for an operation on device, whose unreadable blocks make it a LuksDeviceIOError."""
         try:
-            return self._run(operation, args, passphrase=passphrase)
+            return self._run(operation, args, passphrase=passphrase, derives=derives)
         except LuksError as exc:
             raise _device_fault(exc, device) from None
 
@@ -212,7 +231,7 @@ class Cryptsetup:
             args += ["--sector-size", str(options.sector_size)]
         key = secrets.token_bytes(options.key_size // 8)
         try:
-            self._run_on(device, "cipher check", [*args, device, name], passphrase=key)
+            self._run_on(device, "cipher check", [*args, device, name], passphrase=key, derives=False)
         except (LuksDeviceIOError, CryptsetupTimeout, CryptsetupMissing, DeviceMapperUnavailable):
             raise
         except LuksError as exc:

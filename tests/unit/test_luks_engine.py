@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from csi_luks.kms.kdf import KDFSlots
 from csi_luks.luks import (
     CipherUnavailable,
     Cryptsetup,
@@ -308,3 +312,47 @@ def test_cipher_check_maps_read_only_with_a_throwaway_key_and_a_refused_table_is
         CipherUnavailable, match="refused serpent-xts-plain64 with a 256-bit key, 1024-byte sectors"
     ):
         cs.check_cipher(str(device), options)
+
+
+class _ConcurrencyRunner:
+    """Each command sleeps a moment; the most commands seen running at once is kept."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    def run(self, argv: Sequence[str | SecretPipe], **_: object) -> CommandResult:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return CommandResult([a for a in argv if isinstance(a, str)], 0, "", "", 0.05)
+
+
+def _at_once(action: Callable[[], object], count: int) -> None:
+    """count calls of action, all at once; each must succeed."""
+    with ThreadPoolExecutor(count) as pool:
+        for future in [pool.submit(action) for _ in range(count)]:
+            future.result()
+
+
+def test_commands_given_a_passphrase_wait_for_the_kdf_slots(tmp_path: Path) -> None:
+    """luksFormat and open run a PBKDF (argon2id takes its memory cost per call): 8 at once run 2 at a
+    time under 2 slots; commands without a passphrase (close) are not held back."""
+    runner = _ConcurrencyRunner()
+    engine = Cryptsetup(runner=runner, sys_block=tmp_path, kdf_slots=KDFSlots(2))  # type: ignore[arg-type]
+    _at_once(lambda: engine.format("/dev/loop9", "secret-passphrase"), 8)
+    assert runner.most == 2
+    runner.most = 0
+    _at_once(lambda: engine._run("luksClose", ["close", "n"]), 8)
+    assert runner.most > 2
+
+
+def test_the_cipher_check_takes_no_kdf_slot(tmp_path: Path) -> None:
+    """Its throwaway key goes to dm-crypt as it is: no derivation, so no wait behind a busy KDF slot."""
+    slots = KDFSlots(1)
+    engine = Cryptsetup(runner=_ConcurrencyRunner(), sys_block=tmp_path, kdf_slots=slots)  # type: ignore[arg-type]
+    with slots.held():  # the only slot is taken: a check that waited for it would never return
+        engine.check_cipher("/dev/loop9", FormatOptions())
