@@ -11,11 +11,13 @@ to cryptsetup, which picks the copy to trust, repairs nothing in a backup, and s
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import json
+import mmap
 import os
 import struct
+from collections.abc import Iterator
 
 _BINARY_HEADER = 4096  # the binary header; its JSON area follows, up to hdr_size
 _MAGIC = {0: b"LUKS\xba\xbe", 1: b"SKUL\xba\xbe"}  # primary, secondary
@@ -28,38 +30,108 @@ _HEADER_SIZES = {16 << 10 << n for n in range(9)}
 _MAX_KEYSLOTS_SIZE = 128 << 20  # cryptsetup's bound on the key-slot area
 
 
-def read_luks2_header_backup(device: str) -> bytes | None:
-    """The bytes `cryptsetup luksHeaderBackup device FILE` writes to FILE for a LUKS2 device; None when
-    the header is not one read here with certainty (see the module), and cryptsetup must make the backup."""
-    try:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+_SECTOR = 4096  # LUKS2 aligns its areas to this; direct reads need it
+_CHUNK = 1 << 20  # what a stream holds at a time: 16 stages at once hold 16 MiB, not 256
+
+
+class HeaderBackupStream:
+    """A LUKS2 header backup read from the device a chunk at a time: `size` bytes, each chunk a view of
+    one page-aligned buffer that the next chunk reuses (write it out or copy it before asking for the
+    next). Read with O_DIRECT where the device allows it, so the device's pages are not cached either:
+    16 stages at once would otherwise hold 16 copies of 16 MiB, counted in the plugin's cgroup."""
+
+    def __init__(self, fd: int, metadata: bytes, end: int) -> None:
+        self._fd = fd
+        self._metadata = metadata  # the header copies checked when the stream was opened
+        self._end = end  # the end of the key-slot area: what is read from the device
+        self.size = end + (-end % os.sysconf("SC_PAGE_SIZE"))  # zero-padded to a whole page
+
+    def __enter__(self) -> HeaderBackupStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def chunks(self) -> Iterator[memoryview]:
+        """The backup's bytes in order; OSError if the device fails or its header changes meanwhile."""
+        buffer = memoryview(mmap.mmap(-1, _CHUNK))  # page-aligned, as O_DIRECT needs; freed with its views
+        offset = 0
+        while offset < self.size:
+            chunk = buffer[: min(_CHUNK, self.size - offset)]
+            readable = max(0, min(len(chunk), self._end - offset))
+            if _read_into(self._fd, chunk[:readable], offset) != readable:
+                raise OSError(errno.EIO, "the device ended inside its LUKS header")
+            chunk[readable:] = bytes(len(chunk) - readable)  # the page padding past the key slots
+            # The header copies checked at the open must be what the backup starts with.
+            if offset == 0 and chunk[: len(self._metadata)] != self._metadata:
+                raise OSError(errno.EAGAIN, "the LUKS header changed while it was read for its backup")
+            yield chunk
+            offset += len(chunk)
+
+
+def open_luks2_header_backup(device: str) -> HeaderBackupStream | None:
+    """The bytes `cryptsetup luksHeaderBackup device FILE` writes to FILE, as a stream, for a LUKS2
+    device; None when the header is not one read here with certainty (see the module), and cryptsetup
+    must make the backup."""
+    fd = _open_for_reading(device)
+    if fd is None:
         return None
     try:
         primary = _read(fd, _BINARY_HEADER, 0)
-        if primary is None:
+        hdr_size = None if primary is None else _header_size(primary, 0)
+        metadata = None if hdr_size is None else _read(fd, 2 * hdr_size, 0)
+        keyslots_size = None if metadata is None or hdr_size is None else _keyslots_size(metadata, hdr_size)
+        if metadata is None or hdr_size is None or keyslots_size is None:
+            os.close(fd)
             return None
-        hdr_size = _header_size(primary, 0)
-        if hdr_size is None:
-            return None
-        metadata = _read(fd, 2 * hdr_size, 0)
-        if metadata is None:
-            return None
-        keyslots_size = _keyslots_size(metadata, hdr_size)
-        if keyslots_size is None:
-            return None
-        # All of it in one read, one buffer (16 MiB by default; no copies: stages run concurrently), and
-        # the header copies checked above must be what it starts with.
-        backup = _read(fd, 2 * hdr_size + keyslots_size, 0)
-        if backup is None or not backup.startswith(metadata):
-            return None
-        # Read once: its pages need not stay cached, counted in this process's cgroup (16 stages at once).
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, len(backup), os.POSIX_FADV_DONTNEED)
-    finally:
+    except BaseException:
         os.close(fd)
-    padding = -len(backup) % os.sysconf("SC_PAGE_SIZE")
-    return backup + bytes(padding) if padding else backup
+        raise
+    end = 2 * hdr_size + keyslots_size
+    # A truncated device, or an area O_DIRECT cannot read to its end: cryptsetup's backup.
+    if end % _SECTOR or _device_size(fd) < end:
+        os.close(fd)
+        return None
+    return HeaderBackupStream(fd, metadata, end)
+
+
+def read_luks2_header_backup(device: str) -> bytes | None:
+    """The whole backup in memory (a comparison, a test); None as for open_luks2_header_backup."""
+    stream = open_luks2_header_backup(device)
+    if stream is None:
+        return None
+    with stream:
+        try:
+            return b"".join(bytes(chunk) for chunk in stream.chunks())
+        except OSError:
+            return None
+
+
+def _open_for_reading(device: str) -> int | None:
+    """The device opened for direct reads, or buffered where it refuses O_DIRECT; None if it cannot be
+    opened (cryptsetup then says why)."""
+    for flags in (os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT, os.O_RDONLY | os.O_CLOEXEC):
+        try:
+            return os.open(device, flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return None
+    return None
+
+
+def _device_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _read_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Fill buffer from offset; the bytes read, fewer only at the device's end."""
+    done = 0
+    while done < len(buffer):
+        count = os.preadv(fd, [buffer[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    return done
 
 
 def _header_size(block: bytes, copy: int) -> int | None:
@@ -107,17 +179,11 @@ def _checksum_ok(copy: bytes, algorithm: bytes) -> bool:
 
 
 def _read(fd: int, size: int, offset: int) -> bytes | None:
-    """size bytes at offset (one pread, as a rule); None at the device's end or on a read error
-    (cryptsetup then says what it is)."""
-    chunks: list[bytes] = []
-    done = 0
+    """size bytes at offset (a page-aligned buffer: the fd may be O_DIRECT); None at the device's end or
+    on a read error (cryptsetup then says what it is)."""
+    buffer = memoryview(mmap.mmap(-1, size))
     try:
-        while done < size:
-            chunk = os.pread(fd, size - done, offset + done)
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            done += len(chunk)
+        done = _read_into(fd, buffer, offset)
     except OSError:
         return None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one chunk: no copy
+    return bytes(buffer) if done == size else None

@@ -15,7 +15,7 @@ from pathlib import Path
 from csi_luks.encryption import VolumeEncryption
 from csi_luks.kms.base import KMSError
 from csi_luks.luks import Cryptsetup, NotLuksDevice, WrongPassphrase
-from csi_luks.luks.header import read_luks2_header_backup
+from csi_luks.luks.header import open_luks2_header_backup, read_luks2_header_backup
 from csi_luks.operations import OperationRefused
 from csi_luks.volumes.base import VolumeBackend
 
@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 def read_header_backup(cryptsetup: Cryptsetup, device: str) -> bytes:
     """The device's header backup image: for an intact LUKS2 header, read straight from the device (the
-    bytes luksHeaderBackup writes, without its process); otherwise made by cryptsetup in a private
-    temporary directory and read back (so a damaged or non-LUKS2 header gets cryptsetup's own answer)."""
+    bytes luksHeaderBackup writes, without its process); otherwise cryptsetup's own (_cryptsetup_backup)."""
     direct = read_luks2_header_backup(device)
-    if direct is not None:
-        return direct
+    return direct if direct is not None else _cryptsetup_backup(cryptsetup, device)
+
+
+def _cryptsetup_backup(cryptsetup: Cryptsetup, device: str) -> bytes:
+    """luksHeaderBackup's image, made in a private temporary directory and read back (so a damaged or
+    non-LUKS2 header gets cryptsetup's own answer)."""
     with tempfile.TemporaryDirectory(prefix="csi-luks-header-") as directory:  # 0700
         path = Path(directory) / "header"
         cryptsetup.header_backup(device, str(path))  # refuses an existing file: this one is new
@@ -38,10 +41,16 @@ def read_header_backup(cryptsetup: Cryptsetup, device: str) -> bytes:
 def refresh_header_backup(
     cryptsetup: Cryptsetup, backend: VolumeBackend, volume_id: str, device: str
 ) -> bool:
-    """Replace the volume's header backup with the device's header; False if the backend keeps none."""
+    """Replace the volume's header backup with the device's header; False if the backend keeps none.
+    Streamed from the device to the backend (no 16 MiB copy in memory) where the header is read here."""
     if not backend.keeps_header_backups:
         return False
-    backend.store_header_backup(volume_id, read_header_backup(cryptsetup, device))
+    stream = open_luks2_header_backup(device)
+    if stream is None:
+        backend.store_header_backup(volume_id, [_cryptsetup_backup(cryptsetup, device)])
+    else:
+        with stream:
+            backend.store_header_backup(volume_id, stream.chunks())
     log.info("volume %s: LUKS header backup refreshed", volume_id)
     return True
 

@@ -41,6 +41,7 @@ from csi_luks.services.validation import checked_id, require_path, validate_capa
 from csi_luks.system.device_io import DeviceIOError, read_error, read_first_block
 from csi_luks.system.filesystem import Filesystems, Probe
 from csi_luks.system.runner import CommandError
+from csi_luks.system.superblock import superblock_uuid
 from csi_luks.timing import step
 from csi_luks.volume_metadata import (
     DELETING,
@@ -159,7 +160,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                         backend, volume_id, device, layout, dict(request.secrets)
                     )
                 mount = capability.mount if capability.WhichOneof("access_type") == "mount" else None
-                self._stage_contents(backend, volume_id, device, staging, mount, layout.record, formatted)
+                self._stage_contents(
+                    backend, volume_id, device, staging, mount, layout.record, formatted, was_mounted
+                )
                 if layout.record.encrypted and layout.record.state is EncryptionState.PREPARED:
                     # Only now, with the filesystem (or the raw device) recorded: a `prepared` volume is
                     # one that nothing of the user's can be on.
@@ -235,8 +238,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             encryption = self._encryption(backend, volume_id, record, secrets)
         formatted = False
         if record.state is EncryptionState.PREPARED and record.filesystem is None:
-            with step("probe-device"):
-                found = self.filesystems.probe(device)  # never format a device that holds data
+            with step("probe-device"):  # never format a device that holds data
+                # Nothing to find on a volume the backend proves was never written (a sparse image).
+                never_written = backend.never_written(volume_id, device)
+                found = Probe(type=None) if never_written else self.filesystems.probe(device)
             if found.empty:
                 self._format(backend, volume_id, device, encryption, record)
                 formatted = True
@@ -373,11 +378,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         staging: str,
         mount: csi_pb2.VolumeCapability.MountVolume | None,
         record: VolumeRecord,
-        new_header: bool = False,
+        new_header: bool,
+        mounted: bool,
     ) -> None:
         """Mount the volume's filesystem at staging (made once, on a volume that never held data), or for
         a raw block volume nothing; then record what the volume holds, before anything is handed out.
-        new_header: this call wrote the device's LUKS header, so the mapping holds nothing (see below)."""
+        new_header: this call wrote the device's LUKS header, so the mapping holds nothing (see below).
+        mounted: staging was already mounted when the call began (a retried stage)."""
         if mount is None:
             if record.filesystem is None and (
                 record.state is EncryptionState.PREPARED or not record.encrypted
@@ -386,7 +393,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             else:
                 return
         else:
-            made = self._mount_filesystem(volume_id, device, staging, mount, record, new_header)
+            made = self._mount_filesystem(volume_id, device, staging, mount, record, new_header, mounted)
             if record.filesystem is not None and (record.filesystem.is_block or made == record.filesystem):
                 return
             if record.filesystem is not None:
@@ -405,7 +412,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         staging: str,
         mount: csi_pb2.VolumeCapability.MountVolume,
         record: VolumeRecord,
-        new_header: bool = False,
+        new_header: bool,
+        mounted: bool,
     ) -> FilesystemRecord:
         """The filesystem mounted at staging: found on the device, or made where nothing can be lost.
 
@@ -417,9 +425,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             found = Probe(type=None)
         else:
             with step("probe-filesystem"):
-                found = self.filesystems.probe(device)
-        with step("is-mounted"):
-            mounted = self.filesystems.is_mounted(staging)
+                found = self._recorded_filesystem(device, record) or self.filesystems.probe(device)
         if mounted:
             return FilesystemRecord(found.type or fs_type, found.uuid or "")
         if found.empty:
@@ -451,6 +457,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             found = self._mkfs(volume_id, device, fs_type)
             self.filesystems.mount(device, staging, fs_type, flags)
         return FilesystemRecord(fs_type, found.uuid or "")
+
+    @staticmethod
+    def _recorded_filesystem(device: str, record: VolumeRecord) -> Probe | None:
+        """The filesystem the volume's record names, when its superblock on the device still carries the
+        recorded UUID (one read, no blkid); None when that is not certain, and blkid must say."""
+        made = record.filesystem
+        if made is None or made.is_block or not made.uuid:
+            return None
+        try:
+            first_block = read_first_block(device)
+        except OSError:
+            return None  # blkid's probe reports the device's I/O error
+        if superblock_uuid(first_block, made.type) != made.uuid:
+            return None
+        return Probe(type=made.type, uuid=made.uuid)
 
     def _mkfs(self, volume_id: str, device: str, fs_type: str) -> Probe:
         with step("mkfs"):

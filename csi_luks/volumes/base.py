@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,14 @@ from csi_luks.key_lock import key_operation_lock
 from csi_luks.quoting import quoted
 
 MAX_BYTES = 2**63 - 1  # off_t, and CSI's int64 capacities
+
+
+# A header backup image: its bytes, or its chunks in order (streamed from the device).
+HeaderImage = bytes | Iterable[bytes | memoryview]
+
+
+def header_chunks(data: HeaderImage) -> Iterable[bytes | memoryview]:
+    return [data] if isinstance(data, bytes) else data
 
 
 class VolumeBackendError(Exception):
@@ -197,6 +205,12 @@ class VolumeBackend(ABC):
         None when the backend cannot tell (RBD without the request's credentials)."""
         return None
 
+    def never_written(self, volume_id: str, device: str) -> bool:
+        """Whether the backend can prove that no byte of the volume, attached at device, was ever written
+        (stronger than any probe for signatures: there is nothing to find). False when it cannot tell, and
+        the node probes the device instead."""
+        return False
+
     def sparsify(self, volume_id: str) -> bool:
         """Free the backing store's zero-filled extents; False when there is nothing for the backend to do
         (the standalone backend frees a sparse file's blocks as the node discards them)."""
@@ -207,8 +221,10 @@ class VolumeBackend(ABC):
     # Whether the backend keeps a copy of each encrypted volume's LUKS header beside it.
     keeps_header_backups: bool = False
 
-    def store_header_backup(self, volume_id: str, data: bytes) -> None:
-        """Keep data (a luksHeaderBackup image) with the volume, replacing an older one atomically."""
+    def store_header_backup(self, volume_id: str, data: HeaderImage) -> None:
+        """Keep a luksHeaderBackup image (whole, or its chunks in order) with the volume, replacing an
+        older one atomically. A chunk may be a view of a buffer the next one reuses: each is written out
+        or copied before the next is asked for (the image is streamed from the device, not held whole)."""
         raise HeaderBackupUnsupported(f"the {type(self).__name__} keeps no LUKS header backups")
 
     def fetch_header_backup(self, volume_id: str) -> bytes | None:

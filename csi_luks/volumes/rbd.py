@@ -37,11 +37,13 @@ from csi_luks.volumes import ceph_csi
 from csi_luks.volumes.base import (
     BackendRequestError,
     CapacityOutOfRange,
+    HeaderImage,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
     VolumeInUse,
     VolumeNotFound,
+    header_chunks,
 )
 from csi_luks.volumes.ceph_clusters import (
     CONNECT_TIMEOUT,
@@ -523,10 +525,11 @@ class RbdBackend(RbdAttachments, VolumeBackend):
     # A LUKS header backup is a RADOS object beside the image (16 MiB does not fit image metadata).
     keeps_header_backups = True
 
-    def store_header_backup(self, volume_id: str, data: bytes) -> None:
+    def store_header_backup(self, volume_id: str, data: HeaderImage) -> None:
         ref = self._ref(volume_id)
+        whole = b"".join(bytes(chunk) for chunk in header_chunks(data))  # one write_full: no rename in RADOS
         with self._images(ref) as images:
-            images.put_object(ref, header_object(ref), data)
+            images.put_object(ref, header_object(ref), whole)
 
     def fetch_header_backup(self, volume_id: str) -> bytes | None:
         ref = self._ref(volume_id)

@@ -24,13 +24,14 @@ import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,14 @@ from csi_luks.system.runner import CommandError, Runner
 from csi_luks.volumes.base import (
     BackendUnavailable,
     CapacityOutOfRange,
+    HeaderImage,
     MalformedId,
     VolumeBackend,
     VolumeBackendError,
     VolumeInfo,
     VolumeInUse,
     VolumeNotFound,
+    header_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -86,26 +89,88 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, keep_cached: bool = True) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory: old or new, never torn.
-
-    keep_cached=False: once on disk, the file's pages leave the page cache, where they would count in
-    this process's cgroup until reclaimed (a 16 MiB header backup, rarely read again)."""
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory: old or new, never torn."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600: DEKs live here
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-            if not keep_cached:
-                with contextlib.suppress(OSError):  # a hint: the data is on disk either way
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_streamed_atomically(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """write_atomically, for content given in chunks (each written before the next is asked for), past
+    the page cache: direct I/O where the file system allows it, so that a 16 MiB header backup is never
+    held in memory, cached or dirty, while 16 stages write theirs at once."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with contextlib.closing(_DirectWriter(fd)) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+            os.fsync(fd)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(path.parent)
+
+
+class _DirectWriter:
+    """Writes to fd through a page-aligned buffer with O_DIRECT; buffered where the file system refuses
+    O_DIRECT or a chunk is not a whole number of pages (then its pages are dropped once on disk)."""
+
+    _BUFFER = 1 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffered = False
+        self.buffer = memoryview(mmap.mmap(-1, self._BUFFER))
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError:
+            self.buffered = True
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk).cast("B")
+        while view:
+            part, view = view[: self._BUFFER], view[self._BUFFER :]
+            if not self.buffered and len(part) % mmap.PAGESIZE == 0:
+                self.buffer[: len(part)] = part
+                try:
+                    _write_all(self.fd, self.buffer[: len(part)])
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: this file system takes no direct writes
+                        raise
+            self._go_buffered()
+            _write_all(self.fd, part)
+
+    def _go_buffered(self) -> None:
+        if not self.buffered:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.buffered = True
+
+    def close(self) -> None:
+        """Close the file, dropping what buffered writes left cached (a hint: call it after the fsync)."""
+        try:
+            if self.buffered:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 @dataclass
@@ -547,6 +612,27 @@ class StandaloneBackend(VolumeBackend):
         if device is not None:
             self.loops.detach(device)
 
+    def never_written(self, volume_id: str, device: str) -> bool:
+        """The image has no data extent at all (SEEK_DATA finds none): every byte is a hole, so nothing
+        was ever written. The device's cache is flushed first, so a write still on its way to the image
+        counts. A file system without SEEK_DATA reports the whole file as data: False, and a probe."""
+        try:
+            device_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(device_fd)
+            finally:
+                os.close(device_fd)
+            image_fd = os.open(self.image_path(volume_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False  # the probe reads the device and says what is wrong with it
+        try:
+            os.lseek(image_fd, 0, os.SEEK_DATA)
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no data from offset 0 to the end
+        finally:
+            os.close(image_fd)
+        return False
+
     def refresh_attachment_size(self, volume_id: str) -> None:
         device = self.find_attachment(volume_id)
         if device is not None:
@@ -554,12 +640,12 @@ class StandaloneBackend(VolumeBackend):
 
     keeps_header_backups = True
 
-    def store_header_backup(self, volume_id: str, data: bytes) -> None:
+    def store_header_backup(self, volume_id: str, data: HeaderImage) -> None:
         directory = self._dir(volume_id)
         with self._locked(directory):
             self._info(volume_id, directory)  # only a complete volume
             try:
-                write_atomically(directory / HEADER_BACKUP, data, keep_cached=False)
+                write_streamed_atomically(directory / HEADER_BACKUP, header_chunks(data))
             except OSError as exc:
                 raise _unavailable(exc, directory / HEADER_BACKUP, "write") from exc
 

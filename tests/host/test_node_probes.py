@@ -1,6 +1,8 @@
 """Which devices a NodeStage probes with blkid: on a first stage the device before formatting (never
-format a device that holds data), and the new mapping only when this call did not write its LUKS header
-itself; on a restage the mapping only, and the device when it turns out to have no LUKS header.
+format a device that holds data) unless the backend proves it was never written, and the new mapping
+only when this call did not write its LUKS header itself; on a restage the mapping only (not even that
+when the recorded filesystem's superblock is there: tests/host/test_superblock.py), and the device when
+it turns out to have no LUKS header.
 
 Real cryptsetup on the volume's image file (format, header backup); the mapping and the filesystem side
 are recorded stand-ins, since this tier has no device-mapper.
@@ -8,6 +10,8 @@ are recorded stand-ins, since this tier has no device-mapper.
 
 from __future__ import annotations
 
+import subprocess
+import uuid
 from pathlib import Path
 
 import grpc
@@ -19,6 +23,7 @@ from csi_luks.locks import OperationLocks
 from csi_luks.luks import Cryptsetup, FormatOptions, OpenOptions, Passphrase, mapper_path
 from csi_luks.luks.stale import StaleMappings
 from csi_luks.services.node import NodeService
+from csi_luks.system.device_io import read_first_block
 from csi_luks.system.filesystem import Probe
 from csi_luks.volume_metadata import FILESYSTEM, STATE
 from tests.support.operations import Volumes
@@ -97,18 +102,45 @@ def _stage(volumes: Volumes, volume_id: str, tmp_path: Path, filesystems: _Files
         mp.undo()
 
 
-def test_a_first_stage_probes_the_device_once_and_not_the_mapping_it_just_made(
+def test_a_first_stage_of_a_never_written_image_probes_nothing_and_not_the_mapping_it_just_made(
     volumes: Volumes, tmp_path: Path
 ) -> None:
+    """The sparse image has no data extent: nothing can be on it, so no blkid before luksFormat."""
     volume_id = volumes.create("pvc-probes", "local-1")
     filesystems = _Filesystems()
     _stage(volumes, volume_id, tmp_path, filesystems)
     mapping = mapper_path(f"luks-{volume_id}")
-    assert filesystems.probes == [volumes.image(volume_id)]  # the data-safety probe, before luksFormat
+    assert filesystems.probes == []
     assert filesystems.made == [mapping]
     assert volumes.backend.get(volume_id).metadata[STATE] == "encrypted"
     assert FILESYSTEM in volumes.backend.get(volume_id).metadata
     assert volumes.backend.fetch_header_backup(volume_id) is not None
+
+
+def test_a_first_stage_of_an_image_with_data_probes_the_device_once(volumes: Volumes, tmp_path: Path) -> None:
+    """Bytes were written (even ones no probe recognises): blkid decides, before luksFormat."""
+    volume_id = volumes.create("pvc-written", "local-1")
+    with open(volumes.image(volume_id), "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(b"somebody's bytes")
+    filesystems = _Filesystems()
+    _stage(volumes, volume_id, tmp_path, filesystems)
+    assert filesystems.probes == [volumes.image(volume_id)]  # the data-safety probe, and only it
+    assert filesystems.made == [mapper_path(f"luks-{volume_id}")]
+
+
+def test_a_first_stage_refuses_a_written_image_its_probe_finds_a_filesystem_on(
+    volumes: Volumes, tmp_path: Path
+) -> None:
+    volume_id = volumes.create("pvc-has-fs", "local-1")
+    with open(volumes.image(volume_id), "r+b") as f:
+        f.write(b"\1" * 4096)
+    filesystems = _Filesystems({volumes.image(volume_id): "xfs"})
+    with pytest.raises(CsiError) as refused:
+        _stage(volumes, volume_id, tmp_path, filesystems)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "refusing to format it" in str(refused.value)
+    assert filesystems.made == [] and not volumes.tool.cryptsetup.is_luks(volumes.image(volume_id))
 
 
 def test_a_stage_over_a_header_it_did_not_write_probes_the_mapping_too(
@@ -126,6 +158,47 @@ def test_a_restage_probes_the_mapping_only(volumes: Volumes, tmp_path: Path) -> 
     volume_id = volumes.create("pvc-restage", "local-1")
     _stage(volumes, volume_id, tmp_path, _Filesystems())
     mapping = mapper_path(f"luks-{volume_id}")
+    filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS", mapping: "ext4"})
+    _stage(volumes, volume_id, tmp_path, filesystems)
+    assert filesystems.probes == [mapping] and filesystems.made == []
+
+
+def _mapping_holds_ext4(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mapping: str, filesystem_uuid: str
+) -> None:
+    """The mapping's first block (read by the node in-process) is that of a real ext4 with this UUID."""
+    image = tmp_path / "mapping-ext4.img"
+    with image.open("wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", filesystem_uuid, str(image)], check=True)
+    real = read_first_block
+    monkeypatch.setattr(
+        "csi_luks.services.node.read_first_block",
+        lambda device: real(str(image) if device == mapping else device),
+    )
+
+
+def test_a_restage_over_the_recorded_filesystem_probes_nothing(
+    volumes: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The superblock on the mapping carries the UUID recorded at the first stage: mounted, no blkid."""
+    volume_id = volumes.create("pvc-restage-known", "local-1")
+    _stage(volumes, volume_id, tmp_path, _Filesystems())
+    mapping = mapper_path(f"luks-{volume_id}")
+    _mapping_holds_ext4(monkeypatch, tmp_path, mapping, UUID)
+    filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS", mapping: "ext4"})
+    _stage(volumes, volume_id, tmp_path, filesystems)
+    assert filesystems.probes == [] and filesystems.made == []
+    assert volumes.backend.get(volume_id).metadata[FILESYSTEM] == f"ext4 {UUID}"
+
+
+def test_a_restage_over_another_filesystem_uuid_lets_blkid_say(
+    volumes: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume_id = volumes.create("pvc-restage-other", "local-1")
+    _stage(volumes, volume_id, tmp_path, _Filesystems())
+    mapping = mapper_path(f"luks-{volume_id}")
+    _mapping_holds_ext4(monkeypatch, tmp_path, mapping, str(uuid.uuid4()))
     filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS", mapping: "ext4"})
     _stage(volumes, volume_id, tmp_path, filesystems)
     assert filesystems.probes == [mapping] and filesystems.made == []

@@ -21,7 +21,7 @@ from csi_luks.volumes.base import (
     VolumeInUse,
     VolumeNotFound,
 )
-from csi_luks.volumes.standalone import IMAGE, META, StandaloneBackend
+from csi_luks.volumes.standalone import IMAGE, META, StandaloneBackend, write_streamed_atomically
 
 MiB = 1024 * 1024
 
@@ -537,3 +537,45 @@ def test_a_state_dir_that_cannot_exist_is_unavailable(tmp_path: Path, loops: Fak
         backend.free_bytes()
     with pytest.raises(BackendUnavailable):
         StandaloneBackend(tmp_path / "missing" / "deeper" / "state", loops=loops).free_bytes()
+
+
+# --- a file written from chunks, past the page cache (header backups) -------------------------------
+
+
+def _chunks_of(data: bytes, sizes: list[int]) -> Iterator[bytes]:
+    offset = 0
+    for size in sizes:
+        yield data[offset : offset + size]
+        offset += size
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [1 << 20] * 3,  # whole pages: direct writes
+        [4096, 1 << 20, 100, (2 << 20) - 4196],  # a chunk of no whole page: buffered from there
+        [(3 << 20) + 5000],  # one chunk bigger than the writer's buffer, not page-aligned at its end
+    ],
+)
+def test_a_streamed_write_holds_exactly_its_chunks(tmp_path: Path, sizes: list[int]) -> None:
+    data = os.urandom(sum(sizes))
+    path = tmp_path / "header.backup"
+    path.write_bytes(b"older")
+    write_streamed_atomically(path, _chunks_of(data, sizes))
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["header.backup"]  # no temporary file left
+
+
+def test_a_stream_that_fails_midway_leaves_the_older_file(tmp_path: Path) -> None:
+    path = tmp_path / "header.backup"
+    path.write_bytes(b"older")
+
+    def failing() -> Iterator[bytes]:
+        yield bytes(1 << 20)
+        raise OSError(errno.EIO, "the device failed")
+
+    with pytest.raises(OSError, match="the device failed"):
+        write_streamed_atomically(path, failing())
+    assert path.read_bytes() == b"older"
+    assert [p.name for p in tmp_path.iterdir()] == ["header.backup"]
