@@ -86,14 +86,23 @@ def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
 
 
 def unmount(target: str, lazy: bool = False) -> None:
-    if _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
+    if _libc.umount2(_c_string(target), MNT_DETACH if lazy else 0) != 0:
         _raise_errno(target)
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int) -> None:
-    kind = os.fsencode(fstype) if fstype else None
-    if _libc.mount(os.fsencode(source), os.fsencode(target), kind, flags, None) != 0:
+    kind = _c_string(fstype) if fstype else None
+    if _libc.mount(_c_string(source), _c_string(target), kind, flags, None) != 0:
         _raise_errno(target)
+
+
+def _c_string(text: str) -> bytes:
+    """text for a C call; a NUL inside would cut it short there (another path), so it is refused as the
+    os module and subprocess refuse it."""
+    encoded = os.fsencode(text)
+    if b"\0" in encoded:
+        raise ValueError("embedded null byte")
+    return encoded
 
 
 def _raise_errno(path: str) -> None:

@@ -18,6 +18,8 @@ from csi_luks.system.mount_syscalls import (
     MS_STRICTATIME,
     MS_SYNCHRONOUS,
     kernel_flags,
+    mount,
+    unmount,
 )
 
 
@@ -63,3 +65,13 @@ def test_options_that_are_kernel_flags_become_the_flags(options: list[str], flag
 )
 def test_any_other_option_leaves_the_mount_to_the_program(options: list[str]) -> None:
     assert kernel_flags(options) is None
+
+
+def test_a_nul_in_a_path_is_refused_before_any_system_call() -> None:
+    """C would read "/dev/loop1\\0x" as /dev/loop1: another device than the one named."""
+    with pytest.raises(ValueError, match="null byte"):
+        mount("/dev/loop1\0x", "/mnt", "ext4", 0)
+    with pytest.raises(ValueError, match="null byte"):
+        mount("/dev/loop1", "/mnt", "ext4\0", 0)
+    with pytest.raises(ValueError, match="null byte"):
+        unmount("/mnt\0/x")
