@@ -21,7 +21,9 @@ from csi_luks.system import loop, mount_syscalls
 from csi_luks.system.filesystem import Filesystems
 from csi_luks.system.loop import LoopDevices
 from csi_luks.system.runner import CommandError
-from csi_luks.timing import CallTiming, timed_call
+from csi_luks.timing import CallTiming, collecting, timed_call
+from csi_luks.volumes.standalone import StandaloneBackend
+from tests.support.plugin import mount_capability, running_plugin, stage_and_publish, unpublish_and_unstage
 
 MiB = 1024 * 1024
 LOOP_GET_STATUS64 = 0x4C05
@@ -371,3 +373,27 @@ def test_a_bind_whose_read_only_remount_is_refused_is_undone_before_the_program_
     with open("/proc/self/mountinfo") as mountinfo:
         at_target = [line.split()[5] for line in mountinfo if line.split()[4] == target]
     assert len(at_target) == 1 and "ro" in at_target[0].split(",")
+
+
+def test_a_volumes_node_lifecycle_runs_no_losetup_mount_or_umount(tmp_path: Path) -> None:
+    """Stage, publish read-only, unpublish, unstage of an unencrypted volume (this host has no
+    device-mapper for an encrypted one): each call's breakdown names the system calls, not the programs."""
+    with running_plugin(tmp_path / "plugin") as plugin, collecting() as calls:
+        volume_id = plugin.create("pvc-syscalls", 64 * MiB, {"encrypted": "false"}).volume_id
+        staging, target = str(tmp_path / "staging"), str(tmp_path / "target")
+        stage_and_publish(plugin.node, volume_id, staging, target, mount_capability(), readonly=True)
+        assert "ro" in mount_options(target)[0].split(",")
+        unpublish_and_unstage(plugin.node, volume_id, staging, target)
+    ran = {
+        call.method.rsplit("/", 1)[-1]: [
+            p.name for span in call.steps for p in ([span] if span.process else span.processes())
+        ]
+        for call in calls
+        if "/Node" in call.method
+    }
+    assert ran["NodeStageVolume"] == ["LOOP_CONFIGURE", "blkid", "mkfs.ext4", "mount(2)"]
+    assert ran["NodePublishVolume"] == ["mount(2)"]
+    assert ran["NodeUnpublishVolume"] == ["umount2(2)"]
+    assert ran["NodeUnstageVolume"] == ["umount2(2)", "cryptsetup", "LOOP_CLR_FD"]
+    image = StandaloneBackend(plugin.state_dir).image_path(volume_id)
+    assert image.is_file() and LoopDevices().find(str(image)) is None

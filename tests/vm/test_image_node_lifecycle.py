@@ -40,7 +40,7 @@ from tests.support.csi_sanity import keep_artifacts
 from tests.support.csi_tools import STRICT
 from tests.support.deployed_plugin import START_TIMEOUT, PluginProcess, deployed_command
 from tests.support.image_rootfs import ROOTFS_ENV, ROOTFS_ERROR_ENV, image_config, wait_for_handover
-from tests.support.plugin import MiB, mount_capability
+from tests.support.plugin import MiB, mount_capability, stage_and_publish, unpublish_and_unstage
 
 KUBELET = "/var/lib/kubelet"
 # Where node-plugin.yaml mounts them in the container; the image has no such directories of its own.
@@ -197,27 +197,10 @@ def _lifecycle(node: ImageNode, name: str, fs_type: str, size: int, grown: int, 
     target = f"{KUBELET}/pods/{name}-pod/volumes/kubernetes.io~csi/{name}/mount"
 
     def stage() -> None:
-        node.node.NodeStageVolume(
-            csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume_id, staging_target_path=staging, volume_capability=capability
-            )
-        )
-        node.node.NodePublishVolume(
-            csi_pb2.NodePublishVolumeRequest(
-                volume_id=volume_id,
-                staging_target_path=staging,
-                target_path=target,
-                volume_capability=capability,
-            )
-        )
+        stage_and_publish(node.node, volume_id, staging, target, capability)
 
     def unstage() -> None:
-        node.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target)
-        )
-        node.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
-        )
+        unpublish_and_unstage(node.node, volume_id, staging, target)
 
     mapper = mapper_name(volume_id)
     stage()
