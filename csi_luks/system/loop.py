@@ -38,7 +38,7 @@ LO_NAME_SIZE = 64
 # lo_encrypt_key_size, lo_flags; u8 lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32]; u64 lo_init[2].
 # Every field is naturally aligned, so the standard sizes without padding are the C layout.
 LOOP_CONFIG = struct.Struct("=II 5Q 4I 64s 64s 32s 2Q 8Q")
-_FREE_DEVICE_TRIES = 8  # another process may take the free device before it is configured
+_FREE_DEVICE_TRIES = 64  # as losetup: another process or a concurrent stage may take a free device first
 
 
 class LoopDevices:

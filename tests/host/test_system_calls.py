@@ -12,7 +12,9 @@ import fcntl
 import os
 import struct
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,25 @@ def test_a_free_device_taken_meanwhile_is_passed_over(
     device = loops.attach(image)
     assert device != taken[0] and sysfs(taken[0], "loop/backing_file") == intruder
     assert sysfs(device, "loop/backing_file") == image
+
+
+def test_concurrent_attaches_each_get_a_device_of_their_own(tmp_path: Path, loops: LoopDevices) -> None:
+    """16 stages at once ask for the same free device; the losers of each LOOP_CONFIGURE ask again."""
+    images = [sparse_image(tmp_path / f"{i}.img", MiB) for i in range(16)]
+    barrier = threading.Barrier(len(images))
+
+    def attach(image: str) -> tuple[str, list[str]]:
+        attached: list[str] = []
+        barrier.wait()
+        ran = spans(lambda: attached.append(loops.attach(image)))
+        return attached[0], ran
+
+    with ThreadPoolExecutor(max_workers=len(images)) as pool:
+        results = list(pool.map(attach, images))
+    assert [ran for _, ran in results] == [["LOOP_CONFIGURE"]] * len(images)
+    devices = [device for device, _ in results]
+    assert len(set(devices)) == len(images)
+    assert [sysfs(device, "loop/backing_file") for device in devices] == images
 
 
 def test_where_the_ioctls_fail_losetup_does_it_and_reports_its_own_errors(
