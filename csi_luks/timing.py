@@ -26,7 +26,8 @@ OTHER = "other"  # the time of a call that no step covers
 
 @dataclass
 class Span:
-    """A timed part of a call: a step (its parts inside) or a process (a program's name)."""
+    """A timed part of a call: a step (its parts inside) or a process (a program's name, or a system call
+    made in its place)."""
 
     name: str
     seconds: float = 0.0
@@ -135,6 +136,21 @@ def process(argv0: str, seconds: float) -> None:
     timing = _CURRENT.get()
     if timing is not None:
         timing.add_process(os.path.basename(argv0), seconds)
+
+
+@contextlib.contextmanager
+def system_call(name: str) -> Iterator[None]:
+    """A system call made in place of a process (`mount(2)` for mount): counted as that process would be,
+    so the breakdown shows what replaced it; a failed one too (the fallback's process follows it)."""
+    timing = _CURRENT.get()
+    if timing is None:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing.add_process(name, time.perf_counter() - started)
 
 
 @contextlib.contextmanager

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_luks import timing
+from csi_luks.system import mount_syscalls
 from csi_luks.system.device_io import DeviceIOError, read_error, reports_io_error
 from csi_luks.system.fs_limits import raise_if_too_small
 from csi_luks.system.programs import (
@@ -26,6 +29,7 @@ from csi_luks.system.programs import (
 )
 from csi_luks.system.runner import CommandError, CommandResult, Runner
 
+log = logging.getLogger(__name__)
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
 _BLKID_NOTHING_FOUND = 2
 _MAX_STACKED_MOUNTS = 16
@@ -100,13 +104,16 @@ class Filesystems:
     def mount(
         self, source: str, target: str, fstype: str | None = None, options: list[str] | None = None
     ) -> None:
+        """Mount by system call where mount(8) would make just that one; otherwise, or where the kernel
+        refuses, by mount(8), whose error (the node service reads it) is then the caller's."""
         Path(target).mkdir(parents=True, exist_ok=True)
         args = [MOUNT]
         if fstype:
             args += ["-t", fstype]
         if options:
             args += ["-o", ",".join(options)]
-        self.runner.run([*args, source, target])
+        if not self._mounted_by_system_call(source, target, fstype, options or []):
+            self.runner.run([*args, source, target])
 
     def bind_mount(self, source: str, target: str, readonly: bool, target_is_file: bool = False) -> None:
         """Bind source (a directory, or a block device onto a file) at target; idempotent."""
@@ -118,8 +125,24 @@ class Filesystems:
             path.mkdir(parents=True, exist_ok=True)
         if self.is_mounted(target):
             return
-        # util-linux turns "bind,ro" into a bind plus a read-only remount.
-        self.runner.run([MOUNT, "-o", "bind,ro" if readonly else "bind", source, target])
+        options = ["bind,ro" if readonly else "bind"]
+        if not self._mounted_by_system_call(source, target, None, options):
+            self.runner.run([MOUNT, "-o", *options, source, target])
+
+    def _mounted_by_system_call(
+        self, source: str, target: str, fstype: str | None, options: list[str]
+    ) -> bool:
+        """Whether mount(2) mounted it: only options that are kernel flags, and a type unless a bind."""
+        flags = mount_syscalls.kernel_flags(options)
+        if flags is None or not (fstype or flags & mount_syscalls.MS_BIND):
+            return False
+        try:
+            with timing.system_call("mount(2)"):
+                mount_syscalls.mount(source, target, fstype, flags)
+        except OSError as exc:
+            log.debug("mount(2) of %s at %s failed (%s); running mount", source, target, exc)
+            return False
+        return True
 
     def check(self, device: str, fstype: str) -> Check:
         """Check the filesystem on device read-only (nothing is written): e2fsck -n, trying ext4's backup
@@ -169,6 +192,12 @@ class Filesystems:
         for _ in range(_MAX_STACKED_MOUNTS):
             if not self.is_mounted(target):
                 return
+            try:
+                with timing.system_call("umount2(2)"):
+                    mount_syscalls.unmount(target, lazy)
+                continue
+            except OSError as exc:
+                log.debug("umount2 of %s failed (%s); running umount", target, exc)
             self.runner.run([UMOUNT, "--lazy", target] if lazy else [UMOUNT, target])
         raise OSError(errno.EBUSY, f"still mounted after {_MAX_STACKED_MOUNTS} unmounts", target)
 

@@ -126,6 +126,36 @@ class RunningPlugin:
         return volume
 
 
+def stage_and_publish(
+    node: csi_pb2_grpc.NodeStub,
+    volume_id: str,
+    staging: str,
+    target: str,
+    capability: csi_pb2.VolumeCapability,
+    readonly: bool = False,
+) -> None:
+    """What the kubelet asks for a pod's volume: NodeStage, then NodePublish of the staged volume."""
+    node.NodeStageVolume(
+        csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=staging, volume_capability=capability
+        )
+    )
+    node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=capability,
+            readonly=readonly,
+        )
+    )
+
+
+def unpublish_and_unstage(node: csi_pb2_grpc.NodeStub, volume_id: str, staging: str, target: str) -> None:
+    node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
+    node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging))
+
+
 def code_of(call: object, *args: object, **kwargs: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)  # type: ignore[operator]

@@ -68,6 +68,23 @@ def test_a_failed_or_timed_out_process_and_a_failing_step_are_timed_too() -> Non
     assert sleep.process and 0.05 <= sleep.seconds < 5
 
 
+def test_a_system_call_made_in_place_of_a_process_is_counted_as_one() -> None:
+    with timing.system_call("mount(2)"):  # no call: recorded nowhere
+        pass
+    call = CallTiming("/csi.v1.Node/NodeStageVolume")
+    with timed_call(call):
+        with step("mount"):
+            with pytest.raises(OSError), timing.system_call("mount(2)"):
+                raise OSError("refused: the fallback's process follows, and both are counted")
+            Runner().run(["true"])
+        with timing.system_call("umount2(2)"):
+            time.sleep(0.01)
+    mount, unmount = call.steps
+    assert [(p.name, p.process) for p in mount.parts] == [("mount(2)", True), ("true", True)]
+    assert unmount.name == "umount2(2)" and unmount.process and unmount.seconds >= 0.01
+    assert "(mount(2) " in call.render()
+
+
 def test_a_crash_step_is_a_timed_step_under_its_name() -> None:
     call = CallTiming("/csi.v1.Controller/CreateVolume")
     with timed_call(call), Step("create-volume", "backing-store"):

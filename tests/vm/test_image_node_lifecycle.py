@@ -4,8 +4,8 @@ The host builds the root from the Dockerfile (tests/support/image_rootfs.py, cac
 tests/host/test_image.py) and hands it to the guest. Here it is mounted read-only, with /dev, /proc,
 /sys, /run (udev), a state dir, the socket dir and a kubelet dir bound in as node-plugin.yaml mounts
 them, and `csi-luks serve` runs chrooted into it with deploy/'s command line: every program it runs
-(cryptsetup, losetup, blkid, mkfs, resize2fs, xfs_growfs, mount) can only be the image's. strace
-records what it ran, to show the lifecycle did run them.
+(cryptsetup, blkid, mkfs, resize2fs, xfs_growfs; losetup, mount and umount where their system calls fail)
+can only be the image's. strace records what it ran, to show the lifecycle did run them.
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ from csi_luks.system.filesystem import Filesystems
 from csi_luks.system.programs import (
     BLKID,
     CRYPTSETUP,
-    LOSETUP,
     MKFS_EXT4,
     MKFS_XFS,
-    MOUNT,
     RESIZE2FS,
-    UMOUNT,
     XFS_GROWFS,
 )
 from csi_luks.volumes.standalone import StandaloneBackend
@@ -43,14 +40,16 @@ from tests.support.csi_sanity import keep_artifacts
 from tests.support.csi_tools import STRICT
 from tests.support.deployed_plugin import START_TIMEOUT, PluginProcess, deployed_command
 from tests.support.image_rootfs import ROOTFS_ENV, ROOTFS_ERROR_ENV, image_config, wait_for_handover
-from tests.support.plugin import MiB, mount_capability
+from tests.support.plugin import MiB, mount_capability, stage_and_publish, unpublish_and_unstage
 
 KUBELET = "/var/lib/kubelet"
 # Where node-plugin.yaml mounts them in the container; the image has no such directories of its own.
 MOUNT_POINTS = ("csi", "var/lib/csi-luks", "var/lib/kubelet", "etc/csi-luks", "tmp")
 MARKER = b"CSI-LUKS-IMAGE-NODE-MARKER " * 1000
-# What an ext4 and an xfs volume's stage, publish, expand, unpublish and unstage run between them.
-LIFECYCLE_PROGRAMS = {CRYPTSETUP, LOSETUP, BLKID, MKFS_EXT4, RESIZE2FS, MKFS_XFS, XFS_GROWFS, MOUNT, UMOUNT}
+# What an ext4 and an xfs volume's stage, publish, expand, unpublish and unstage run between them. Not
+# losetup, mount or umount: the node makes their system calls itself, and runs them only where those fail
+# (tests/host/test_image.py finds them in the image all the same).
+LIFECYCLE_PROGRAMS = {CRYPTSETUP, BLKID, MKFS_EXT4, RESIZE2FS, MKFS_XFS, XFS_GROWFS}
 EXECVE = re.compile(r'execve\("([^"]+)"')
 
 
@@ -198,27 +197,10 @@ def _lifecycle(node: ImageNode, name: str, fs_type: str, size: int, grown: int, 
     target = f"{KUBELET}/pods/{name}-pod/volumes/kubernetes.io~csi/{name}/mount"
 
     def stage() -> None:
-        node.node.NodeStageVolume(
-            csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume_id, staging_target_path=staging, volume_capability=capability
-            )
-        )
-        node.node.NodePublishVolume(
-            csi_pb2.NodePublishVolumeRequest(
-                volume_id=volume_id,
-                staging_target_path=staging,
-                target_path=target,
-                volume_capability=capability,
-            )
-        )
+        stage_and_publish(node.node, volume_id, staging, target, capability)
 
     def unstage() -> None:
-        node.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target)
-        )
-        node.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
-        )
+        unpublish_and_unstage(node.node, volume_id, staging, target)
 
     mapper = mapper_name(volume_id)
     stage()
