@@ -52,7 +52,6 @@ from csi_luks.system.filesystem import Filesystems
 from csi_luks.timing import CallTiming, timed_call
 from csi_luks.volumes.base import VolumeBackend
 from csi_luks.volumes.ceph_clusters import CephClusters, read_secrets, sweep_stale_key_dirs
-from csi_luks.volumes.rbd import RbdBackend
 from csi_luks.volumes.standalone import StandaloneBackend
 
 log = logging.getLogger(__name__)
@@ -196,6 +195,9 @@ def _umask(mask: int) -> Iterator[None]:
 
 def _backend(settings: Settings) -> VolumeBackend:
     if settings.backend is Backend.RBD:
+        # Imported only here: librbd, librados and pyudev are megabytes a standalone plugin never uses.
+        from csi_luks.volumes.rbd import RbdBackend
+
         sweep_stale_key_dirs()  # a SIGKILLed predecessor may have left a cephx key file behind
         clusters = CephClusters(settings.ceph_config)
         return RbdBackend(clusters, settings.state_dir, ceph_csi_instance=settings.ceph_csi_instance_id)
@@ -343,6 +345,10 @@ class PluginServer:
     def resume_owed_flattens(self) -> threading.Thread | None:
         """RBD: resume the background flattens a stopped plugin left owed (volumes/rbd_chain), in a thread
         of their own: a slow or unreachable cluster must not hold up the start. Needs --ceph-secrets."""
+        if self.settings.backend is not Backend.RBD:
+            return None  # without importing the RBD module (see _backend) only to find it unused
+        from csi_luks.volumes.rbd import RbdBackend
+
         backend, secrets = self.backend, self.settings.ceph_secrets
         if not isinstance(backend, RbdBackend):
             return None
