@@ -40,7 +40,6 @@ from csi_luks.luks import Cryptsetup
 from csi_luks.luks.stale import StaleMappings
 from csi_luks.metrics import PluginMetrics, is_volume_mapping, staged_at_start
 from csi_luks.readiness import ReadinessCheck
-from csi_luks.services.controller import ControllerService
 from csi_luks.services.csiaddons_identity import CsiAddonsIdentityService
 from csi_luks.services.identity import IdentityService
 from csi_luks.services.node import NodeService
@@ -263,9 +262,6 @@ class PluginServer:
             futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="csi"),
             interceptors=[_CallInterceptor(self.metrics)],
         )
-        self.controller = ControllerService(
-            self.backend, self.kms_config, self.locks, max_copies=self.settings.max_copies
-        )
         csi_pb2_grpc.add_IdentityServicer_to_server(
             IdentityService(
                 self.settings.driver_name, __version__, self._plugin_capabilities(), self.readiness
@@ -284,6 +280,12 @@ class PluginServer:
             server,
         )
         if self.settings.mode.runs_controller:
+            # Imported here: a node plugin runs no controller and need not hold its code.
+            from csi_luks.services.controller import ControllerService
+
+            self.controller = ControllerService(
+                self.backend, self.kms_config, self.locks, max_copies=self.settings.max_copies
+            )
             csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
             services.append("csi.v1.Controller")
             add_ReclaimSpaceControllerServicer_to_server(

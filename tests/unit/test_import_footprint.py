@@ -81,6 +81,7 @@ def test_a_standalone_plugin_with_a_local_kms_imports_no_backend_it_does_not_use
     modules = imported(SERVE, str(tmp_path), mode)
     assert "csi_luks.kms.local" in modules  # the check saw the KMS in use
     assert loaded(modules, NOT_NEEDED) == []
+    assert ("csi_luks.services.controller" in modules) == (mode == "all")  # a node runs no controller
 
 
 def test_a_kms_type_imports_its_library_when_first_looked_up() -> None:
