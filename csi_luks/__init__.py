@@ -1,8 +1,6 @@
 """csi-luks: a CSI plugin giving Kubernetes volumes per-volume LUKS2 encryption."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("csi-luks")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+# The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
+# A literal, not importlib.metadata.version(): that import alone (email, zipfile, csv) costs every
+# process about 2 MiB, and a source tree that was never installed reports the right version too.
+__version__ = "0.1.0"

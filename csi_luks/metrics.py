@@ -4,6 +4,9 @@ Each server has a registry of its own rather than prometheus_client's global one
 one process (the tests) do not count into each other. Label values are method names, status codes,
 operation names, step names (literals in the code), program names (the fixed set the plugin runs), KMS
 types and exception class names, never request fields: no secret and no volume id can reach a scrape.
+
+prometheus_client (and the HTTP server under it) is imported when a PluginMetrics is made: a plugin
+without --metrics-address uses only this module's mapping helpers and does not carry it.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from csi_luks.luks.naming import MAPPER_PREFIX
 from csi_luks.readiness import ReadinessCheck
 from csi_luks.timing import OTHER, CallTiming
 from csi_luks.volumes.base import VolumeBackend, VolumeBackendError
 from csi_luks.volumes.rbd_chain import FLATTENS
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class PluginMetrics:
     ) -> None:
         """staged: the volume ids already staged when the server starts (see staged_at_start);
         stale_mappings: counts the node's stale mappings (luks/stale.py), asked at each scrape."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         self._staged = set(staged)
         self._staged_lock = threading.Lock()
@@ -147,6 +154,8 @@ class PluginMetrics:
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics over HTTP on host:port, in a thread of its own."""
+        from prometheus_client import start_http_server
+
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = (server, thread)
         log.info("metrics on http://%s:%d/metrics", host, server.server_port)

@@ -40,7 +40,6 @@ from csi_luks.luks import Cryptsetup
 from csi_luks.luks.stale import StaleMappings
 from csi_luks.metrics import PluginMetrics, is_volume_mapping, staged_at_start
 from csi_luks.readiness import ReadinessCheck
-from csi_luks.services.controller import ControllerService
 from csi_luks.services.csiaddons_identity import CsiAddonsIdentityService
 from csi_luks.services.identity import IdentityService
 from csi_luks.services.node import NodeService
@@ -52,7 +51,6 @@ from csi_luks.system.filesystem import Filesystems
 from csi_luks.timing import CallTiming, timed_call
 from csi_luks.volumes.base import VolumeBackend
 from csi_luks.volumes.ceph_clusters import CephClusters, read_secrets, sweep_stale_key_dirs
-from csi_luks.volumes.rbd import RbdBackend
 from csi_luks.volumes.standalone import StandaloneBackend
 
 log = logging.getLogger(__name__)
@@ -196,6 +194,9 @@ def _umask(mask: int) -> Iterator[None]:
 
 def _backend(settings: Settings) -> VolumeBackend:
     if settings.backend is Backend.RBD:
+        # Imported only here: librbd, librados and pyudev are megabytes a standalone plugin never uses.
+        from csi_luks.volumes.rbd import RbdBackend
+
         sweep_stale_key_dirs()  # a SIGKILLed predecessor may have left a cephx key file behind
         clusters = CephClusters(settings.ceph_config)
         return RbdBackend(clusters, settings.state_dir, ceph_csi_instance=settings.ceph_csi_instance_id)
@@ -261,9 +262,6 @@ class PluginServer:
             futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="csi"),
             interceptors=[_CallInterceptor(self.metrics)],
         )
-        self.controller = ControllerService(
-            self.backend, self.kms_config, self.locks, max_copies=self.settings.max_copies
-        )
         csi_pb2_grpc.add_IdentityServicer_to_server(
             IdentityService(
                 self.settings.driver_name, __version__, self._plugin_capabilities(), self.readiness
@@ -282,6 +280,12 @@ class PluginServer:
             server,
         )
         if self.settings.mode.runs_controller:
+            # Imported here: a node plugin runs no controller and need not hold its code.
+            from csi_luks.services.controller import ControllerService
+
+            self.controller = ControllerService(
+                self.backend, self.kms_config, self.locks, max_copies=self.settings.max_copies
+            )
             csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, server)
             services.append("csi.v1.Controller")
             add_ReclaimSpaceControllerServicer_to_server(
@@ -343,6 +347,10 @@ class PluginServer:
     def resume_owed_flattens(self) -> threading.Thread | None:
         """RBD: resume the background flattens a stopped plugin left owed (volumes/rbd_chain), in a thread
         of their own: a slow or unreachable cluster must not hold up the start. Needs --ceph-secrets."""
+        if self.settings.backend is not Backend.RBD:
+            return None  # without importing the RBD module (see _backend) only to find it unused
+        from csi_luks.volumes.rbd import RbdBackend
+
         backend, secrets = self.backend, self.settings.ceph_secrets
         if not isinstance(backend, RbdBackend):
             return None

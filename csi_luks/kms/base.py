@@ -3,11 +3,13 @@
 A DEK (data encryption key) is the volume's LUKS passphrase: random, per volume. An EncryptionKMS
 either wraps DEKs (the wrapped DEK then lives in a DEKStore such as the volume's own metadata) or keeps
 them itself (then it is its own DEKStore). Each backend module registers itself under its
-`encryptionKMSType`, so adding a backend touches one new file.
+`encryptionKMSType`; BUILT_IN names the module of each built-in type, imported when that type is first
+looked up, so a plugin loads only the backends (and their client libraries) its configuration uses.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,6 +123,21 @@ class KMSContext:
 KMSFactory = Callable[[str, Mapping[str, str], KMSContext], EncryptionKMS]
 # Told of every KMS and DEK store call: (KMS type, operation, seconds, the exception or None). Metrics use it.
 KMSCallObserver = Callable[[str, str, float, BaseException | None], None]
+# Each built-in type and the module whose @register defines it. Imported on first use: hvac, requests,
+# boto3 and PyKMIP cost megabytes a plugin whose entries are all `local` never needs.
+BUILT_IN: Mapping[str, str] = {
+    "aws-metadata": "csi_luks.kms.aws",
+    "aws-sts-metadata": "csi_luks.kms.aws",
+    "default": "csi_luks.kms.secrets",
+    "kmip": "csi_luks.kms.kmip",
+    "local": "csi_luks.kms.local",
+    "metadata": "csi_luks.kms.metadata",
+    "secrets": "csi_luks.kms.secrets",
+    "vault": "csi_luks.kms.vault",
+    "vault-transit": "csi_luks.kms.vault",
+    "vaulttenantsa": "csi_luks.kms.vault_tenant",
+    "vaulttokens": "csi_luks.kms.vault_tenant",
+}
 _REGISTRY: dict[str, KMSFactory] = {}
 _TENANT_KEYS: dict[str, frozenset[str]] = {}
 _SHARED_PASSPHRASE_TYPES: set[str] = set()
@@ -150,21 +167,38 @@ def register(
     return decorate
 
 
+def _load(kms_type: str) -> None:
+    """Import the module of a built-in type not registered yet; unknown types are left to the caller."""
+    module = BUILT_IN.get(kms_type)
+    if module is None or kms_type in _REGISTRY:
+        return
+    try:
+        importlib.import_module(module)  # thread safe: a concurrent first use waits for this import
+    except ImportError as exc:
+        # An image without a backend's client library: say which type needs what, not only a traceback.
+        raise KMSConfigError(f"encryptionKMSType {kms_type!r} cannot be loaded: {exc}") from exc
+    if kms_type not in _REGISTRY:
+        raise AssertionError(f"{module} does not register KMS type {kms_type!r}")
+
+
 def shares_one_passphrase(kms_type: str) -> bool:
+    _load(kms_type)
     return kms_type in _SHARED_PASSPHRASE_TYPES
 
 
 def tenant_keys_for(kms_type: str) -> frozenset[str]:
+    _load(kms_type)
     return _TENANT_KEYS.get(kms_type, frozenset())
 
 
 def factory_for(kms_type: str) -> KMSFactory:
+    _load(kms_type)
     try:
         return _REGISTRY[kms_type]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
+        known = ", ".join(known_types())
         raise KMSConfigError(f"unknown encryptionKMSType {kms_type!r}; known types: {known}") from None
 
 
 def known_types() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.keys() | BUILT_IN.keys())

@@ -26,15 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Imported for their @register side effect: building a KMS must find every built-in type.
-from csi_luks.kms import aws as _aws  # noqa: F401
+# The backends are not imported here: base.factory_for imports each type's module on first use.
 from csi_luks.kms import ceph_csi_env
-from csi_luks.kms import kmip as _kmip  # noqa: F401
-from csi_luks.kms import local as _local  # noqa: F401
-from csi_luks.kms import metadata as _metadata  # noqa: F401
-from csi_luks.kms import secrets as _secrets  # noqa: F401
-from csi_luks.kms import vault as _vault  # noqa: F401
-from csi_luks.kms import vault_tenant as _vault_tenant  # noqa: F401
 from csi_luks.kms.base import (
     EncryptionKMS,
     KMSCallObserver,

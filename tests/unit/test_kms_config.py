@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 
 from csi_luks import kube
-from csi_luks.kms.base import KMSConfigError, KMSContext, known_types
+from csi_luks.kms.base import BUILT_IN, KMSConfigError, KMSContext, factory_for, known_types
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.local import LocalKMS
 from csi_luks.kms.secrets import SecretsKMS
@@ -157,6 +159,31 @@ def test_building_the_default_alias_gives_the_secrets_type(path: Path) -> None:
     write(path, {"d": {"encryptionKMSType": "default"}})
     assert isinstance(KMSConfig.from_file(path).build("d", NO_SECRETS), SecretsKMS)
     assert {"local", "secrets", "default"} <= set(known_types())
+
+
+def test_each_built_in_type_is_registered_by_the_module_named_for_it() -> None:
+    for kms_type, module in BUILT_IN.items():
+        assert factory_for(kms_type).__module__ == module, kms_type
+    # Every module now imported: none registers a type the table misses (it would not be found).
+    assert known_types() == sorted(BUILT_IN)
+
+
+def test_a_type_whose_library_is_missing_fails_when_built_naming_the_type_and_the_library() -> None:
+    # A fresh interpreter: in this one the vault module may already be imported.
+    script = """
+import sys
+sys.modules["hvac"] = None  # as if not installed: importing it raises ImportError
+from csi_luks.kms.base import KMSConfigError, KMSContext
+from csi_luks.kms.config import KMSConfig
+config = KMSConfig(None, {"v": {"encryptionKMSType": "vault", "vaultAddress": "http://vault:8200"}})
+try:
+    config.build("v", KMSContext(secrets={}))
+except KMSConfigError as exc:
+    print(exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    message = result.stdout
+    assert "KMS id 'v'" in message and "encryptionKMSType 'vault'" in message and "hvac" in message
 
 
 @pytest.mark.parametrize(
