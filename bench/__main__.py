@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None, dm_crypt: bool = False) -> arg
         "--kdf-calls", type=_positive, default=32, help="kdf: CreateVolume calls at once (32)"
     )
     parser.add_argument("--size-mib", type=_positive, default=64, help="node: volume size (64 MiB)")
-    parser.add_argument("--samples", type=_positive, default=5, help="node: stages per flow (5)")
+    parser.add_argument("--samples", type=_positive, default=7, help="node: stages per flow (7)")
     parser.add_argument("--concurrent", type=_positive, default=16, help="node: stages at once (16)")
     # Set by the host for the guest: where the guest writes its rows and notes for the host's table.
     parser.add_argument("--rows-out", type=Path, help=argparse.SUPPRESS)

@@ -14,6 +14,9 @@ tmpfs: brd's pages are charged to no cgroup, as a disk's blocks would not be, an
 direct I/O there (as the plugin's do on any filesystem that allows it), so the images' bytes are not in
 the page cache either: memory.peak counts processes, not storage.
 
+The three flows take their samples in turn (one round of each, then the next), so that load from
+elsewhere on the machine falls on all three alike.
+
 Beside the ratios, a breakdown (bench/breakdown.py): the median of each of the plugin's steps and the
 processes inside them (timing.py, read in this process), against the median of each raw command.
 """
@@ -147,24 +150,22 @@ class Flow:
         return {phase: _median_ms(values) for phase, values in self.times.items()}
 
 
-def raw_flow(scratch: Path, label: str, flags: Sequence[str], size: int, samples: int) -> Flow:
-    """First stage, unstage, stage again, unstage, by hand with these luksFormat flags; each command timed."""
-    flow = Flow()
-    for i in range(samples):
-        image = scratch / f"{label}-{i}.img"
-        with image.open("wb") as f:
-            f.truncate(size)
-        volume = RawVolume(image, scratch / f"{label}-{i}-mnt", f"bench-{label}-{i}", flags)
-        actions: dict[str, Callable[[], None]] = {
-            "first": partial(volume.stage, True),
-            "again": partial(volume.stage, False),
-            "unstage": volume.unstage,
-        }
-        for phase in ROUND:
-            seconds = _timed(actions[phase])
-            flow.add(phase, seconds, volume.times)
-        image.unlink()
-    return flow
+def raw_round(flow: Flow, scratch: Path, label: str, flags: Sequence[str], size: int, i: int) -> None:
+    """One sample: first stage, unstage, stage again, unstage, by hand with these luksFormat flags; each
+    command timed."""
+    image = scratch / f"{label}-{i}.img"
+    with image.open("wb") as f:
+        f.truncate(size)
+    volume = RawVolume(image, scratch / f"{label}-{i}-mnt", f"bench-{label}-{i}", flags)
+    actions: dict[str, Callable[[], None]] = {
+        "first": partial(volume.stage, True),
+        "again": partial(volume.stage, False),
+        "unstage": volume.unstage,
+    }
+    for phase in ROUND:
+        seconds = _timed(actions[phase])
+        flow.add(phase, seconds, volume.times)
+    image.unlink()
 
 
 def _stage(plugin: csi_pb2_grpc.NodeStub, volume_id: str, staging: Path) -> None:
@@ -179,20 +180,30 @@ def _unstage(plugin: csi_pb2_grpc.NodeStub, volume_id: str, staging: Path) -> No
     )
 
 
-def plugin_flow(plugin: RunningPlugin, scratch: Path, size: int, samples: int) -> Flow:
+def plugin_round(flow: Flow, plugin: RunningPlugin, scratch: Path, size: int, i: int) -> None:
     """The same over gRPC; each call's steps as the plugin (in this process) timed them."""
-    flow = Flow()
+    volume_id = plugin.create(f"bench-node-{i}", size, ENCRYPTED).volume_id
+    staging = scratch / f"plugin-{i}-staging"
+    for phase in ROUND:
+        call = _unstage if phase == "unstage" else _stage
+        with timing.collecting() as calls:
+            seconds = _timed(call, plugin.node, volume_id, staging)
+        (timed,) = calls
+        flow.add(phase, seconds, {**call_parts(timed), GRPC: seconds - timed.seconds})
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+
+def interleaved_flows(
+    plugin: RunningPlugin, scratch: Path, size: int, samples: int
+) -> tuple[Flow, Flow, Flow]:
+    """The plugin's, the raw and the Ceph-CSI-flags flows, one round of each in turn, `samples` times:
+    a spell of load from elsewhere on the machine then slows the three alike, not one flow's samples."""
+    ours, raw, ceph = Flow(), Flow(), Flow()
     for i in range(samples):
-        volume_id = plugin.create(f"bench-node-{i}", size, ENCRYPTED).volume_id
-        staging = scratch / f"plugin-{i}-staging"
-        for phase in ROUND:
-            call = _unstage if phase == "unstage" else _stage
-            with timing.collecting() as calls:
-                seconds = _timed(call, plugin.node, volume_id, staging)
-            (timed,) = calls
-            flow.add(phase, seconds, {**call_parts(timed), GRPC: seconds - timed.seconds})
-        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
-    return flow
+        plugin_round(ours, plugin, scratch, size, i)
+        raw_round(raw, scratch, "raw", plugin_format_flags(), size, i)
+        raw_round(ceph, scratch, "ceph", CEPH_CSI_FLAGS, size, i)
+    return ours, raw, ceph
 
 
 @contextlib.contextmanager
@@ -354,7 +365,7 @@ def breakdown(ours: Flow, raw: Flow) -> str:
 
 def measure(
     size_mib: int = 64,
-    samples: int = 5,
+    samples: int = 7,
     concurrent: int = 16,
     notes: list[str] | None = None,
     ram_disk: bool = False,
@@ -367,9 +378,8 @@ def measure(
     with disk as under, tempfile.TemporaryDirectory(prefix="csi-luks-bench-node-", dir=under) as name:
         scratch = Path(name)
         with running_plugin(scratch / "plugin", mode=Mode.ALL) as plugin:
-            plugin_times = plugin_flow(plugin, scratch, size, samples)
-        raw_times = raw_flow(scratch, "raw", plugin_format_flags(), size, samples)
-        ceph = raw_flow(scratch, "ceph", CEPH_CSI_FLAGS, size, samples).medians_ms()
+            plugin_times, raw_times, ceph_times = interleaved_flows(plugin, scratch, size, samples)
+        ceph = ceph_times.medians_ms()
         raw_peak, raw_seconds = concurrent_raw_first_stages(scratch, concurrent, size)
         peak, seconds = concurrent_first_stages(scratch, concurrent, size)
     if notes is not None:

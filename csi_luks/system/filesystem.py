@@ -202,6 +202,12 @@ class Filesystems:
         raise OSError(errno.EBUSY, f"still mounted after {_MAX_STACKED_MOUNTS} unmounts", target)
 
     def is_mounted(self, target: str) -> bool:
+        try:
+            os.lstat(target)
+        except FileNotFoundError:
+            return False  # nothing there to be mounted on (a first stage's new staging path): no table read
+        except OSError:
+            pass  # a mount whose filesystem fails its stat is still in the table
         wanted = os.path.realpath(target)
         with open("/proc/self/mountinfo") as mountinfo:
             return any(_mountinfo_path(line.split()[4]) == wanted for line in mountinfo)
