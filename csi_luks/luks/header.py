@@ -42,6 +42,7 @@ class HeaderBackupStream:
 
     def __init__(self, fd: int, metadata: bytes, end: int) -> None:
         self._fd = fd
+        self.read_error: OSError | None = None  # why chunks() stopped, if the device (not the caller) failed
         self._metadata = metadata  # the header copies checked when the stream was opened
         self._end = end  # the end of the key-slot area: what is read from the device
         self.size = end + (-end % os.sysconf("SC_PAGE_SIZE"))  # zero-padded to a whole page
@@ -53,20 +54,29 @@ class HeaderBackupStream:
         os.close(self._fd)
 
     def chunks(self) -> Iterator[memoryview]:
-        """The backup's bytes in order; OSError if the device fails or its header changes meanwhile."""
+        """The backup's bytes in order; OSError (kept as read_error) if the device fails or its header
+        changes meanwhile."""
         buffer = memoryview(mmap.mmap(-1, _CHUNK))  # page-aligned, as O_DIRECT needs; freed with its views
         offset = 0
         while offset < self.size:
             chunk = buffer[: min(_CHUNK, self.size - offset)]
-            readable = max(0, min(len(chunk), self._end - offset))
-            if _read_into(self._fd, chunk[:readable], offset) != readable:
-                raise OSError(errno.EIO, "the device ended inside its LUKS header")
-            chunk[readable:] = bytes(len(chunk) - readable)  # the page padding past the key slots
-            # The header copies checked at the open must be what the backup starts with.
-            if offset == 0 and chunk[: len(self._metadata)] != self._metadata:
-                raise OSError(errno.EAGAIN, "the LUKS header changed while it was read for its backup")
+            try:
+                self._fill(chunk, offset)
+            except OSError as exc:
+                self.read_error = exc
+                raise
             yield chunk
             offset += len(chunk)
+
+    def _fill(self, chunk: memoryview, offset: int) -> None:
+        readable = max(0, min(len(chunk), self._end - offset))
+        if _read_into(self._fd, chunk[:readable], offset) != readable:
+            raise OSError(errno.EIO, "the device ended inside its LUKS header")
+        chunk[readable:] = bytes(len(chunk) - readable)  # the page padding past the key slots
+        # The header copies checked at the open (up to 8 MiB, several chunks) must be what is read now.
+        expected = self._metadata[offset : offset + len(chunk)]
+        if chunk[: len(expected)] != expected:
+            raise OSError(errno.EAGAIN, "the LUKS header changed while it was read for its backup")
 
 
 def open_luks2_header_backup(device: str) -> HeaderBackupStream | None:
@@ -84,14 +94,14 @@ def open_luks2_header_backup(device: str) -> HeaderBackupStream | None:
         if metadata is None or hdr_size is None or keyslots_size is None:
             os.close(fd)
             return None
+        end = 2 * hdr_size + keyslots_size
+        # A truncated device, or an area O_DIRECT cannot read to its end: cryptsetup's backup.
+        if end % _SECTOR or _device_size(fd) < end:
+            os.close(fd)
+            return None
     except BaseException:
         os.close(fd)
         raise
-    end = 2 * hdr_size + keyslots_size
-    # A truncated device, or an area O_DIRECT cannot read to its end: cryptsetup's backup.
-    if end % _SECTOR or _device_size(fd) < end:
-        os.close(fd)
-        return None
     return HeaderBackupStream(fd, metadata, end)
 
 

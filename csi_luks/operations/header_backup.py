@@ -46,11 +46,20 @@ def refresh_header_backup(
     if not backend.keeps_header_backups:
         return False
     stream = open_luks2_header_backup(device)
+    if stream is not None:
+        with stream:
+            try:
+                backend.store_header_backup(volume_id, stream.chunks())
+            except Exception:
+                if stream.read_error is None:
+                    raise  # the backend's own failure (its storage), not the device's
+                log.warning(
+                    "volume %s: reading the LUKS header from %s failed (%s); asking cryptsetup",
+                    volume_id, device, stream.read_error,
+                )  # fmt: skip
+                stream = None  # the device's failure: cryptsetup's backup says what it is
     if stream is None:
         backend.store_header_backup(volume_id, [_cryptsetup_backup(cryptsetup, device)])
-    else:
-        with stream:
-            backend.store_header_backup(volume_id, stream.chunks())
     log.info("volume %s: LUKS header backup refreshed", volume_id)
     return True
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 
 from csi_luks.csi import csi_pb2
-from csi_luks.operations.header_backup import header_backup_matches
+from csi_luks.luks.header import HeaderBackupStream
+from csi_luks.operations.header_backup import header_backup_matches, refresh_header_backup
 from csi_luks.operations.tool import EXIT_FAILED, EXIT_OK
+from csi_luks.volumes.base import BackendUnavailable
 from tests.support.operations import Volumes
 from tests.support.plugin import MiB
 
@@ -79,3 +82,39 @@ def test_a_snapshot_keeps_its_own_copy_of_the_backup(volumes: Volumes) -> None:
     assert volumes.backend.fetch_header_backup(snapshot_id) == volumes.backend.fetch_header_backup(volume_id)
     volumes.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), None)
     assert volumes.backend.fetch_header_backup(snapshot_id) is not None
+
+
+def test_a_read_that_fails_midway_through_the_stream_falls_back_to_luksHeaderBackup(
+    volumes: Volumes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device fails after the header copies were checked: cryptsetup's backup is taken instead (and
+    says what is wrong where it fails too), not the backend's write blamed."""
+    volume_id = volumes.create_formatted("pvc-read-fails", "local-1")
+    image = volumes.image(volume_id)
+    volumes.backend.remove_header_backup(volume_id)
+    fill = HeaderBackupStream._fill
+
+    def failing_fill(self: HeaderBackupStream, chunk: memoryview, offset: int) -> None:
+        if offset >= 4 * MiB:
+            raise OSError(errno.EIO, "Input/output error")
+        fill(self, chunk, offset)
+
+    monkeypatch.setattr(HeaderBackupStream, "_fill", failing_fill)
+    assert refresh_header_backup(volumes.tool.cryptsetup, volumes.backend, volume_id, image) is True
+    monkeypatch.undo()
+    assert header_backup_matches(volumes.tool.cryptsetup, volumes.backend, volume_id, image) is True
+    directory = volumes.state_dir / "volumes" / volume_id
+    assert not [p.name for p in directory.iterdir() if p.name.startswith(".header.backup.")]  # no torn temp
+
+
+def test_a_backend_that_cannot_write_the_streamed_backup_says_so(
+    volumes: Volumes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume_id = volumes.create_formatted("pvc-write-fails", "local-1")
+
+    def refuse(path: Path, chunks: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("csi_luks.volumes.standalone.write_streamed_atomically", refuse)
+    with pytest.raises(BackendUnavailable, match=r"cannot write .*header\.backup: No space left"):
+        refresh_header_backup(volumes.tool.cryptsetup, volumes.backend, volume_id, volumes.image(volume_id))
