@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ DELETED_MARK = " (deleted)"  # the kernel's mark on a backing file that was unli
 
 # <linux/loop.h>
 LOOP_CLR_FD = 0x4C01
+LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A  # Linux 5.8
 LOOP_CTL_GET_FREE = 0x4C82
@@ -38,6 +40,7 @@ LO_NAME_SIZE = 64
 # lo_encrypt_key_size, lo_flags; u8 lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32]; u64 lo_init[2].
 # Every field is naturally aligned, so the standard sizes without padding are the C layout.
 LOOP_CONFIG = struct.Struct("=II 5Q 4I 64s 64s 32s 2Q 8Q")
+LOOP_INFO64 = struct.Struct("=5Q 4I 64s 64s 32s 2Q")
 _FREE_DEVICE_TRIES = 64  # as losetup: another process or a concurrent stage may take a free device first
 
 
@@ -100,6 +103,27 @@ class LoopDevices:
         """Make the loop device pick up a grown backing file."""
         if not _device_ioctl(device, LOOP_SET_CAPACITY, "LOOP_SET_CAPACITY"):
             self.runner.run([LOSETUP, "--set-capacity", device])
+
+
+def backing_file_id(device: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file device reads: a loop device's backing file (LOOP_GET_STATUS64, the
+    file the kernel holds, even when its name now belongs to another), or a regular file itself;
+    None for anything else. OSError if device cannot be opened."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = os.fstat(fd)
+        if stat.S_ISREG(found.st_mode):
+            return found.st_dev, found.st_ino
+        if not stat.S_ISBLK(found.st_mode):
+            return None
+        try:
+            info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size))
+        except OSError:
+            return None  # not a loop device, or one with no file
+        lo_device, lo_inode = LOOP_INFO64.unpack_from(info)[:2]
+        return lo_device, lo_inode
+    finally:
+        os.close(fd)
 
 
 def loop_config(backing_fd: int, file_name: str, direct_io: bool) -> bytes:

@@ -38,7 +38,7 @@ from typing import Any
 
 from csi_luks.crash import Step
 from csi_luks.quoting import quoted
-from csi_luks.system.loop import LoopDevices
+from csi_luks.system.loop import LoopDevices, backing_file_id
 from csi_luks.system.programs import CP
 from csi_luks.system.runner import CommandError, Runner
 from csi_luks.volumes.base import (
@@ -132,7 +132,12 @@ class _DirectWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buffered = False
-        self.buffer = memoryview(mmap.mmap(-1, self._BUFFER))
+        self.offset = 0  # what is written: a direct write refused midway goes on buffered from here
+        try:
+            self.buffer = memoryview(mmap.mmap(-1, self._BUFFER))
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
         except OSError:
@@ -144,14 +149,22 @@ class _DirectWriter:
             part, view = view[: self._BUFFER], view[self._BUFFER :]
             if not self.buffered and len(part) % mmap.PAGESIZE == 0:
                 self.buffer[: len(part)] = part
+                start = self.offset
                 try:
-                    _write_all(self.fd, self.buffer[: len(part)])
+                    self._write_all(self.buffer[: len(part)])
                     continue
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # EINVAL: this file system takes no direct writes
                         raise
+                part = part[self.offset - start :]  # what the direct writes did not take
             self._go_buffered()
-            _write_all(self.fd, part)
+            self._write_all(part)
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            written = os.pwrite(self.fd, data, self.offset)
+            self.offset += written
+            data = data[written:]
 
     def _go_buffered(self) -> None:
         if not self.buffered:
@@ -166,11 +179,6 @@ class _DirectWriter:
                     os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(self.fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
 
 
 @dataclass
@@ -614,21 +622,25 @@ class StandaloneBackend(VolumeBackend):
 
     def never_written(self, volume_id: str, device: str) -> bool:
         """The image has no data extent at all (SEEK_DATA finds none): every byte is a hole, so nothing
-        was ever written. The device's cache is flushed first, so a write still on its way to the image
-        counts. A file system without SEEK_DATA reports the whole file as data: False, and a probe."""
+        was ever written. Only for a device over this very image file (not one left over a deleted
+        image of the same name), flushed first, so a write still on its way to the image counts. A file
+        system without SEEK_DATA reports the whole file as data: False, and the node probes."""
         try:
+            image_fd = os.open(self.image_path(volume_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False  # the probe reads the device and says what is wrong with it
+        try:
+            image = os.fstat(image_fd)
+            if backing_file_id(device) != (image.st_dev, image.st_ino):
+                return False
             device_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(device_fd)
             finally:
                 os.close(device_fd)
-            image_fd = os.open(self.image_path(volume_id), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False  # the probe reads the device and says what is wrong with it
-        try:
             os.lseek(image_fd, 0, os.SEEK_DATA)
         except OSError as exc:
-            return exc.errno == errno.ENXIO  # no data from offset 0 to the end
+            return exc.errno == errno.ENXIO  # no data from offset 0 to the end; anything else: probe
         finally:
             os.close(image_fd)
         return False

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -579,3 +580,33 @@ def test_a_stream_that_fails_midway_leaves_the_older_file(tmp_path: Path) -> Non
         write_streamed_atomically(path, failing())
     assert path.read_bytes() == b"older"
     assert [p.name for p in tmp_path.iterdir()] == ["header.backup"]
+
+
+# --- never written: the proof that lets a first stage skip its probe -------------------------------
+
+
+def test_never_written_is_proven_only_for_a_device_over_this_very_image(state: Path, tmp_path: Path) -> None:
+    """Real loop devices: a sparse image is never written; one with a byte written is not; and a loop
+    device left over a deleted image (whose name a new, empty image now has) proves nothing."""
+    backend = StandaloneBackend(state)
+    volume_id = new_volume(backend, "pvc-proof")
+    device = backend.attach(volume_id)
+    try:
+        assert backend.never_written(volume_id, device) is True
+        with open(device, "r+b") as f:  # through the device: the flush must bring it to the image
+            f.write(b"x")
+        assert backend.never_written(volume_id, device) is False
+        image = backend.image_path(volume_id)
+        os.unlink(image)  # the old image, still held by the loop device
+        with image.open("wb") as f:
+            f.truncate(8 * MiB)
+        assert backend.never_written(volume_id, device) is False
+        assert backend.attach(volume_id) == device  # what attach finds for the new image: the old one's
+        other = subprocess.run(["losetup", "--find", "--show", str(image)],  # the new image's own device
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        try:
+            assert backend.never_written(volume_id, other) is True
+        finally:
+            LoopDevices().detach(other)
+    finally:
+        LoopDevices().detach(device)
