@@ -124,8 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         "--max-concurrent-kdfs",
         type=int,
         default=int(os.environ.get("CSI_LUKS_MAX_KDFS", str(DEFAULT_MAX_KDFS))),
-        help="memory-hard key derivations at once (the metadata KMS's scrypt, 32 MiB each); more wait for "
-        f"a slot (env CSI_LUKS_MAX_KDFS; default {DEFAULT_MAX_KDFS})",
+        help="memory-hard key derivations at once (the metadata KMS's scrypt, 32 MiB each, and the node's "
+        "cryptsetup PBKDFs); more wait for a slot (env CSI_LUKS_MAX_KDFS; default "
+        f"{DEFAULT_MAX_KDFS})",
     )
     serve.add_argument(
         "--metrics-address",

@@ -4,7 +4,9 @@ The `metadata` KMS derives each volume's wrapping key with scrypt at N=2^15, r=8
 32 MiB a call. Ceph-CSI derives without a bound, and its users see the controller OOM-killed when many
 PVCs are created at once (ceph/ceph-csi#3472): 16 gRPC workers deriving together hold 512 MiB. Here a
 derivation waits for one of `--max-concurrent-kdfs` slots (default 4, 128 MiB), held for the
-derivation alone: never across a KMS or Kubernetes call, a file write or a command.
+derivation alone: never across a KMS or Kubernetes call or a file write. On the node, a cryptsetup
+command given a passphrase holds one for its run (its PBKDF is the derivation: Ceph-CSI's argon2id takes
+32 MiB a call), waiting at most the command's own timeout for it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ class KDFSlots:
             self._changed.notify_all()
 
     @contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self, timeout: float | None = None) -> Iterator[None]:
+        """A slot for the block; with timeout, TimeoutError if none frees within it (slots held by
+        commands stuck on dead devices must not stop every other derivation for good)."""
         with timing.step("kdf-wait"), self._changed:
-            self._changed.wait_for(lambda: self._running < self._limit)
+            if not self._changed.wait_for(lambda: self._running < self._limit, timeout):
+                raise TimeoutError(f"all {self._limit} key-derivation slots stayed busy for {timeout:g} s")
             self._running += 1
         try:
             with timing.step("kdf"):

@@ -36,9 +36,6 @@ from csi_luks.luks.sysfs import SYS_BLOCK, DmDevice, find_dm_device, loop_backin
 from csi_luks.system.device_io import read_error, reports_io_error
 from csi_luks.system.kernel import device_mapper_registered
 from csi_luks.system.programs import CRYPTSETUP
-
-if TYPE_CHECKING:
-    from csi_luks.kms.kdf import KDFSlots
 from csi_luks.system.runner import (
     CommandError,
     CommandNotFound,
@@ -47,6 +44,9 @@ from csi_luks.system.runner import (
     Runner,
     SecretPipe,
 )
+
+if TYPE_CHECKING:
+    from csi_luks.kms.kdf import KDFSlots
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,14 @@ class Cryptsetup:
         check, whose random key goes to dm-crypt as it is)."""
         stdin = _bytes(passphrase) if passphrase is not None else None
         slots = self.kdf_slots if passphrase is not None and derives else None
-        started = time.monotonic()
         try:
-            with slots.held() if slots is not None else contextlib.nullcontext():
+            with slots.held(self.timeout) if slots is not None else contextlib.nullcontext():
+                started = time.monotonic()  # the command's own time, not its wait for a slot
                 result = self.runner.run([self.binary, *args], stdin=stdin, timeout=self.timeout, check=check)
+        except TimeoutError as exc:
+            raise CryptsetupTimeout(
+                f"{operation}: not started: {exc} (cryptsetup commands stuck on other devices?); retry later"
+            ) from None
         except CommandError as exc:
             error = classify(exc, operation)
             self._observe(operation, started, error)

@@ -320,9 +320,11 @@ class _ConcurrencyRunner:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running = self.most = 0
+        self.commands: list[str] = []
 
     def run(self, argv: Sequence[str | SecretPipe], **_: object) -> CommandResult:
         with self.lock:
+            self.commands.append(str(argv[1]))
             self.running += 1
             self.most = max(self.most, self.running)
         time.sleep(0.05)
@@ -356,3 +358,15 @@ def test_the_cipher_check_takes_no_kdf_slot(tmp_path: Path) -> None:
     engine = Cryptsetup(runner=_ConcurrencyRunner(), sys_block=tmp_path, kdf_slots=slots)  # type: ignore[arg-type]
     with slots.held():  # the only slot is taken: a check that waited for it would never return
         engine.check_cipher("/dev/loop9", FormatOptions())
+
+
+def test_a_command_that_finds_every_kdf_slot_held_past_its_timeout_fails_without_running(
+    tmp_path: Path,
+) -> None:
+    """Slots held by commands stuck on dead devices hold another open up for its timeout, not for good."""
+    runner = _ConcurrencyRunner()
+    slots = KDFSlots(1)
+    engine = Cryptsetup(runner=runner, sys_block=tmp_path, kdf_slots=slots, timeout=0.2)  # type: ignore[arg-type]
+    with slots.held(), pytest.raises(CryptsetupTimeout, match="key-derivation slots stayed busy"):
+        engine.open("/dev/loop9", "n", "secret-passphrase")
+    assert "open" not in runner.commands  # luksOpen never started (a status lookup may have)
