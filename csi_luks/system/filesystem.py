@@ -124,6 +124,9 @@ class Filesystems:
         else:
             path.mkdir(parents=True, exist_ok=True)
         if self.is_mounted(target):
+            if readonly and not os.statvfs(target).f_flag & os.ST_RDONLY:
+                # A read-only bind is two system calls: a crash between them left it writable. Finish it.
+                self.runner.run([MOUNT, "-o", "remount,bind,ro", target])
             return
         options = ["bind,ro" if readonly else "bind"]
         if not self._mounted_by_system_call(source, target, None, options):

@@ -331,6 +331,23 @@ def test_binds_read_write_and_read_only_as_mount_8_makes_them(ext4: str, tmp_pat
     assert mount_options(target) == mount_options(staging)  # a plain bind keeps the source's flags
 
 
+def test_a_read_only_bind_left_writable_by_a_crash_is_finished_by_the_retry(
+    ext4: str, tmp_path: Path
+) -> None:
+    """A crash between the bind and its read-only remount (two system calls) left a writable bind: the
+    retried publish makes it read-only, never reports a writable one as done."""
+    staging, target = str(tmp_path / "s"), str(tmp_path / "t")
+    filesystems = Filesystems()
+    filesystems.mount(ext4, staging, "ext4", [])
+    Path(target).mkdir()
+    mount_syscalls.mount(staging, target, None, mount_syscalls.MS_BIND)  # the first of the two calls
+    filesystems.bind_mount(staging, target, readonly=True)
+    assert "ro" in mount_options(target)[0].split(",")
+    with pytest.raises(OSError) as refused:
+        Path(target, "file").write_text("refused")
+    assert refused.value.errno == errno.EROFS
+
+
 def test_a_block_device_binds_read_only_onto_a_file(ext4: str, tmp_path: Path) -> None:
     target, by_program = str(tmp_path / "publish" / "device"), tmp_path / "program"
     filesystems = Filesystems()
