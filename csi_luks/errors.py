@@ -74,6 +74,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     # A Secret, ServiceAccount or key file the KMS configuration names is missing: the cluster or the
     # node, not the call, is wrong.
     (kms.KMSObjectNotFound, grpc.StatusCode.FAILED_PRECONDITION),
+    # The plugin's image lacks the KMS type's client library: the deployment's to fix, not the request's.
+    (kms.KMSBackendMissing, grpc.StatusCode.FAILED_PRECONDITION),
     # Vault answered the request with an error of its own (e.g. 400 "invalid role name"): the KMS's
     # setup or configuration is wrong, not the plugin; INTERNAL would send the operator to our logs.
     (kms.KMSRequestRefused, grpc.StatusCode.FAILED_PRECONDITION),

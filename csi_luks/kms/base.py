@@ -23,6 +23,10 @@ class KMSConfigError(KMSError):
     """The KMS configuration is wrong (unknown id or type, missing or bad key). Names key and id."""
 
 
+class KMSBackendMissing(KMSConfigError):
+    """A KMS type's client library does not import in this plugin (its image): no request can fix it."""
+
+
 class KMSObjectNotFound(KMSConfigError):
     """An object the configuration names (a Kubernetes Secret, a ServiceAccount, the local KMS's key file)
     does not exist."""
@@ -176,7 +180,7 @@ def _load(kms_type: str) -> None:
         importlib.import_module(module)  # thread safe: a concurrent first use waits for this import
     except ImportError as exc:
         # An image without a backend's client library: say which type needs what, not only a traceback.
-        raise KMSConfigError(f"encryptionKMSType {kms_type!r} cannot be loaded: {exc}") from exc
+        raise KMSBackendMissing(f"encryptionKMSType {kms_type!r} cannot be loaded: {exc}") from exc
     if kms_type not in _REGISTRY:
         raise AssertionError(f"{module} does not register KMS type {kms_type!r}")
 

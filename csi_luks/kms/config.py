@@ -130,8 +130,8 @@ class KMSConfig:
         kms_type = entry[TYPE_KEY]
         try:
             factory = factory_for(kms_type)
-        except KMSConfigError as exc:
-            raise KMSConfigError(f"{self._where}, KMS id {kms_id!r}, key {TYPE_KEY!r}: {exc}") from None
+        except KMSConfigError as exc:  # the same kind (a missing library is not the request's fault)
+            raise type(exc)(f"{self._where}, KMS id {kms_id!r}, key {TYPE_KEY!r}: {exc}") from None
         allowed = tenant_keys_for(kms_type)
         if allowed and context.pvc_namespace:
             entry.update(_tenant_overrides(kms_id, entry, context.pvc_namespace, allowed))

@@ -10,10 +10,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from csi_luks import kube
-from csi_luks.kms.base import BUILT_IN, KMSConfigError, KMSContext, factory_for, known_types
+from csi_luks.errors import status_for
+from csi_luks.kms.base import (
+    BUILT_IN,
+    KMSBackendMissing,
+    KMSConfigError,
+    KMSContext,
+    factory_for,
+    known_types,
+)
 from csi_luks.kms.config import KMSConfig
 from csi_luks.kms.local import LocalKMS
 from csi_luks.kms.secrets import SecretsKMS
@@ -179,11 +188,12 @@ config = KMSConfig(None, {"v": {"encryptionKMSType": "vault", "vaultAddress": "h
 try:
     config.build("v", KMSContext(secrets={}))
 except KMSConfigError as exc:
-    print(exc)
+    print(type(exc).__name__, exc)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     message = result.stdout
     assert "KMS id 'v'" in message and "encryptionKMSType 'vault'" in message and "hvac" in message
+    assert message.startswith("KMSBackendMissing ")  # the image's to fix, not the request's
 
 
 @pytest.mark.parametrize(
@@ -374,3 +384,10 @@ def test_ceph_csi_env_style_entries_read_as_the_entries_they_stand_for(path: Pat
         "vaultCAVerify": "true",
     }
     assert config.entry("nonsense-verify") == {"encryptionKMSType": "vault"}
+
+
+def test_a_missing_kms_library_is_failed_precondition_not_the_requests_fault() -> None:
+    assert status_for(KMSBackendMissing("encryptionKMSType 'vault' cannot be loaded"))[0] == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert status_for(KMSConfigError("unknown encryptionKMSType"))[0] == grpc.StatusCode.INVALID_ARGUMENT
