@@ -89,38 +89,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory: old or new, never torn."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600: DEKs live here
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """A new file beside path (mode 0600: DEKs live here), its fd and name for the block to fill, fsync
+    and close; then renamed over path and the directory fsynced: old or new, never torn. A block that
+    fails leaves path as it was and no temporary file."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield fd, temp
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """data in place of path's content, atomically (_replacing)."""
+    with _replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_streamed_atomically(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
     """write_atomically, for content given in chunks (each written before the next is asked for), past
     the page cache: direct I/O where the file system allows it, so that a 16 MiB header backup is never
     held in memory, cached or dirty, while 16 stages write theirs at once."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with contextlib.closing(_DirectWriter(fd)) as writer:
-            for chunk in chunks:
-                writer.write(chunk)
-            os.fsync(fd)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_dir(path.parent)
+    with _replacing(path) as (fd, _), contextlib.closing(_DirectWriter(fd)) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+        os.fsync(fd)
 
 
 class _DirectWriter:
@@ -332,8 +332,7 @@ class StandaloneBackend(VolumeBackend):
         image = directory / IMAGE
         for stale in directory.glob(f".{IMAGE}.*"):  # left by a crash in an earlier attempt
             stale.unlink(missing_ok=True)
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{IMAGE}.")
-        try:
+        with _replacing(image) as (fd, temp):
             try:
                 if source is not None:
                     self.runner.run(
@@ -344,12 +343,6 @@ class StandaloneBackend(VolumeBackend):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, image)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        _fsync_dir(directory)
 
     @staticmethod
     def _grow_image(image: Path, size: int) -> int:
