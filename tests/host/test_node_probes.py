@@ -178,30 +178,20 @@ def _mapping_holds_ext4(
     )
 
 
-def test_a_restage_over_the_recorded_filesystem_probes_nothing(
-    volumes: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-uuid", "another-uuid"])
+def test_a_restage_probes_the_mapping_only_when_its_superblock_is_not_the_recorded_filesystem(
+    volumes: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded: bool
 ) -> None:
-    """The superblock on the mapping carries the UUID recorded at the first stage: mounted, no blkid."""
-    volume_id = volumes.create("pvc-restage-known", "local-1")
+    """The superblock on the mapping carries the UUID recorded at the first stage: mounted, no blkid.
+    Another UUID: blkid says what is there."""
+    volume_id = volumes.create("pvc-restage-known" if recorded else "pvc-restage-other", "local-1")
     _stage(volumes, volume_id, tmp_path, _Filesystems())
     mapping = mapper_path(f"luks-{volume_id}")
-    _mapping_holds_ext4(monkeypatch, tmp_path, mapping, UUID)
+    _mapping_holds_ext4(monkeypatch, tmp_path, mapping, UUID if recorded else str(uuid.uuid4()))
     filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS", mapping: "ext4"})
     _stage(volumes, volume_id, tmp_path, filesystems)
-    assert filesystems.probes == [] and filesystems.made == []
+    assert filesystems.probes == ([] if recorded else [mapping]) and filesystems.made == []
     assert volumes.backend.get(volume_id).metadata[FILESYSTEM] == f"ext4 {UUID}"
-
-
-def test_a_restage_over_another_filesystem_uuid_lets_blkid_say(
-    volumes: Volumes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    volume_id = volumes.create("pvc-restage-other", "local-1")
-    _stage(volumes, volume_id, tmp_path, _Filesystems())
-    mapping = mapper_path(f"luks-{volume_id}")
-    _mapping_holds_ext4(monkeypatch, tmp_path, mapping, str(uuid.uuid4()))
-    filesystems = _Filesystems({volumes.image(volume_id): "crypto_LUKS", mapping: "ext4"})
-    _stage(volumes, volume_id, tmp_path, filesystems)
-    assert filesystems.probes == [mapping] and filesystems.made == []
 
 
 def test_a_restage_over_a_lost_header_probes_the_device_to_say_what_it_holds(
